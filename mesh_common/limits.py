@@ -1,0 +1,56 @@
+"""Data-path limits with safe defaults. Every bound on memory or work per peer lives here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Immutable limits for one sidecar. Units are in the names (bytes, s)."""
+
+    max_message_bytes: int = 4 * MiB
+    """Largest gRPC message relayed either way; over it the call gets RESOURCE_EXHAUSTED."""
+    max_header_list_bytes: int = 16 * KiB
+    """SETTINGS_MAX_HEADER_LIST_SIZE (RFC 7541 sizes: name + value + 32 per field)."""
+    max_concurrent_streams: int = 256
+    """Streams a peer may open on one connection to us."""
+    max_connections: int = 1024
+    """Downstream connections per listener; further ones are closed at once."""
+    stream_window_bytes: int = 1 * MiB
+    """Receive window per stream: bytes buffered per stream are bounded by it."""
+    connection_window_bytes: int = 4 * MiB
+    """Receive window per connection."""
+    replay_buffer_bytes: int = 64 * KiB
+    """Request bytes kept per stream until the response starts, to resend a stream an
+    upstream refused or never processed (GOAWAY). Larger requests are not resent."""
+    write_high_water_bytes: int = 256 * KiB
+    """Transport buffer above which a connection stops taking relayed data (backpressure)."""
+    upstream_connections_per_endpoint: int = 4
+    """Pooled connections to one endpoint (more open when all are at their stream limit)."""
+    connect_timeout_s: float = 5.0
+    keepalive_interval_s: float = 30.0
+    """Idle time before we PING a peer; 0 disables keepalive."""
+    keepalive_timeout_s: float = 10.0
+    """A PING unanswered for this long closes the connection."""
+    idle_timeout_s: float = 300.0
+    """A connection with no streams for this long is closed with GOAWAY; 0 disables."""
+    max_connection_age_s: float = 0.0
+    """A downstream connection older than this is sent GOAWAY and drained; 0 disables."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"limits.{f.name} must be a non-negative number, got {value!r}")
+        if self.stream_window_bytes > 2**31 - 1 or self.connection_window_bytes > 2**31 - 1:
+            raise ValueError("limits: flow-control windows must be below 2^31 bytes")
+        if self.stream_window_bytes < 65535 or self.connection_window_bytes < 65535:
+            raise ValueError("limits: flow-control windows must be at least 65535 bytes")
+        if self.max_concurrent_streams < 1 or self.max_header_list_bytes < 1024:
+            raise ValueError("limits: max_concurrent_streams >= 1, max_header_list_bytes >= 1024")
+        if self.max_message_bytes < 1:
+            raise ValueError("limits.max_message_bytes must be positive")

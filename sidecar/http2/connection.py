@@ -1,0 +1,639 @@
+"""One HTTP/2 connection, either role, as a sans-IO state machine.
+
+``receive(bytes)`` parses frames and returns events; the ``send_*`` methods queue frames;
+``data_to_send()`` hands back the bytes to write. The core enforces the protocol and our
+limits (frame size, concurrent streams, header list size, flow-control windows) and keeps
+per-stream outboxes for DATA the peer's windows do not yet admit. It never touches a socket,
+a clock or the event loop.
+
+Memory bounds: the input buffer holds at most one frame (our max frame size plus header);
+a header block being assembled is capped at twice the header list limit; an outbox holds only
+what the owner queued, and the relay queues no more than the source's flow-control window.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from mesh_common.limits import Limits
+
+from . import frames as F
+from .events import (
+    ConnectionTerminated,
+    DataReceived,
+    DataSent,
+    Event,
+    GoAwayReceived,
+    HeadersReceived,
+    HeadersRejected,
+    PingAcked,
+    SettingsChanged,
+    StreamEnded,
+    StreamReset,
+)
+from .headers import HeaderListTooLarge, HeaderReader, HpackError
+
+
+class ProtocolError(Exception):
+    """Raised internally for a connection error; turned into GOAWAY + ConnectionTerminated."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Stream:
+    """Per-stream state kept by the core. ``user`` belongs to the owner (the relay)."""
+
+    __slots__ = (
+        "id", "recv_window", "send_window", "recv_closed", "send_closed", "outbox",
+        "outbox_bytes", "outbox_end", "outbox_trailers", "headers_seen", "owed", "user",
+    )
+
+    def __init__(self, sid: int, recv_window: int, send_window: int) -> None:
+        self.id = sid
+        self.recv_window = recv_window
+        self.send_window = send_window
+        self.recv_closed = False
+        self.send_closed = False
+        self.outbox: deque[bytes] = deque()
+        self.outbox_bytes = 0
+        self.outbox_end = False
+        self.outbox_trailers: bytes | None = None
+        self.headers_seen = False
+        self.owed = 0
+        self.user: object = None
+
+
+class H2Connection:
+    """HTTP/2 connection state for one side (client or server) of one transport."""
+
+    def __init__(self, *, client: bool, limits: Limits) -> None:
+        self.client = client
+        self.limits = limits
+        self.streams: dict[int, Stream] = {}
+        self.closed = False
+        self.paused = False
+        self.goaway_received: int | None = None  # last_stream_id the peer will process
+        self.goaway_sent = False
+        self.on_output: Callable[[], None] | None = None
+        self.owner: object = None  # the owner's per-connection record (peer identity, pool)
+        self.calls: dict[int, object] = {}  # the owner's per-stream records, by stream id
+        self.io: object = None  # the I/O driver of this connection (its asyncio protocol)
+        # peer settings
+        self.peer_max_streams = 2**31 - 1
+        self.peer_initial_window = F.DEFAULT_WINDOW_BYTES
+        self.peer_max_frame = F.DEFAULT_MAX_FRAME_BYTES
+        self.peer_settings_seen = False
+        # our side
+        self.max_frame = F.DEFAULT_MAX_FRAME_BYTES
+        self.conn_recv_window = limits.connection_window_bytes
+        self.conn_send_window = F.DEFAULT_WINDOW_BYTES
+        self.conn_owed = 0
+        self.next_stream_id = 1  # client role: ids we open
+        self.last_peer_stream = 0  # server role: highest id the peer opened
+        self.streams_opened = 0
+        self._reader = HeaderReader(limits.max_header_list_bytes)
+        self._in = bytearray()
+        self._preface_needed = not client
+        self._out: list[bytes] = []
+        self._cont: tuple[int, int, bytearray, bool] | None = None  # sid, flags, block, new
+        self._blocked: dict[int, None] = {}  # streams with an outbox waiting for window
+        self._events: list[Event] = []
+        self._inside = False  # inside receive()/set_paused(): events are returned, not signalled
+        self.on_event: Callable[[H2Connection], None] | None = None
+        """Called when an event is queued outside ``receive`` (by a send, reset or flush);
+        the owner then collects it with ``take_events``."""
+
+    # ----------------------------------------------------------------- setup / output
+    def initiate(self) -> None:
+        """Queue our connection preface: client magic (client role), SETTINGS, window."""
+        settings = {
+            F.SETTINGS_HEADER_TABLE_SIZE: 0,
+            F.SETTINGS_MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
+            F.SETTINGS_INITIAL_WINDOW_SIZE: self.limits.stream_window_bytes,
+            F.SETTINGS_MAX_FRAME_SIZE: self.max_frame,
+            F.SETTINGS_MAX_HEADER_LIST_SIZE: self.limits.max_header_list_bytes,
+        }
+        if self.client:
+            settings[F.SETTINGS_ENABLE_PUSH] = 0
+            self._write(F.PREFACE)
+        self._write(F.settings_frame(settings))
+        extra = self.limits.connection_window_bytes - F.DEFAULT_WINDOW_BYTES
+        if extra > 0:
+            self._write(F.window_update_frame(0, extra))
+
+    def _write(self, data: bytes) -> None:
+        if not self._out and self.on_output is not None:
+            self._out.append(data)
+            self.on_output()
+        else:
+            self._out.append(data)
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+        if not self._inside and self.on_event is not None and len(self._events) == 1:
+            self.on_event(self)
+
+    def take_events(self) -> list[Event]:
+        """Events queued by sends, resets and flushes since the last collection."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Return and forget every byte queued for the wire."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out = []
+        return out
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+    def can_open_stream(self) -> bool:
+        """Client role: may a new stream be opened now (peer limit, GOAWAY, closed)?"""
+        return (not self.closed and self.goaway_received is None and not self.goaway_sent
+                and len(self.streams) < self.peer_max_streams
+                and self.next_stream_id < 2**31 - 1)
+
+    # ----------------------------------------------------------------- sending
+    def open_stream(self) -> Stream:
+        """Client role: allocate the next stream id (headers are sent by ``send_headers``)."""
+        sid = self.next_stream_id
+        self.next_stream_id += 2
+        st = Stream(sid, self.limits.stream_window_bytes, self.peer_initial_window)
+        self.streams[sid] = st
+        self.streams_opened += 1
+        return st
+
+    def send_headers(self, sid: int, block: bytes, end_stream: bool) -> None:
+        st = self.streams.get(sid)
+        if st is None or st.send_closed or self.closed:
+            return
+        self._write(F.headers_frames(sid, block, end_stream, self.peer_max_frame))
+        if end_stream:
+            st.send_closed = True
+            self._maybe_forget(st)
+
+    def send_trailers(self, sid: int, block: bytes) -> None:
+        """Trailers go after any DATA still in the stream's outbox."""
+        st = self.streams.get(sid)
+        if st is None or st.send_closed or self.closed:
+            return
+        if st.outbox:
+            st.outbox_trailers = block
+            return
+        self.send_headers(sid, block, True)
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool) -> int:
+        """Queue DATA; returns how many bytes went out at once. Later progress is reported
+        as DataSent events (from ``receive`` or ``set_paused``)."""
+        st = self.streams.get(sid)
+        if st is None or st.send_closed or self.closed or st.outbox_end:
+            return 0
+        if data:
+            st.outbox.append(data)
+            st.outbox_bytes += len(data)
+        if end_stream:
+            st.outbox_end = True
+        return self._flush_stream(st)
+
+    def _flush_stream(self, st: Stream) -> int:
+        """Write what windows allow from the stream's outbox; return payload bytes written."""
+        sent = 0
+        if not self.paused:
+            max_frame = self.peer_max_frame
+            while st.outbox:
+                allowed = min(st.send_window, self.conn_send_window, max_frame)
+                if allowed <= 0:
+                    break
+                chunk = st.outbox[0]
+                if len(chunk) <= allowed:
+                    st.outbox.popleft()
+                    part = chunk
+                else:
+                    part = chunk[:allowed]
+                    st.outbox[0] = chunk[allowed:]
+                n = len(part)
+                st.outbox_bytes -= n
+                st.send_window -= n
+                self.conn_send_window -= n
+                sent += n
+                last = not st.outbox and st.outbox_end and st.outbox_trailers is None
+                self._write(F.data_frame(st.id, part, last))
+                if last:
+                    st.send_closed = True
+        if st.outbox:
+            self._blocked[st.id] = None
+        else:
+            self._blocked.pop(st.id, None)
+            if not st.send_closed:
+                if st.outbox_trailers is not None:
+                    block, st.outbox_trailers = st.outbox_trailers, None
+                    self._write(F.headers_frames(st.id, block, True, self.peer_max_frame))
+                    st.send_closed = True
+                elif st.outbox_end:
+                    self._write(F.data_frame(st.id, b"", True))
+                    st.send_closed = True
+            if st.send_closed:
+                self._maybe_forget(st)
+        return sent
+
+    def _flush_blocked(self) -> None:
+        if self.paused or not self._blocked:
+            return
+        for sid in list(self._blocked):
+            if self.conn_send_window <= 0:
+                break
+            st = self.streams.get(sid)
+            if st is None:
+                self._blocked.pop(sid, None)
+                continue
+            n = self._flush_stream(st)
+            if n:
+                self._emit(DataSent(sid, n))
+
+    def set_paused(self, paused: bool) -> list[Event]:
+        """Pause (transport over its high-water mark) or resume flushing relayed DATA."""
+        self.paused = paused
+        if not paused:
+            self._inside = True
+            try:
+                self._flush_blocked()
+            finally:
+                self._inside = False
+        events, self._events = self._events, []
+        return events
+
+    def reset_stream(self, sid: int, code: int) -> None:
+        st = self.streams.pop(sid, None)
+        if st is None or self.closed:
+            return
+        self._blocked.pop(sid, None)
+        self._write(F.rst_stream_frame(sid, code))
+
+    def ack_data(self, sid: int, n: int) -> None:
+        """Return ``n`` bytes of receive credit to the peer (stream and connection)."""
+        if n <= 0 or self.closed:
+            return
+        self.conn_recv_window += n
+        self.conn_owed += n
+        if self.conn_owed >= self.limits.connection_window_bytes >> 2:
+            self._write(F.window_update_frame(0, self.conn_owed))
+            self.conn_owed = 0
+        st = self.streams.get(sid)
+        if st is not None and not st.recv_closed:
+            st.recv_window += n
+            st.owed += n
+            if st.owed >= self.limits.stream_window_bytes >> 2:
+                self._write(F.window_update_frame(sid, st.owed))
+                st.owed = 0
+
+    def ping(self, opaque: bytes) -> None:
+        if not self.closed:
+            self._write(F.ping_frame(opaque))
+
+    def goaway(self, code: int = F.NO_ERROR, debug: bytes = b"") -> None:
+        """Tell the peer we take no new streams (drain). Streams in flight continue."""
+        if self.closed or self.goaway_sent:
+            return
+        self.goaway_sent = True
+        last = self.last_peer_stream if not self.client else 0
+        self._write(F.goaway_frame(last, code, debug))
+
+    def terminate(self, code: int, reason: str) -> None:
+        """End the connection with GOAWAY; every stream on it is dead."""
+        if self.closed:
+            return
+        last = self.last_peer_stream if not self.client else 0
+        self._write(F.goaway_frame(last, code, reason.encode()[:256]))
+        self.closed = True
+
+    def _maybe_forget(self, st: Stream) -> None:
+        if st.send_closed and st.recv_closed and not st.outbox:
+            if self.streams.pop(st.id, None) is not None:
+                self._blocked.pop(st.id, None)
+                self._emit(StreamEnded(st.id))
+
+    # ----------------------------------------------------------------- receiving
+    def receive(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; returns the events they caused. Never raises."""
+        if self.closed:
+            return []
+        self._inside = True
+        try:
+            self._receive(data)
+        except ProtocolError as exc:
+            self._fail(exc.code, exc.reason)
+        finally:
+            self._inside = False
+        events, self._events = self._events, []
+        return events
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.terminate(code, reason)
+        self._in.clear()
+        self._emit(ConnectionTerminated(code, reason))
+
+    def _receive(self, data: bytes) -> None:
+        buf = self._in
+        if buf:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data
+        pos = 0
+        if self._preface_needed:
+            need = len(F.PREFACE)
+            if len(view) < need:
+                if not F.PREFACE.startswith(bytes(view)):
+                    raise ProtocolError(F.PROTOCOL_ERROR, "bad connection preface")
+                if not buf:
+                    buf += data
+                return
+            if bytes(view[:need]) != F.PREFACE:
+                raise ProtocolError(F.PROTOCOL_ERROR, "bad connection preface")
+            self._preface_needed = False
+            pos = need
+        n = len(view)
+        max_frame = self.max_frame
+        while n - pos >= 9:
+            length, ftype, flags, sid = F.parse_frame_header(view, pos)
+            if length > max_frame:
+                raise ProtocolError(F.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {max_frame}")
+            end = pos + 9 + length
+            if end > n:
+                break
+            payload = bytes(view[pos + 9:end])
+            pos = end
+            self._frame(ftype, flags, sid, payload)
+            if self.closed:
+                return
+        if buf:
+            del buf[:pos]
+        elif pos < n:
+            buf += view[pos:]
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if self._cont is not None and ftype != F.CONTINUATION:
+            raise ProtocolError(F.PROTOCOL_ERROR, "expected CONTINUATION")
+        if ftype == F.DATA:
+            self._on_data(flags, sid, payload)
+        elif ftype == F.HEADERS:
+            self._on_headers(flags, sid, payload)
+        elif ftype == F.CONTINUATION:
+            self._on_continuation(flags, sid, payload)
+        elif ftype == F.WINDOW_UPDATE:
+            self._on_window_update(sid, payload)
+        elif ftype == F.RST_STREAM:
+            self._on_rst(sid, payload)
+        elif ftype == F.SETTINGS:
+            self._on_settings(flags, sid, payload)
+        elif ftype == F.PING:
+            self._on_ping(flags, sid, payload)
+        elif ftype == F.GOAWAY:
+            self._on_goaway(sid, payload)
+        elif ftype == F.PRIORITY:
+            if sid == 0:
+                raise ProtocolError(F.PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                self._stream_error(sid, F.FRAME_SIZE_ERROR)
+        elif ftype == F.PUSH_PROMISE:
+            raise ProtocolError(F.PROTOCOL_ERROR, "PUSH_PROMISE is disabled")
+        # unknown frame types are ignored (RFC 9113 §4.1)
+
+    def _is_idle(self, sid: int) -> bool:
+        """A stream id the peer or we have not yet used."""
+        if self.client:
+            return sid >= self.next_stream_id if sid % 2 else True
+        return sid > self.last_peer_stream if sid % 2 else True
+
+    def _stream_error(self, sid: int, code: int) -> None:
+        st = self.streams.pop(sid, None)
+        self._write(F.rst_stream_frame(sid, code))
+        if st is not None:
+            self._blocked.pop(sid, None)
+            self._emit(StreamReset(sid, code))
+
+    @staticmethod
+    def _strip_padding(flags: int, payload: bytes) -> tuple[bytes, int]:
+        if not flags & F.FLAG_PADDED:
+            return payload, 0
+        if not payload:
+            raise ProtocolError(F.PROTOCOL_ERROR, "padded frame without pad length")
+        pad = payload[0]
+        if pad >= len(payload):
+            raise ProtocolError(F.PROTOCOL_ERROR, "padding exceeds frame")
+        return payload[1:len(payload) - pad], pad + 1
+
+    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise ProtocolError(F.PROTOCOL_ERROR, "DATA on stream 0")
+        flow = len(payload)
+        if flow > self.conn_recv_window:
+            raise ProtocolError(F.FLOW_CONTROL_ERROR, "connection window exceeded")
+        self.conn_recv_window -= flow
+        st = self.streams.get(sid)
+        if st is None or st.recv_closed:
+            if self._is_idle(sid):
+                raise ProtocolError(F.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            self.ack_data(0, flow)  # closed or reset stream: give the connection credit back
+            if st is not None:
+                self._stream_error(sid, F.STREAM_CLOSED)
+            return
+        if flow > st.recv_window:
+            self.ack_data(0, flow)
+            self._stream_error(sid, F.FLOW_CONTROL_ERROR)
+            return
+        st.recv_window -= flow
+        data, pad = self._strip_padding(flags, payload)
+        if pad:
+            self.ack_data(sid, pad)
+        end = bool(flags & F.FLAG_END_STREAM)
+        if end:
+            st.recv_closed = True
+        self._emit(DataReceived(sid, data, end))
+        if end:
+            self._maybe_forget(st)
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise ProtocolError(F.PROTOCOL_ERROR, "HEADERS on stream 0")
+        block, _ = self._strip_padding(flags, payload)
+        if flags & F.FLAG_PRIORITY:
+            if len(block) < 5:
+                raise ProtocolError(F.FRAME_SIZE_ERROR, "HEADERS priority fields truncated")
+            block = block[5:]
+        new = False
+        if sid not in self.streams:
+            if self.client:
+                if self._is_idle(sid):
+                    raise ProtocolError(F.PROTOCOL_ERROR, f"HEADERS on idle stream {sid}")
+            elif sid % 2 == 0:
+                raise ProtocolError(F.PROTOCOL_ERROR, f"even stream id {sid} from a client")
+            elif sid > self.last_peer_stream:
+                new = True
+        if flags & F.FLAG_END_HEADERS:
+            self._headers_complete(sid, flags, block, new)
+        else:
+            self._cont = (sid, flags, bytearray(block), new)
+            self._check_cont_size(self._cont[2])
+
+    def _check_cont_size(self, block: bytearray) -> None:
+        if len(block) > 2 * self.limits.max_header_list_bytes:
+            raise ProtocolError(F.ENHANCE_YOUR_CALM, "header block exceeds its size limit")
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if self._cont is None or self._cont[0] != sid:
+            raise ProtocolError(F.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        c_sid, c_flags, block, new = self._cont
+        block += payload
+        self._check_cont_size(block)
+        if flags & F.FLAG_END_HEADERS:
+            self._cont = None
+            self._headers_complete(c_sid, c_flags, bytes(block), new)
+
+    def _headers_complete(self, sid: int, flags: int, block: bytes, new: bool) -> None:
+        end = bool(flags & F.FLAG_END_STREAM)
+        rejected: str | None = None
+        try:
+            hb = self._reader.read(bytes(block))
+        except HpackError as exc:
+            raise ProtocolError(F.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
+        except HeaderListTooLarge as exc:
+            rejected = str(exc)
+            hb = None
+        if new:
+            self.last_peer_stream = sid
+            if self.goaway_sent:
+                self._write(F.rst_stream_frame(sid, F.REFUSED_STREAM))
+                return
+            if len(self.streams) >= self.limits.max_concurrent_streams:
+                self._write(F.rst_stream_frame(sid, F.REFUSED_STREAM))
+                return
+            st = Stream(sid, self.limits.stream_window_bytes, self.peer_initial_window)
+            self.streams[sid] = st
+            self.streams_opened += 1
+        else:
+            st = self.streams.get(sid)
+            if st is None:
+                return  # late headers on a stream we already closed or reset: ignored
+            if st.recv_closed:
+                self._stream_error(sid, F.STREAM_CLOSED)
+                return
+        first = not st.headers_seen
+        st.headers_seen = True
+        if end:
+            st.recv_closed = True
+        if hb is None:
+            self._emit(HeadersRejected(sid, rejected or "", first))
+        else:
+            if not first and not end and not self.client:
+                self._stream_error(sid, F.PROTOCOL_ERROR)  # request trailers must end the stream
+                return
+            self._emit(HeadersReceived(sid, hb, end, first))
+        if end:
+            self._maybe_forget(st)
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "WINDOW_UPDATE must be 4 bytes")
+        inc = F.unpack_u32(payload) & 0x7FFFFFFF
+        if sid == 0:
+            if inc == 0:
+                raise ProtocolError(F.PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
+            self.conn_send_window += inc
+            if self.conn_send_window > F.MAX_WINDOW_BYTES:
+                raise ProtocolError(F.FLOW_CONTROL_ERROR, "connection window overflow")
+            self._flush_blocked()
+            return
+        st = self.streams.get(sid)
+        if st is None:
+            if self._is_idle(sid):
+                raise ProtocolError(F.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+            return
+        if inc == 0:
+            self._stream_error(sid, F.PROTOCOL_ERROR)
+            return
+        st.send_window += inc
+        if st.send_window > F.MAX_WINDOW_BYTES:
+            self._stream_error(sid, F.FLOW_CONTROL_ERROR)
+            return
+        if st.outbox and not self.paused:
+            n = self._flush_stream(st)
+            if n:
+                self._emit(DataSent(sid, n))
+
+    def _on_rst(self, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise ProtocolError(F.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "RST_STREAM must be 4 bytes")
+        if self._is_idle(sid):
+            raise ProtocolError(F.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+        st = self.streams.pop(sid, None)
+        if st is not None:
+            self._blocked.pop(sid, None)
+            self._emit(StreamReset(sid, F.unpack_u32(payload)))
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ProtocolError(F.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & F.FLAG_ACK:
+            if payload:
+                raise ProtocolError(F.FRAME_SIZE_ERROR, "SETTINGS ack with a payload")
+            return
+        if len(payload) % 6:
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+        for off in range(0, len(payload), 6):
+            key, value = F.unpack_setting(payload, off)
+            if key == F.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > F.MAX_WINDOW_BYTES:
+                    raise ProtocolError(F.FLOW_CONTROL_ERROR, "initial window too large")
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for st in self.streams.values():
+                    st.send_window += delta
+            elif key == F.SETTINGS_MAX_FRAME_SIZE:
+                if not F.DEFAULT_MAX_FRAME_BYTES <= value <= F.MAX_FRAME_BYTES_LIMIT:
+                    raise ProtocolError(F.PROTOCOL_ERROR, f"bad SETTINGS_MAX_FRAME_SIZE {value}")
+                self.peer_max_frame = value
+            elif key == F.SETTINGS_MAX_CONCURRENT_STREAMS:
+                self.peer_max_streams = value
+            elif key == F.SETTINGS_ENABLE_PUSH:
+                if value > 1 or (self.client and value):
+                    raise ProtocolError(F.PROTOCOL_ERROR, f"bad SETTINGS_ENABLE_PUSH {value}")
+        self.peer_settings_seen = True
+        self._write(F.settings_frame(ack=True))
+        self._emit(SettingsChanged())
+        self._flush_blocked()
+
+    def _on_ping(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ProtocolError(F.PROTOCOL_ERROR, "PING on a stream")
+        if len(payload) != 8:
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "PING must be 8 bytes")
+        if flags & F.FLAG_ACK:
+            self._emit(PingAcked(payload))
+        else:
+            self._write(F.ping_frame(payload, ack=True))
+
+    def _on_goaway(self, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ProtocolError(F.PROTOCOL_ERROR, "GOAWAY on a stream")
+        if len(payload) < 8:
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "GOAWAY too short")
+        last, code = F.unpack_goaway(payload)
+        if self.goaway_received is not None:
+            last = min(last, self.goaway_received)
+        self.goaway_received = last
+        self._emit(GoAwayReceived(last, code, payload[8:]))
+        if self.client:
+            for st_id in sorted(s for s in self.streams if s > last):
+                self.streams.pop(st_id, None)
+                self._blocked.pop(st_id, None)
+                self._emit(StreamReset(st_id, F.REFUSED_STREAM, unprocessed=True))

@@ -1,0 +1,300 @@
+"""Header blocks: scan context-free HPACK blocks, decode the rest, splice and encode literals.
+
+We advertise SETTINGS_HEADER_TABLE_SIZE=0, so a compliant peer sends blocks that reference
+only the static table. Such a block is *scanned*: the few fields the relay needs are read
+(``:authority``, ``:path``, ``:status``, ``grpc-status``, ``grpc-message``, ``grpc-timeout``,
+``te``, ``traceparent``) and the block is forwarded verbatim. Any other block (one that uses
+the dynamic table, typically sent before the peer saw our SETTINGS) is decoded with the
+``hpack`` library, which keeps that connection's table right, and re-encoded as literals, so
+what we forward never depends on a dynamic table. Pure code, no I/O.
+"""
+
+from __future__ import annotations
+
+from hpack import Decoder, HPACKError, NeverIndexedHeaderTuple
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
+
+STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
+STATIC_NAMES: tuple[str, ...] = tuple(n.decode() for n, _ in STATIC_TABLE)
+_STATIC_INDEX: dict[bytes, int] = {}
+for _i, (_n, _v) in enumerate(STATIC_TABLE, start=1):
+    _STATIC_INDEX.setdefault(_n, _i)
+
+WANTED = frozenset(
+    {":authority", ":path", ":method", ":status", "grpc-status", "grpc-message", "grpc-timeout",
+     "te", "traceparent", "content-type"}
+)
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+_ENTRY_OVERHEAD = 32
+_HUFFMAN_MAX_EXPANSION = 8 / 5  # shortest Huffman code is 5 bits
+
+
+class HpackError(Exception):
+    """A malformed header block: the connection must end with COMPRESSION_ERROR."""
+
+
+class HeaderListTooLarge(Exception):
+    """The decoded header list exceeds SETTINGS_MAX_HEADER_LIST_SIZE: fail that stream only."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"header list of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class HeaderBlock:
+    """One received header block: the bytes to forward and the fields the relay looks at."""
+
+    __slots__ = ("block", "fields", "list_bytes", "timeout_span", "strip_spans", "decoded")
+
+    def __init__(self, block: bytes, fields: dict[str, str], list_bytes: int,
+                 timeout_span: tuple[int, int] | None, strip_spans: list[tuple[int, int]],
+                 decoded: bool) -> None:
+        self.block = block
+        self.fields = fields
+        self.list_bytes = list_bytes
+        self.timeout_span = timeout_span
+        self.strip_spans = strip_spans
+        self.decoded = decoded
+
+    def get(self, name: str) -> str | None:
+        return self.fields.get(name)
+
+    def forwardable(self, grpc_timeout: str | None = None) -> bytes:
+        """The block to send on: hop-by-hop fields removed, ``grpc-timeout`` replaced by
+        ``grpc_timeout`` when given (and left as received when None)."""
+        edits: list[tuple[int, int, bytes]] = [(s, e, b"") for s, e in self.strip_spans]
+        if grpc_timeout is not None:
+            if self.timeout_span is not None:
+                s, e = self.timeout_span
+                edits.append((s, e, encode_literal(b"grpc-timeout", grpc_timeout.encode())))
+            else:
+                edits.append((len(self.block), len(self.block),
+                              encode_literal(b"grpc-timeout", grpc_timeout.encode())))
+        if not edits:
+            return self.block
+        edits.sort()
+        out = bytearray()
+        pos = 0
+        for s, e, repl in edits:
+            out += self.block[pos:s]
+            out += repl
+            pos = e
+        out += self.block[pos:]
+        return bytes(out)
+
+
+def _int(buf: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    mask = (1 << prefix_bits) - 1
+    value = buf[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    shift = 0
+    n = len(buf)
+    while True:
+        if pos >= n:
+            raise HpackError("truncated integer")
+        b = buf[pos]
+        pos += 1
+        value += (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+        if shift > 28:
+            raise HpackError("integer overflow")
+
+
+def _string(buf: bytes, pos: int) -> tuple[int, int, bool]:
+    """Return (start, end, huffman) of the string literal at ``pos``."""
+    if pos >= len(buf):
+        raise HpackError("truncated string")
+    huffman = bool(buf[pos] & 0x80)
+    length, pos = _int(buf, pos, 7)
+    end = pos + length
+    if end > len(buf):
+        raise HpackError("string runs past the block")
+    return pos, end, huffman
+
+
+def _text(buf: bytes, start: int, end: int, huffman: bool) -> str:
+    raw = buf[start:end]
+    if huffman:
+        try:
+            raw = decode_huffman(raw)
+        except HPACKError as exc:
+            raise HpackError(f"bad Huffman string: {exc}") from exc
+    return raw.decode("latin-1")
+
+
+def encode_int(value: int, prefix_bits: int, first: int) -> bytes:
+    mask = (1 << prefix_bits) - 1
+    if value < mask:
+        return bytes([first | value])
+    out = bytearray([first | mask])
+    value -= mask
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_literal(name: bytes, value: bytes, never_indexed: bool = False) -> bytes:
+    """A literal field without indexing (or never-indexed), context-free for any decoder."""
+    first = 0x10 if never_indexed else 0x00
+    idx = _STATIC_INDEX.get(name)
+    if idx is not None:
+        head = encode_int(idx, 4, first)
+    else:
+        head = bytes([first]) + encode_int(len(name), 7, 0) + name
+    return head + encode_int(len(value), 7, 0) + value
+
+
+def encode_block(fields: list[tuple[str, str]]) -> bytes:
+    """Encode fields as context-free literals (no Huffman, no indexing)."""
+    return b"".join(encode_literal(n.encode("latin-1"), v.encode("latin-1")) for n, v in fields)
+
+
+class HeaderReader:
+    """Decoder-side HPACK state for the blocks one peer sends on one connection."""
+
+    __slots__ = ("max_list_bytes", "table_size", "_decoder")
+
+    def __init__(self, max_list_bytes: int) -> None:
+        self.max_list_bytes = max_list_bytes
+        self.table_size = 4096  # the peer's table size in effect until it sends an update
+        self._decoder: Decoder | None = None
+
+    def read(self, block: bytes) -> HeaderBlock:
+        """Scan (or decode) one complete header block.
+
+        Raises HpackError for a malformed block (connection error) and HeaderListTooLarge
+        when the list is over the limit (stream error; the HPACK state stays right).
+        """
+        try:
+            return self._scan(block)
+        except _NeedsDecoder:
+            return self._decode(block)
+
+    def _scan(self, buf: bytes) -> HeaderBlock:
+        fields: dict[str, str] = {}
+        strip: list[tuple[int, int]] = []
+        timeout_span: tuple[int, int] | None = None
+        list_bytes = 0
+        huffman_bytes = 0
+        pos = 0
+        n = len(buf)
+        first = True
+        while pos < n:
+            start = pos
+            b = buf[pos]
+            if b & 0x80:  # indexed field
+                idx, pos = _int(buf, pos, 7)
+                if idx == 0:
+                    raise HpackError("index 0")
+                if idx > 61:
+                    raise _NeedsDecoder
+                name_b, value_b = STATIC_TABLE[idx - 1]
+                list_bytes += len(name_b) + len(value_b) + _ENTRY_OVERHEAD
+                name = STATIC_NAMES[idx - 1]
+                if name in WANTED and name not in fields:
+                    fields[name] = value_b.decode("latin-1")
+                first = False
+                continue
+            if b & 0xE0 == 0x20:  # dynamic table size update
+                if not first:
+                    raise _NeedsDecoder  # let hpack judge odd placements
+                size, pos = _int(buf, pos, 5)
+                if size > 4096:
+                    raise HpackError(f"table size update to {size} exceeds 4096")
+                if size != 0:
+                    raise _NeedsDecoder
+                self.table_size = 0
+                if self._decoder is not None:
+                    self._decoder.header_table.maxsize = 0
+                continue
+            if b & 0xC0 == 0x40:  # literal with incremental indexing
+                if self.table_size != 0:
+                    raise _NeedsDecoder
+                prefix = 6
+            else:  # literal without indexing (0000) or never indexed (0001)
+                prefix = 4
+            first = False
+            idx, pos = _int(buf, pos, prefix)
+            if idx:
+                if idx > 61:
+                    raise _NeedsDecoder
+                name_b = STATIC_TABLE[idx - 1][0]
+                name = STATIC_NAMES[idx - 1]
+                name_len = len(name_b)
+            else:
+                ns, ne, nh = _string(buf, pos)
+                pos = ne
+                name = _text(buf, ns, ne, nh) if nh else buf[ns:ne].decode("latin-1")
+                name_len = len(name)
+            vs, ve, vh = _string(buf, pos)
+            pos = ve
+            if vh:
+                huffman_bytes += ve - vs
+            list_bytes += name_len + (ve - vs) + _ENTRY_OVERHEAD
+            if name in WANTED:
+                if name not in fields:
+                    fields[name] = _text(buf, vs, ve, vh)
+                if name == "grpc-timeout":
+                    timeout_span = (start, pos)
+                elif name == "te" and _text(buf, vs, ve, vh) != "trailers":
+                    strip.append((start, pos))
+            elif name in HOP_BY_HOP:
+                strip.append((start, pos))
+        if list_bytes + int(huffman_bytes * (_HUFFMAN_MAX_EXPANSION - 1)) > self.max_list_bytes:
+            exact = self._exact_size(buf)
+            if exact > self.max_list_bytes:
+                raise HeaderListTooLarge(exact, self.max_list_bytes)
+            list_bytes = exact
+        return HeaderBlock(buf, fields, list_bytes, timeout_span, strip, False)
+
+    def _exact_size(self, buf: bytes) -> int:
+        size = 0
+        for name, value in self._decode_fields(buf):
+            size += len(name) + len(value) + _ENTRY_OVERHEAD
+        return size
+
+    def _decode_fields(self, buf: bytes) -> list:
+        if self._decoder is None:
+            self._decoder = Decoder(max_header_list_size=1 << 30)
+            self._decoder.max_allowed_table_size = 4096
+            self._decoder.header_table.maxsize = self.table_size
+        try:
+            return self._decoder.decode(buf, raw=True)
+        except HPACKError as exc:
+            raise HpackError(str(exc) or exc.__class__.__name__) from exc
+
+    def _decode(self, buf: bytes) -> HeaderBlock:
+        headers = self._decode_fields(buf)
+        self.table_size = self._decoder.header_table.maxsize if self._decoder else self.table_size
+        size = sum(len(h[0]) + len(h[1]) + _ENTRY_OVERHEAD for h in headers)
+        if size > self.max_list_bytes:
+            raise HeaderListTooLarge(size, self.max_list_bytes)
+        fields: dict[str, str] = {}
+        out: list[bytes] = []
+        timeout_span: tuple[int, int] | None = None
+        pos = 0
+        for h in headers:
+            name_b, value_b = bytes(h[0]), bytes(h[1])
+            name = name_b.decode("latin-1")
+            if name in HOP_BY_HOP or (name == "te" and value_b != b"trailers"):
+                continue
+            if name in WANTED and name not in fields:
+                fields[name] = value_b.decode("latin-1")
+            enc = encode_literal(name_b, value_b, isinstance(h, NeverIndexedHeaderTuple))
+            if name == "grpc-timeout":
+                timeout_span = (pos, pos + len(enc))
+            out.append(enc)
+            pos += len(enc)
+        return HeaderBlock(b"".join(out), fields, size, timeout_span, [], True)
+
+
+class _NeedsDecoder(Exception):
+    """Internal: the block references state the scanner does not keep."""

@@ -1,0 +1,73 @@
+"""Pooled upstream connections to one endpoint: which connection takes the next stream.
+
+Pure bookkeeping: the relay asks ``acquire``; the I/O side is asked to connect through the
+``connect`` callback and reports back through the relay. No sockets here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .connection import H2Connection
+
+
+class Pool:
+    """Connections to one upstream endpoint, plus the calls waiting for a stream slot."""
+
+    def __init__(self, key: str, label: str, max_connections: int,
+                 connect: Callable[[Pool], None]) -> None:
+        self.key = key
+        """Identifies the endpoint (address and expected identity)."""
+        self.label = label
+        """How errors name the endpoint, e.g. ``127.0.0.1:15006 (payment)``."""
+        self.max_connections = max(1, max_connections)
+        self.conns: list[H2Connection] = []
+        self.connecting = 0
+        self.waiting: deque[Any] = deque()
+        self.closed = False
+        self._connect = connect
+        self.last_error = ""
+
+    def acquire(self) -> H2Connection | None:
+        """The ready connection with the fewest streams that can open one; else None, and a
+        new connection is started when the pool has room (the caller queues the call)."""
+        best: H2Connection | None = None
+        for conn in self.conns:
+            if conn.can_open_stream() and (best is None or conn.active_streams < best.active_streams):
+                best = conn
+        if best is None:
+            self._maybe_connect()
+        return best
+
+    def _maybe_connect(self) -> None:
+        if self.closed:
+            return
+        if len(self.conns) + self.connecting < self.max_connections:
+            self.connecting += 1
+            self._connect(self)
+
+    def ensure_connecting(self) -> None:
+        """Start a connection if none is ready or under way (a call is waiting)."""
+        if not any(c.can_open_stream() for c in self.conns) and self.connecting == 0:
+            self._maybe_connect()
+
+    def connected(self, conn: H2Connection) -> None:
+        self.connecting = max(0, self.connecting - 1)
+        conn.owner = self
+        self.conns.append(conn)
+
+    def connect_failed(self, reason: str) -> bool:
+        """Record a failed attempt; True when waiting calls have nowhere left to go."""
+        self.connecting = max(0, self.connecting - 1)
+        self.last_error = reason
+        return self.connecting == 0 and not any(c.can_open_stream() for c in self.conns)
+
+    def remove(self, conn: H2Connection) -> None:
+        if conn in self.conns:
+            self.conns.remove(conn)
+
+    def idle_draining(self) -> list[H2Connection]:
+        """Connections that take no new streams and have none left: close them."""
+        return [c for c in self.conns if not c.can_open_stream() and c.active_streams == 0]

@@ -1,0 +1,609 @@
+"""The relay: carries each downstream stream to a stream on a pooled upstream connection.
+
+Sans-IO. The I/O side feeds it the events of every connection and tells it when upstream
+connections come up, fail or are lost; the relay moves header blocks and DATA between the
+two sides, maps stream ids, returns flow-control credit only once bytes have left for the
+other side (so memory per stream is bounded by the window we advertised), and runs the
+mesh's policy only at stream events through ``Hooks``:
+
+* request headers: ``hooks.on_request(call)`` returns a ``Pool`` to forward to, or a
+  ``LocalReply`` (the call is answered here: unknown route, denied, fast-failed);
+* response headers and trailers: ``hooks.on_response(call)``;
+* stream end: ``hooks.on_end(call)`` with the outcome in the call.
+
+gRPC rules it enforces: ``grpc-timeout`` (DEADLINE_EXCEEDED at expiry, the upstream stream
+reset, the remaining time sent on), the message size limit both ways (RESOURCE_EXHAUSTED for
+that call only), and an upstream that fails gives the caller UNAVAILABLE naming the endpoint.
+A stream that an upstream refused or never processed (GOAWAY) is sent again on another
+connection while its request still fits the replay buffer and no response has started.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from mesh_common.limits import Limits
+
+from . import frames as F
+from . import grpc as G
+from .connection import H2Connection
+from .events import (
+    ConnectionTerminated,
+    DataReceived,
+    DataSent,
+    GoAwayReceived,
+    HeadersReceived,
+    HeadersRejected,
+    SettingsChanged,
+    StreamEnded,
+    StreamReset,
+)
+from .headers import HeaderBlock
+from .pool import Pool
+
+MAX_ATTEMPTS = 5
+
+
+class LocalReply:
+    """Answer the call here with a gRPC status instead of forwarding it."""
+
+    __slots__ = ("status", "message")
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"LocalReply({self.status}, {self.message!r})"
+
+
+class Call:
+    """One relayed stream, as the layers see it. Fields are filled in as events arrive."""
+
+    __slots__ = (
+        "down", "down_sid", "headers", "authority", "path", "peer_id", "started_s",
+        "deadline_s", "timer", "pool", "up", "up_sid", "attempts", "pending", "replay",
+        "replay_bytes", "flushed", "credited", "req_received", "resp_conn", "resp_received",
+        "resp_credited", "request_ended", "request_trailers",
+        "committed", "response_started", "grpc_status", "grpc_message", "finished",
+        "down_open", "ended", "req_meter", "resp_meter", "local_reply", "route", "endpoint",
+        "upstream_label", "tags",
+    )
+
+    def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
+                 now_s: float, max_message_bytes: int) -> None:
+        self.down = down
+        self.down_sid = sid
+        self.headers = headers
+        self.authority = headers.get(":authority") or ""
+        self.path = headers.get(":path") or ""
+        self.peer_id = peer_id
+        self.started_s = now_s
+        self.deadline_s: float | None = None
+        self.timer: Any = None
+        self.pool: Pool | None = None
+        self.up: H2Connection | None = None
+        self.up_sid = 0
+        self.attempts = 0
+        self.pending: list[bytes] = []
+        self.replay: list[bytes] | None = []
+        self.replay_bytes = 0
+        self.flushed = 0
+        self.credited = 0
+        self.req_received = 0
+        self.resp_conn: H2Connection | None = None
+        self.resp_received = 0
+        self.resp_credited = 0
+        self.request_ended = False
+        self.request_trailers: bytes | None = None
+        self.committed = False
+        self.response_started = False
+        self.grpc_status: int | None = None
+        self.grpc_message = ""
+        self.finished = False
+        self.down_open = True
+        self.ended = False
+        self.req_meter = G.MessageMeter(max_message_bytes)
+        self.resp_meter = G.MessageMeter(max_message_bytes)
+        self.local_reply: LocalReply | None = None
+        self.route: str = ""
+        """The upstream service (cluster) the call was routed to, when routed."""
+        self.endpoint: str = ""
+        """The endpoint address picked for the current attempt."""
+        self.upstream_label = ""
+        self.tags: dict[str, Any] = {}
+
+
+class Hooks(Protocol):
+    def on_request(self, call: Call) -> Pool | LocalReply: ...
+
+    def on_response(self, call: Call) -> None: ...
+
+    def on_end(self, call: Call) -> None: ...
+
+
+class Relay:
+    """Moves streams between downstream (server-role) and upstream (client-role) connections."""
+
+    def __init__(self, hooks: Hooks, limits: Limits, clock: Callable[[], float],
+                 call_later: Callable[[float, Callable[[], None]], Any],
+                 close_connection: Callable[[H2Connection], None]) -> None:
+        self.hooks = hooks
+        self.limits = limits
+        self.clock = clock
+        self.call_later = call_later
+        self.close_connection = close_connection
+        self.stats: Counter[str] = Counter()
+        self.active = 0
+        self._dirty: list[H2Connection] = []
+        self._pumping = False
+
+    # ================================================================ entry points (I/O side)
+    def adopt(self, conn: H2Connection) -> None:
+        """Start relaying for a connection: its out-of-band events come back to us."""
+        conn.on_event = self._dirty.append
+
+    def down_received(self, conn: H2Connection, data: bytes) -> None:
+        self.down_events(conn, conn.receive(data))
+        self._pump()
+
+    def up_received(self, conn: H2Connection, data: bytes) -> None:
+        self.up_events(conn, conn.receive(data))
+        self._pump()
+
+    def set_paused(self, conn: H2Connection, paused: bool) -> None:
+        """The connection's transport crossed its high-water mark (or drained below it)."""
+        events = conn.set_paused(paused)
+        if conn.client:
+            self.up_events(conn, events)
+        else:
+            self.down_events(conn, events)
+        self._pump()
+
+    def connection_lost(self, conn: H2Connection, reason: str) -> None:
+        if conn.client:
+            self.up_lost(conn, reason)
+        else:
+            self.down_lost(conn)
+        self._pump()
+
+    def pool_connected(self, pool: Pool, conn: H2Connection) -> None:
+        self.adopt(conn)
+        pool.connected(conn)
+        self._drain_pool(pool)
+        self._pump()
+
+    def pool_failed(self, pool: Pool, reason: str) -> None:
+        self.stats["upstream_connect_failures"] += 1
+        if pool.connect_failed(reason):
+            waiting = list(pool.waiting)
+            pool.waiting.clear()
+            for call in waiting:
+                self._reply(call, G.UNAVAILABLE, f"upstream {pool.label}: {reason}")
+        self._pump()
+
+    def _pump(self) -> None:
+        """Handle events that sends and resets queued on connections outside ``receive``."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._dirty:
+                conn = self._dirty.pop()
+                events = conn.take_events()
+                if events:
+                    if conn.client:
+                        self.up_events(conn, events)
+                    else:
+                        self.down_events(conn, events)
+        finally:
+            self._pumping = False
+
+    # ================================================================ downstream side
+    def down_events(self, conn: H2Connection, events: list) -> None:
+        for ev in events:
+            t = type(ev)
+            if t is DataReceived:
+                call = conn.calls.get(ev.stream_id)
+                if call is None:
+                    conn.ack_data(ev.stream_id, len(ev.data))
+                else:
+                    self._request_data(call, ev.data, ev.end_stream)
+            elif t is HeadersReceived:
+                if ev.first:
+                    self._new_call(conn, ev)
+                else:
+                    call = conn.calls.get(ev.stream_id)
+                    if call is not None:
+                        self._request_trailers(call, ev.headers.forwardable())
+            elif t is DataSent:
+                call = conn.calls.get(ev.stream_id)
+                if call is not None:
+                    self._credit_response(call, ev.sent)
+            elif t is StreamEnded:
+                call = conn.calls.pop(ev.stream_id, None)
+                if call is not None:
+                    call.down_open = False
+                    self._maybe_end(call)
+            elif t is StreamReset:
+                call = conn.calls.pop(ev.stream_id, None)
+                if call is not None:
+                    self.stats["downstream_resets"] += 1
+                    call.down_open = False
+                    self._abandon_upstream(call)
+                    self._maybe_end(call)
+            elif t is HeadersRejected:
+                self.stats["headers_too_large"] += 1
+                if ev.first:
+                    conn.send_headers(ev.stream_id, G.trailers_only_block(
+                        G.RESOURCE_EXHAUSTED, f"request headers rejected: {ev.reason}"), True)
+                else:
+                    conn.reset_stream(ev.stream_id, F.PROTOCOL_ERROR)
+                    call = conn.calls.pop(ev.stream_id, None)
+                    if call is not None:
+                        call.down_open = False
+                        self._abandon_upstream(call)
+                        self._maybe_end(call)
+            elif t is ConnectionTerminated:
+                self.down_lost(conn)
+
+    def down_lost(self, conn: H2Connection) -> None:
+        """The downstream connection is gone: cancel everything it had in flight."""
+        calls = list(conn.calls.values())
+        conn.calls.clear()
+        for call in calls:
+            call.down_open = False
+            self._abandon_upstream(call)
+            self._maybe_end(call)
+
+    def _new_call(self, conn: H2Connection, ev: HeadersReceived) -> None:
+        peer = getattr(conn.owner, "peer_id", None)
+        call = Call(conn, ev.stream_id, ev.headers, peer, self.clock(),
+                    self.limits.max_message_bytes)
+        conn.calls[ev.stream_id] = call
+        self.active += 1
+        self.stats["calls_total"] += 1
+        if ev.end_stream:
+            call.request_ended = True
+        timeout = ev.headers.get("grpc-timeout")
+        if timeout is not None:
+            seconds = G.parse_timeout(timeout)
+            if seconds is not None:
+                call.deadline_s = call.started_s + seconds
+                call.timer = self.call_later(seconds, lambda: self._timer_fired(call))
+        if not call.path or ev.headers.get(":method") not in (None, "POST"):
+            self._reply(call, G.UNIMPLEMENTED, "the mesh relays gRPC only (POST with a :path)")
+            return
+        decision = self.hooks.on_request(call)
+        if isinstance(decision, LocalReply):
+            self._reply(call, decision.status, decision.message)
+            return
+        call.pool = decision
+        call.upstream_label = decision.label
+        self._dispatch(call)
+
+    def _request_data(self, call: Call, data: bytes, end: bool) -> None:
+        call.req_received += len(data)
+        if call.finished:
+            self._settle_request(call)
+            return
+        if data:
+            too_big = call.req_meter.feed(data)
+            if too_big >= 0:
+                self.stats["messages_too_large"] += 1
+                self._reply(call, G.RESOURCE_EXHAUSTED,
+                            f"request message of {too_big} bytes exceeds the limit of "
+                            f"{self.limits.max_message_bytes} bytes")
+                return
+            if call.replay is not None:
+                call.replay_bytes += len(data)
+                if call.replay_bytes > self.limits.replay_buffer_bytes:
+                    call.replay = None
+                else:
+                    call.replay.append(data)
+        if end:
+            call.request_ended = True
+        if call.up is None:
+            if data:
+                call.pending.append(data)
+            return
+        self._credit(call, call.up.send_data(call.up_sid, data, end))
+
+    def _request_trailers(self, call: Call, block: bytes) -> None:
+        call.request_ended = True
+        if call.finished:
+            return
+        call.request_trailers = block
+        if call.up is not None:
+            call.up.send_trailers(call.up_sid, block)
+
+    def _settle_request(self, call: Call) -> None:
+        """Return all outstanding request credit (the bytes will never be forwarded)."""
+        if call.req_received > call.credited:
+            call.down.ack_data(call.down_sid, call.req_received - call.credited)
+            call.credited = call.req_received
+
+    def _settle_response(self, call: Call) -> None:
+        if call.resp_conn is not None and call.resp_received > call.resp_credited:
+            call.resp_conn.ack_data(call.up_sid, call.resp_received - call.resp_credited)
+            call.resp_credited = call.resp_received
+
+    def _credit_response(self, call: Call, sent: int) -> None:
+        if sent > 0 and call.resp_conn is not None:
+            call.resp_credited += sent
+            call.resp_conn.ack_data(call.up_sid, sent)
+
+    def _credit(self, call: Call, flushed: int) -> None:
+        """Return downstream credit for request bytes that left on the current attempt."""
+        if flushed <= 0:
+            return
+        call.flushed += flushed
+        if call.flushed > call.credited:
+            call.down.ack_data(call.down_sid, call.flushed - call.credited)
+            call.credited = call.flushed
+
+    # ================================================================ dispatch
+    def _dispatch(self, call: Call) -> None:
+        pool = call.pool
+        assert pool is not None
+        conn = pool.acquire()
+        if conn is None:
+            pool.waiting.append(call)
+            pool.ensure_connecting()
+            return
+        self._bind(call, conn)
+
+    def _bind(self, call: Call, up: H2Connection) -> None:
+        timeout: str | None = None
+        if call.deadline_s is not None:
+            remaining = call.deadline_s - self.clock()
+            if remaining <= 0:
+                self._deadline(call)
+                return
+            timeout = G.format_timeout(remaining)
+        st = up.open_stream()
+        up.calls[st.id] = call
+        call.up = up
+        call.up_sid = st.id
+        call.attempts += 1
+        call.flushed = 0
+        chunks = call.replay if call.replay is not None else call.pending
+        call.pending = []
+        end_now = call.request_ended and not chunks and call.request_trailers is None
+        up.send_headers(st.id, call.headers.forwardable(timeout), end_now)
+        if end_now:
+            return
+        last = len(chunks) - 1
+        for i, chunk in enumerate(chunks):
+            end = i == last and call.request_ended and call.request_trailers is None
+            self._credit(call, up.send_data(st.id, chunk, end))
+        if call.request_trailers is not None:
+            up.send_trailers(st.id, call.request_trailers)
+        elif not chunks and call.request_ended:
+            up.send_data(st.id, b"", True)
+
+    def _drain_pool(self, pool: Pool) -> None:
+        while pool.waiting:
+            call = pool.waiting[0]
+            if call.finished or not call.down_open:
+                pool.waiting.popleft()
+                continue
+            conn = pool.acquire()
+            if conn is None:
+                break
+            pool.waiting.popleft()
+            self._bind(call, conn)
+        for conn in pool.idle_draining():
+            pool.remove(conn)
+            self.close_connection(conn)
+
+    # ================================================================ upstream side
+    def up_events(self, conn: H2Connection, events: list) -> None:
+        for ev in events:
+            t = type(ev)
+            if t is DataReceived:
+                call = conn.calls.get(ev.stream_id)
+                if call is None:
+                    conn.ack_data(ev.stream_id, len(ev.data))
+                else:
+                    self._response_data(call, ev.data, ev.end_stream)
+            elif t is DataSent:
+                call = conn.calls.get(ev.stream_id)
+                if call is not None:
+                    self._credit(call, ev.sent)
+            elif t is HeadersReceived:
+                call = conn.calls.get(ev.stream_id)
+                if call is not None:
+                    self._response_headers(call, ev)
+            elif t is StreamEnded:
+                call = conn.calls.pop(ev.stream_id, None)
+                if call is not None and call.up is conn:
+                    call.up = None
+                    self._maybe_end(call)
+                self._capacity(conn)
+            elif t is StreamReset:
+                call = conn.calls.pop(ev.stream_id, None)
+                if call is not None and call.up is conn:
+                    call.up = None
+                    self._upstream_reset(call, ev.error_code, ev.unprocessed)
+                self._capacity(conn)
+            elif t is HeadersRejected:
+                call = conn.calls.get(ev.stream_id)
+                conn.reset_stream(ev.stream_id, F.CANCEL)
+                conn.calls.pop(ev.stream_id, None)
+                if call is not None:
+                    call.up = None
+                    self._reply(call, G.RESOURCE_EXHAUSTED, f"response headers rejected: {ev.reason}")
+            elif t is GoAwayReceived:
+                self.stats["upstream_goaways"] += 1
+                self._capacity(conn)
+            elif t is SettingsChanged:
+                self._capacity(conn)
+            elif t is ConnectionTerminated:
+                self.up_lost(conn, f"connection error: {ev.reason}")
+
+    def _capacity(self, conn: H2Connection) -> None:
+        pool = conn.owner
+        if isinstance(pool, Pool):
+            if pool.waiting and not conn.can_open_stream():
+                pool.ensure_connecting()
+            self._drain_pool(pool)
+
+    def up_lost(self, conn: H2Connection, reason: str) -> None:
+        """An upstream connection is gone: its calls fail with UNAVAILABLE naming the endpoint
+        (streams it may have processed are never sent again)."""
+        pool = conn.owner
+        label = pool.label if isinstance(pool, Pool) else "upstream"
+        if isinstance(pool, Pool):
+            pool.remove(conn)
+        calls = list(conn.calls.values())
+        conn.calls.clear()
+        for call in calls:
+            if call.up is not conn:
+                continue
+            call.up = None
+            self.stats["upstream_lost_calls"] += 1
+            self._reply(call, G.UNAVAILABLE, f"upstream {label}: {reason}")
+        if isinstance(pool, Pool) and pool.waiting:
+            pool.ensure_connecting()
+
+    def _upstream_reset(self, call: Call, code: int, unprocessed: bool) -> None:
+        if call.finished:
+            self._maybe_end(call)
+            return
+        refused = unprocessed or code == F.REFUSED_STREAM
+        if refused and not call.committed and call.replay is not None and call.attempts < MAX_ATTEMPTS:
+            self.stats["streams_resent"] += 1
+            self._dispatch(call)
+            return
+        self.stats["upstream_resets"] += 1
+        if refused:
+            self._reply(call, G.UNAVAILABLE, f"upstream {call.upstream_label} refused the stream")
+            return
+        call.finished = True
+        if call.down_open:
+            call.down.calls.pop(call.down_sid, None)
+            call.down.reset_stream(call.down_sid, code)
+            call.down_open = False
+        self._maybe_end(call)
+
+    def _response_headers(self, call: Call, ev: HeadersReceived) -> None:
+        if call.finished:
+            return
+        hb = ev.headers
+        status = hb.get("grpc-status")
+        if status is not None:
+            call.grpc_status = int(status) if status.isdigit() else G.UNKNOWN
+            call.grpc_message = hb.get("grpc-message") or ""
+        if ev.first:
+            call.committed = True
+            call.replay = None
+            call.resp_conn = call.up
+            call.response_started = not ev.end_stream
+            self.hooks.on_response(call)
+            call.down.send_headers(call.down_sid, hb.forwardable(), ev.end_stream)
+            if ev.end_stream:
+                call.response_started = True
+                self._response_done(call)
+        else:
+            self.hooks.on_response(call)
+            call.down.send_trailers(call.down_sid, hb.forwardable())
+            self._response_done(call)
+
+    def _response_done(self, call: Call) -> None:
+        call.finished = True
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        up = call.up
+        if up is not None:
+            st = up.streams.get(call.up_sid)
+            if st is not None and not st.send_closed:
+                # The response is complete while the request still streams: stop it upstream.
+                up.reset_stream(call.up_sid, F.CANCEL)
+                up.calls.pop(call.up_sid, None)
+                call.up = None
+                self._capacity(up)
+
+    def _response_data(self, call: Call, data: bytes, end: bool) -> None:
+        call.resp_received += len(data)
+        if call.finished or call.resp_conn is None:
+            self._settle_response(call)
+            return
+        if data:
+            too_big = call.resp_meter.feed(data)
+            if too_big >= 0:
+                self.stats["messages_too_large"] += 1
+                self._reply(call, G.RESOURCE_EXHAUSTED,
+                            f"response message of {too_big} bytes exceeds the limit of "
+                            f"{self.limits.max_message_bytes} bytes")
+                return
+        self._credit_response(call, call.down.send_data(call.down_sid, data, end))
+        if end:
+            self._response_done(call)
+
+    # ================================================================ endings
+    def _timer_fired(self, call: Call) -> None:
+        self._deadline(call)
+        self._pump()
+
+    def _deadline(self, call: Call) -> None:
+        call.timer = None
+        if call.finished:
+            return
+        self.stats["deadlines_exceeded"] += 1
+        elapsed_ms = (self.clock() - call.started_s) * 1e3
+        self._reply(call, G.DEADLINE_EXCEEDED,
+                    f"deadline exceeded at the sidecar after {elapsed_ms:.0f} ms")
+
+    def _abandon_upstream(self, call: Call) -> None:
+        """Cancel whatever upstream work the call has (reset the stream or leave the queue)."""
+        call.finished = True
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        up = call.up
+        if up is not None:
+            call.up = None
+            up.calls.pop(call.up_sid, None)
+            up.reset_stream(call.up_sid, F.CANCEL)
+            self._capacity(up)
+
+    def _reply(self, call: Call, status: int, message: str) -> None:
+        """Answer the caller here with ``status`` and cancel the upstream side."""
+        if call.finished:
+            return
+        self._abandon_upstream(call)
+        call.local_reply = LocalReply(status, message)
+        call.grpc_status = status
+        call.grpc_message = message
+        self.stats[f"local_replies_{status}"] += 1
+        if call.down_open:
+            if call.response_started:
+                call.down.send_trailers(call.down_sid, G.trailers_block(status, message))
+            else:
+                call.response_started = True
+                call.down.send_headers(call.down_sid, G.trailers_only_block(status, message), True)
+                st = call.down.streams.get(call.down_sid)
+                if st is not None and not st.recv_closed:
+                    # RFC 9113 §8.1: a complete response, then ask the client to stop sending.
+                    call.down.reset_stream(call.down_sid, F.NO_ERROR)
+                    call.down.calls.pop(call.down_sid, None)
+                    call.down_open = False
+        self._settle_request(call)
+        self._maybe_end(call)
+
+    def _maybe_end(self, call: Call) -> None:
+        if call.ended or call.up is not None or call.down_open:
+            return
+        call.ended = True
+        call.finished = True
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        self._settle_request(call)
+        self._settle_response(call)
+        self.active -= 1
+        self.hooks.on_end(call)

@@ -1,0 +1,273 @@
+"""Thin asyncio drivers for the sans-IO core: one protocol per connection, and the connector
+that opens pooled upstream connections (h2c to the local app, mTLS to other sidecars).
+
+Writes are batched: frames a connection queues during one loop iteration go out in one
+``transport.write`` at the end of it. A transport over its high-water mark pauses the relayed
+DATA bound for it (the source's credit is withheld, so the source stops) and stops reading
+from its own peer, so a peer that does not read cannot make us queue replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+
+from mesh_common.limits import Limits
+from mesh_common.spiffe import spiffe_ids_from_sans
+
+from .http2 import frames as F
+from .http2.connection import H2Connection
+from .http2.pool import Pool
+from .http2.relay import Relay
+
+log = logging.getLogger("mesh.sidecar.io")
+
+
+class PeerInfo:
+    """Who is on the other end of a downstream connection."""
+
+    __slots__ = ("peer_id", "address")
+
+    def __init__(self, peer_id: str | None, address: str) -> None:
+        self.peer_id = peer_id
+        self.address = address
+
+
+class Flusher:
+    """Collects connections with queued output and writes each once per loop iteration."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[H2Protocol] = []
+        self.scheduled = False
+
+    def want(self, proto: H2Protocol) -> None:
+        self.pending.append(proto)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, []
+        for proto in pending:
+            proto.flush()
+
+
+class H2Protocol(asyncio.Protocol):
+    """Drives one H2Connection (either role) from an asyncio transport."""
+
+    def __init__(self, relay: Relay, conn: H2Connection, flusher: Flusher, limits: Limits,
+                 on_open: Callable[[H2Protocol], bool] | None = None,
+                 on_close: Callable[[H2Protocol], None] | None = None) -> None:
+        self.relay = relay
+        self.conn = conn
+        self.flusher = flusher
+        self.limits = limits
+        self.transport: asyncio.Transport | None = None
+        self.on_open = on_open
+        self.on_close = on_close
+        self.loop = flusher.loop
+        self.last_rx_s = self.loop.time()
+        self.opened_s = self.last_rx_s
+        self.idle_since_s = self.last_rx_s
+        self.ping_sent_s: float | None = None
+        self.tick_handle: asyncio.TimerHandle | None = None
+        self.lost = False
+        conn.io = self
+        conn.on_output = self._output
+
+    # ------------------------------------------------------------- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=self.limits.write_high_water_bytes)  # type: ignore[attr-defined]
+        if self.on_open is not None and not self.on_open(self):
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.relay.adopt(self.conn)
+        self.conn.initiate()
+        self._schedule_tick()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx_s = self.loop.time()
+        self.ping_sent_s = None
+        if self.conn.client:
+            self.relay.up_received(self.conn, data)
+        else:
+            self.relay.down_received(self.conn, data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        self.relay.set_paused(self.conn, True)
+        if self.transport is not None and not self.conn.client:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.conn.client and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self.relay.set_paused(self.conn, False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.tick_handle is not None:
+            self.tick_handle.cancel()
+        reason = f"connection lost: {exc}" if exc else "connection closed by peer"
+        self.conn.closed = True
+        self.relay.connection_lost(self.conn, reason)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    # ------------------------------------------------------------- output
+    def _output(self) -> None:
+        self.flusher.want(self)
+
+    def flush(self) -> None:
+        transport = self.transport
+        data = self.conn.data_to_send()
+        if transport is None or transport.is_closing():
+            return
+        if data:
+            transport.write(data)
+        if self.conn.closed:
+            transport.close()
+
+    def close(self) -> None:
+        """Flush what is queued and close the transport."""
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------- timers
+    def _tick_interval_s(self) -> float:
+        lim = self.limits
+        spans = [s for s in (lim.keepalive_interval_s, lim.keepalive_timeout_s, lim.idle_timeout_s,
+                             lim.max_connection_age_s) if s > 0]
+        return max(0.02, min(spans) / 4) if spans else 0.0
+
+    def _schedule_tick(self) -> None:
+        interval = self._tick_interval_s()
+        if interval and not self.lost:
+            self.tick_handle = self.loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        if self.lost or self.transport is None or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        lim = self.limits
+        conn = self.conn
+        if conn.active_streams:
+            self.idle_since_s = now
+        if lim.keepalive_interval_s > 0:
+            if self.ping_sent_s is not None:
+                if now - self.ping_sent_s > lim.keepalive_timeout_s:
+                    log.info("keepalive: no answer to PING for %.1fs; closing", lim.keepalive_timeout_s)
+                    conn.terminate(F.NO_ERROR, "keepalive timeout")
+                    self.close()
+                    return
+            elif now - self.last_rx_s >= lim.keepalive_interval_s:
+                self.ping_sent_s = now
+                conn.ping(b"mesh-ka\x00")
+        if lim.idle_timeout_s > 0 and not conn.active_streams and now - self.idle_since_s >= lim.idle_timeout_s:
+            conn.goaway(F.NO_ERROR, b"idle timeout")
+            self.close()
+            return
+        if (lim.max_connection_age_s > 0 and not conn.client and not conn.goaway_sent
+                and now - self.opened_s >= lim.max_connection_age_s):
+            conn.goaway(F.NO_ERROR, b"max connection age")
+        if conn.goaway_sent and not conn.active_streams:
+            self.close()
+            return
+        self._schedule_tick()
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short human reason for a failed connect or handshake."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "connect timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS verification failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+class Connector:
+    """Opens upstream connections for pools: mTLS with an identity check, or h2c."""
+
+    def __init__(self, relay: Relay, flusher: Flusher, limits: Limits,
+                 client_context: Callable[[], ssl.SSLContext | None]) -> None:
+        self.relay = relay
+        self.flusher = flusher
+        self.limits = limits
+        self.client_context = client_context
+        self.pools: dict[str, Pool] = {}
+        self.protocols: set[H2Protocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def pool(self, host: str, port: int, *, spiffe_id: str | None, label: str) -> Pool:
+        """The pool for an endpoint; TLS with ``spiffe_id`` verified when given, else h2c."""
+        key = f"{host}:{port}|{spiffe_id or 'h2c'}"
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = Pool(key, label, self.limits.upstream_connections_per_endpoint,
+                        lambda p: self._start(p, host, port, spiffe_id))
+            self.pools[key] = pool
+        return pool
+
+    def _start(self, pool: Pool, host: str, port: int, spiffe_id: str | None) -> None:
+        task = self.flusher.loop.create_task(self._open(pool, host, port, spiffe_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _open(self, pool: Pool, host: str, port: int, spiffe_id: str | None) -> None:
+        loop = self.flusher.loop
+        conn = H2Connection(client=True, limits=self.limits)
+        proto = H2Protocol(self.relay, conn, self.flusher, self.limits,
+                           on_close=self.protocols.discard)
+        ctx = self.client_context() if spiffe_id else None
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: proto, host, port, ssl=ctx,
+                                       server_hostname=host if ctx else None),
+                timeout=self.limits.connect_timeout_s)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            self.relay.pool_failed(pool, describe_error(exc))
+            return
+        if ctx is not None:
+            problem = self._check_peer(transport, spiffe_id)
+            if problem:
+                log.warning("upstream %s:%d rejected: %s", host, port, problem)
+                transport.abort()
+                self.relay.pool_failed(pool, problem)
+                return
+        if proto.lost:
+            self.relay.pool_failed(pool, "connection closed during setup")
+            return
+        self.protocols.add(proto)
+        self.relay.pool_connected(pool, conn)
+
+    @staticmethod
+    def _check_peer(transport: asyncio.BaseTransport, expected: str | None) -> str:
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None and sslobj.selected_alpn_protocol() != "h2":
+            return "peer did not negotiate HTTP/2 (ALPN h2)"
+        cert = transport.get_extra_info("peercert") or {}
+        ids = spiffe_ids_from_sans(cert.get("subjectAltName", ()))
+        if expected not in ids:
+            shown = ", ".join(ids) or "no SPIFFE ID"
+            return f"endpoint presented {shown}, expected {expected}"
+        return ""
+
+    def close_all(self) -> None:
+        for proto in list(self.protocols):
+            proto.close()
+        for task in list(self.tasks):
+            task.cancel()

@@ -1,0 +1,268 @@
+"""The sidecar process: inbound (mTLS) and outbound (h2c, loopback) listeners around two
+relays, the admin endpoint, certificate reloads and a graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+
+from mesh_common.bootstrap import Bootstrap
+from mesh_common.limits import Limits
+from mesh_common.snapshot import Endpoint, Snapshot
+from mesh_common.spiffe import SpiffeError, SpiffeId, spiffe_ids_from_sans
+
+from .admin import AdminServer
+from .http2.connection import H2Connection
+from .http2.relay import Hooks, LocalReply, Relay
+from .io import Connector, Flusher, H2Protocol, PeerInfo
+from .layers.stats import Stats
+from .stack import Stack, inbound_stack, outbound_stack
+from .tls import TlsFiles, TlsState
+
+log = logging.getLogger("mesh.sidecar")
+
+
+class Listener:
+    """Accepts downstream connections and drives each into one relay."""
+
+    def __init__(self, name: str, relay: Relay, flusher: Flusher, limits: Limits,
+                 ssl_ctx: ssl.SSLContext | None, trust_domain: str | None) -> None:
+        self.name = name
+        self.relay = relay
+        self.flusher = flusher
+        self.limits = limits
+        self.ssl_ctx = ssl_ctx
+        self.trust_domain = trust_domain
+        self.protocols: set[H2Protocol] = set()
+        self.server: asyncio.base_events.Server | None = None
+        self.rejected: dict[str, int] = {}
+
+    async def start(self, host: str, port: int) -> int:
+        loop = self.flusher.loop
+        self.server = await loop.create_server(self._protocol, host, port, ssl=self.ssl_ctx,
+                                               backlog=1024)
+        return self.server.sockets[0].getsockname()[1]
+
+    def _protocol(self) -> H2Protocol:
+        conn = H2Connection(client=False, limits=self.limits)
+        return H2Protocol(self.relay, conn, self.flusher, self.limits,
+                          on_open=self._on_open, on_close=self.protocols.discard)
+
+    def _reject(self, why: str, peer: str) -> bool:
+        self.rejected[why] = self.rejected.get(why, 0) + 1
+        log.warning("%s: refused connection from %s: %s", self.name, peer, why)
+        return False
+
+    def _on_open(self, proto: H2Protocol) -> bool:
+        transport = proto.transport
+        assert transport is not None
+        peername = transport.get_extra_info("peername")
+        address = f"{peername[0]}:{peername[1]}" if peername else "?"
+        if len(self.protocols) >= self.limits.max_connections:
+            return self._reject("max_connections", address)
+        peer_id: str | None = None
+        if self.ssl_ctx is not None:
+            sslobj = transport.get_extra_info("ssl_object")
+            if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
+                return self._reject("no_alpn_h2", address)
+            cert = transport.get_extra_info("peercert") or {}
+            ids = spiffe_ids_from_sans(cert.get("subjectAltName", ()))
+            if len(ids) != 1:
+                return self._reject("no_spiffe_id" if not ids else "several_spiffe_ids", address)
+            try:
+                sid = SpiffeId.parse(ids[0])
+            except SpiffeError:
+                return self._reject("bad_spiffe_id", address)
+            if sid.trust_domain != self.trust_domain:
+                return self._reject("foreign_trust_domain", address)
+            peer_id = sid.uri
+        proto.conn.owner = PeerInfo(peer_id, address)
+        self.protocols.add(proto)
+        return True
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def goaway_all(self) -> None:
+        for proto in list(self.protocols):
+            proto.conn.goaway()
+            proto.flush()
+
+    def close_all(self) -> None:
+        for proto in list(self.protocols):
+            proto.close()
+
+
+def _cert_not_after(path: str) -> float | None:
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        return cert.not_valid_after_utc.timestamp()
+    except (OSError, ValueError):
+        return None
+
+
+class Sidecar:
+    """Everything one ``mesh-sidecar`` process runs."""
+
+    def __init__(self, boot: Bootstrap, *, drain_timeout_s: float = 10.0,
+                 cert_poll_s: float = 2.0) -> None:
+        self.boot = boot
+        self.limits = boot.limits
+        self.snapshot: Snapshot = boot.snapshot
+        self.drain_timeout_s = drain_timeout_s
+        self.cert_poll_s = cert_poll_s
+        self.tls = TlsState(TlsFiles(boot.cert_file, boot.key_file, boot.ca_file))
+        self.ports: dict[str, str] = {}
+        self.started_s = time.time()
+        self.draining = False
+        self._stop = asyncio.Event()
+        self.admin = AdminServer()
+        self.inbound: Listener | None = None
+        self.outbound: Listener | None = None
+        self.relays: dict[str, Relay] = {}
+        self.connectors: dict[str, Connector] = {}
+        self.stats: dict[str, Stats] = {}
+
+    def _relay(self, name: str, hooks_for: Callable[[Connector, Stats], Hooks],
+               loop: asyncio.AbstractEventLoop, flusher: Flusher) -> Relay:
+        stats = Stats()
+        relay = Relay(_NO_HOOKS, self.limits, loop.time, loop.call_later,
+                      lambda conn: conn.io.close())  # type: ignore[attr-defined]
+        connector = Connector(relay, flusher, self.limits, lambda: self.tls.client)
+        relay.hooks = hooks_for(connector, stats)  # the stack needs the relay's connector
+        self.relays[name] = relay
+        self.connectors[name] = connector
+        self.stats[name] = stats
+        return relay
+
+    async def start(self, *, inbound_port: int | None = None, outbound_port: int | None = None,
+                    admin_port: int | None = None) -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        flusher = Flusher(loop)
+        boot = self.boot
+        if boot.inbound is not None and boot.app is not None:
+            app = boot.app
+
+            def inbound_hooks(connector: Connector, stats: Stats) -> Hooks:
+                pool = connector.pool(app.host, app.port, spiffe_id=None,
+                                      label=f"{app} (local app of {boot.service})")
+                return inbound_stack(stats, pool)
+
+            relay = self._relay("inbound", inbound_hooks, loop, flusher)
+            self.inbound = Listener("inbound", relay, flusher, self.limits, self.tls.server,
+                                    boot.trust_domain)
+            port = await self.inbound.start(boot.inbound.host,
+                                            boot.inbound.port if inbound_port is None else inbound_port)
+            self.ports["inbound"] = f"{boot.inbound.host}:{port}"
+        if boot.outbound is not None:
+
+            def outbound_hooks(connector: Connector, stats: Stats) -> Hooks:
+                def endpoint_pool(ep: Endpoint, route: str) -> Any:
+                    return connector.pool(ep.host, ep.port, spiffe_id=ep.spiffe_id,
+                                          label=f"{ep.address} ({route})")
+                return outbound_stack(lambda: self.snapshot, stats, endpoint_pool)
+
+            relay = self._relay("outbound", outbound_hooks, loop, flusher)
+            self.outbound = Listener("outbound", relay, flusher, self.limits, None, None)
+            port = await self.outbound.start(boot.outbound.host,
+                                             boot.outbound.port if outbound_port is None else outbound_port)
+            self.ports["outbound"] = f"{boot.outbound.host}:{port}"
+        self.admin.route("GET", "/ready", self._ready)
+        self.admin.route("GET", "/stats", self._stats)
+        self.admin.route("POST", "/reload-certs", self._reload_certs)
+        port = await self.admin.start(boot.admin.host,
+                                      boot.admin.port if admin_port is None else admin_port)
+        self.ports["admin"] = f"{boot.admin.host}:{port}"
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_from_signal)
+        if self.cert_poll_s > 0:
+            loop.call_later(self.cert_poll_s, self._poll_certs)
+        return dict(self.ports)
+
+    # ------------------------------------------------------------- admin handlers
+    def _ready(self) -> tuple[int, object]:
+        if self.draining:
+            return 503, {"ready": False, "reason": "draining", "ports": self.ports}
+        return 200, {"ready": True, "ports": self.ports}
+
+    def _stats(self) -> tuple[int, object]:
+        body: dict[str, Any] = {
+            "service": self.boot.service,
+            "spiffe_id": self.boot.spiffe_id,
+            "snapshot_version": self.snapshot.version,
+            "snapshot_hash": self.snapshot.content_hash(),
+            "ports": self.ports,
+            "uptime_s": round(time.time() - self.started_s, 3),
+            "draining": self.draining,
+            "tls": {"reloads": self.tls.reloads, "cert_not_after": _cert_not_after(self.boot.cert_file)},
+        }
+        for name, relay in self.relays.items():
+            listener = self.inbound if name == "inbound" else self.outbound
+            connector = self.connectors[name]
+            body[name] = {
+                "active_calls": relay.active,
+                "counters": dict(relay.stats),
+                "calls": self.stats[name].snapshot(),
+                "downstream_connections": len(listener.protocols) if listener else 0,
+                "upstream_connections": len(connector.protocols),
+                "refused_connections": dict(listener.rejected) if listener else {},
+            }
+        return 200, body
+
+    def _reload_certs(self) -> tuple[int, object]:
+        try:
+            self.tls.reload()
+        except (OSError, ssl.SSLError) as exc:
+            return 500, {"reloaded": False, "error": str(exc)}
+        return 200, {"reloaded": True, "reloads": self.tls.reloads}
+
+    def _reload_from_signal(self) -> None:
+        try:
+            self.tls.reload()
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("SIGHUP: certificates not reloaded (keeping the old ones): %s", exc)
+
+    def _poll_certs(self) -> None:
+        if self._stop.is_set():
+            return
+        self.tls.reload_if_changed()
+        asyncio.get_running_loop().call_later(self.cert_poll_s, self._poll_certs)
+
+    # ------------------------------------------------------------- lifecycle
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Stop accepting, GOAWAY every downstream, finish calls in flight (up to the drain
+        timeout), then close everything."""
+        self.draining = True
+        listeners = [x for x in (self.inbound, self.outbound) if x is not None]
+        for lst in listeners:
+            lst.stop_accepting()
+            lst.goaway_all()
+        deadline = time.monotonic() + self.drain_timeout_s
+        while time.monotonic() < deadline and any(r.active for r in self.relays.values()):
+            await asyncio.sleep(0.02)
+        left = sum(r.active for r in self.relays.values())
+        if left:
+            log.warning("drain timeout: %d calls still in flight are cut", left)
+        for lst in listeners:
+            lst.close_all()
+        for connector in self.connectors.values():
+            connector.close_all()
+        await self.admin.close()
+        await asyncio.sleep(0)
+
+
+_NO_HOOKS: Hooks = Stack([], lambda call: LocalReply(14, "sidecar starting"))
