@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cryptography import x509
-
 from mesh_common.bootstrap import Bootstrap
 from mesh_common.limits import Limits
 from mesh_common.snapshot import Endpoint, Snapshot
@@ -102,11 +100,12 @@ class Listener:
 
 
 def _cert_not_after(path: str) -> float | None:
+    """Expiry (Unix seconds) of the first certificate in a PEM file, via the ssl module so the
+    data path does not load ``cryptography`` (about 10 MB of RSS)."""
     try:
-        with open(path, "rb") as f:
-            cert = x509.load_pem_x509_certificate(f.read())
-        return cert.not_valid_after_utc.timestamp()
-    except (OSError, ValueError):
+        info = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
+        return float(ssl.cert_time_to_seconds(info["notAfter"]))
+    except (OSError, ValueError, KeyError, ssl.SSLError):
         return None
 
 
