@@ -11,6 +11,9 @@ Behaviour, all driven by the request (see protos/meshtest/echo.proto):
   `x-echo-<rest>` (a `-bin` key keeps its suffix, so it stays binary). Trailing metadata is
   `x-trailer: done` plus the same echoed keys. A trailers-only response carries both sets in
   its single HEADERS frame.
+* When the call has a deadline, initial metadata also carries `x-deadline-remaining-ms`: the
+  time the server had left (`context.time_remaining()`, whole ms) when the call started,
+  so a test can see the `grpc-timeout` that reached the app.
 * `sleep_ms` sleeps before each answer (per message on streams).
 * `fail_code > 0` aborts with that status and `fail_message`; the trailers also carry
   `x-fail-detail-bin: 00 01 fe ff` and `x-fail-detail: ascii-detail`.
@@ -45,6 +48,7 @@ FAIL_DETAIL_BIN = b"\x00\x01\xfe\xff"
 FAIL_DETAIL = "ascii-detail"
 CONCAT_LIMIT_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+NO_DEADLINE_S = 365 * 24 * 3600  # time_remaining() above this means the call has no deadline
 
 _CODES = {sc.value[0]: sc for sc in grpc.StatusCode}
 _FILL = bytes(range(256))
@@ -78,7 +82,11 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
         echoed = _echoed(context)
         context.set_trailing_metadata([("x-trailer", "done"), *echoed])
         if req is None or not req.trailers_only:
-            context.send_initial_metadata(echoed)
+            remaining = context.time_remaining()
+            initial = list(echoed)
+            if remaining is not None and remaining < NO_DEADLINE_S:  # no deadline: "infinite"
+                initial.append(("x-deadline-remaining-ms", str(int(remaining * 1000))))
+            context.send_initial_metadata(initial)
 
     @staticmethod
     def _sleep(req: echo_pb2.EchoRequest) -> None:
