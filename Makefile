@@ -51,6 +51,11 @@ test-all: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
+# The data path benchmark (see bench/ and ../shared/BENCH.md): about 5 minutes.
+.PHONY: bench
+bench: install
+	$(PY) -m bench --json bench/out/latest.json
+
 demo:
 	@echo "make demo: the demo services are not built yet (see the issues)" >&2; exit 1
 

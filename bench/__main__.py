@@ -1,0 +1,131 @@
+"""``python -m bench [--quick] [--json FILE] [--keep-dir]``: the data path benchmark.
+
+Starts the backend and every path (direct, mesh, nginx, haproxy when installed) as processes,
+checks each with grpcio, measures, prints plain-text tables on stdout and, with ``--json``,
+writes every figure. Progress goes to stderr. Exit 0 on success, 1 when a path or a
+measurement failed (one clear message on stderr), 130 when interrupted. Every process started
+is stopped by PID at the end, also on failure; the working directory is removed unless
+``--keep-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from bench import h2load, paths, report
+from bench.certs import make_pki
+from bench.measure import Plan, Runner
+from bench.procs import BenchError, ProcGroup
+
+REQUIRED_KEYS = (
+    "throughput_ratio_vs_nginx",
+    "sidecar_cpu_us_per_call",
+    "nginx_cpu_us_per_call",
+    "sidecar_rss_mb_loaded",
+    "added_p50_ms_at_200rps",
+    "added_p99_ms_at_200rps",
+    "nginx_added_p50_ms_at_200rps",
+    "added_p50_ms_at_1000rps",
+    "stream_mb_per_s_ratio_vs_direct",
+)
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; unwinds so the processes are stopped."""
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def check_keys(doc: dict) -> None:
+    """BenchError unless every required key is a finite number."""
+    bad = [k for k in REQUIRED_KEYS
+           if not isinstance(doc.get(k), int | float) or isinstance(doc.get(k), bool)
+           or not math.isfinite(doc[k])]
+    if bad:
+        raise BenchError(f"figures missing or not numeric: {', '.join(bad)}")
+
+
+def run(quick: bool, workdir: Path) -> dict:
+    """Start everything under `workdir`, measure, and return the JSON document."""
+    started = time.monotonic()
+    loadavg = os.getloadavg()
+    plan = Plan.quick() if quick else Plan.full()
+    h2load.h2load_binary()
+    group = ProcGroup(log_dir=workdir)
+    try:
+        _log(f"working directory {workdir}")
+        pki = make_pki(workdir / "pki")
+        backend = paths.start_backend(group)
+        bench_paths = [paths.direct_path(backend),
+                       paths.start_mesh(group, workdir / "mesh", pki, backend),
+                       paths.start_nginx(group, workdir, pki, backend)]
+        if paths.haproxy_available():
+            bench_paths.append(paths.start_haproxy(group, workdir / "haproxy", pki, backend))
+        else:
+            _log("haproxy not installed: its path is skipped")
+        _log("started: " + ", ".join(f"{p.name} on :{p.port}" for p in bench_paths))
+        runner = Runner(bench_paths, backend.pid, plan, workdir, log=_log)
+        figures = runner.run_all()
+        group.check_alive()
+    finally:
+        group.stop_all()
+    doc = report.build(figures, plan, quick=quick, duration_s=time.monotonic() - started,
+                       loadavg_start=loadavg)
+    check_keys(doc)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer requests and repetitions (< 1 minute)")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON to FILE")
+    ap.add_argument("--keep-dir", action="store_true",
+                    help="keep the working directory (configs, certificates, logs)")
+    args = ap.parse_args(argv)
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+    failed = True  # until the run got through
+    try:
+        doc = run(args.quick, workdir)
+        print(report.render(doc), flush=True)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+            _log(f"wrote {args.json}")
+        failed = False
+        return 0
+    except BenchError as e:
+        print(f"bench: FAILED: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Interrupted as e:
+        print(f"bench: interrupted ({e})", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if args.keep_dir:
+            _log(f"kept {workdir} (configs, certificates, process logs)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            if failed:
+                _log("working directory removed; rerun with --keep-dir to keep the process logs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The figures of a run, taken path by path in interleaved rounds so drift hits every path alike.
+
+* saturation: a warm-up h2load run per path, then `repeats` rounds of one fixed-count run per
+  path; the figure is the median req/s. CPU per call (µs) of each proxy process (and of the
+  backend) is its utime+stime over the measured runs divided by their requests. RSS (MB) is
+  read idle (after verification, before any load) and at the end of the path's last run.
+* latency: fixed rate (requests per second across all clients) for a fixed count of requests,
+  p50/p99 (ms) from h2load's per-request log.
+* streaming: one ClientStream of 1 MiB messages per path, MB/s (10**6 bytes per second).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import grpc_client, h2load
+from bench.paths import BenchPath
+from bench.procs import BenchError
+from bench.procstat import CLK_TCK, cpu_ticks, rss_mb
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much load each figure gets (counts, not durations: every loop is bounded)."""
+
+    saturation_requests: int
+    warmup_requests: int
+    repeats: int
+    clients: int
+    streams: int
+    latency_rates: tuple[int, ...]
+    latency_seconds: float
+    stream_messages: int
+    verify_unary_calls: int
+
+    @classmethod
+    def full(cls) -> Plan:
+        return cls(saturation_requests=20_000, warmup_requests=4_000, repeats=3, clients=4, streams=8,
+                   latency_rates=(200, 1000), latency_seconds=10, stream_messages=64,
+                   verify_unary_calls=50)
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(saturation_requests=2_000, warmup_requests=400, repeats=1, clients=4, streams=8,
+                   latency_rates=(200, 1000), latency_seconds=1.5, stream_messages=16,
+                   verify_unary_calls=50)
+
+
+def latency_clients(rate: int) -> int:
+    """Connections used for a fixed-rate run: one per 100 rps, at least 1, at most 4."""
+    return max(1, min(4, rate // 100))
+
+
+@dataclass
+class PathFigures:
+    """Raw figures of one path; units in the field names (rps, ms, µs, MB, MB/s)."""
+
+    name: str
+    saturation_rps_runs: list[float] = field(default_factory=list)
+    measured_requests: int = 0
+    cpu_ticks: dict[str, int] = field(default_factory=dict)  # role -> ticks over measured runs
+    backend_cpu_ticks: int = 0
+    rss_mb_idle: dict[str, float] = field(default_factory=dict)
+    rss_mb_loaded: dict[str, float] = field(default_factory=dict)
+    latency: dict[int, h2load.Latency] = field(default_factory=dict)  # rate (rps) -> percentiles
+    stream_mb_per_s: float = 0.0
+
+    @property
+    def saturation_rps(self) -> float:
+        """Median req/s over the measured runs."""
+        return statistics.median(self.saturation_rps_runs)
+
+    def cpu_us_per_call(self) -> dict[str, float]:
+        """Per proxy role: CPU time (utime+stime) per request, in µs."""
+        return {role: t / CLK_TCK / self.measured_requests * 1e6 for role, t in self.cpu_ticks.items()}
+
+    def backend_cpu_us_per_call(self) -> float:
+        """The backend's CPU time per request on this path, in µs."""
+        return self.backend_cpu_ticks / CLK_TCK / self.measured_requests * 1e6
+
+
+class Runner:
+    """Runs the plan over the paths; files (body, latency logs) go under `workdir`."""
+
+    def __init__(self, paths: list[BenchPath], backend_pid: int, plan: Plan, workdir: Path,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.paths = paths
+        self.backend_pid = backend_pid
+        self.plan = plan
+        self.workdir = workdir
+        self.body = workdir / "unary-body.bin"
+        self.response_bytes = h2load.write_unary_body(self.body, 64)
+        self.figures = {p.name: PathFigures(p.name) for p in paths}
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._log_seq = 0
+
+    # -- steps ---------------------------------------------------------------------------
+    def verify(self) -> None:
+        """grpcio sample calls on every path; BenchError on any non-OK status. Then idle RSS."""
+        for p in self.paths:
+            try:
+                grpc_client.verify(p, unary_calls=self.plan.verify_unary_calls)
+                p.check_alive()
+            except BenchError as e:
+                raise p.explain(e)
+            self.log(f"verified {p.name}: {self.plan.verify_unary_calls} unary, 1 client-stream, 1 bidi: all OK")
+        for p in self.paths:
+            self.figures[p.name].rss_mb_idle = {role: rss_mb(pid) for role, pid in p.proxies.items()}
+
+    def _saturate(self, p: BenchPath, requests: int, what: str) -> h2load.H2loadResult:
+        try:
+            result = h2load.run(p.url(h2load.UNARY_PATH), self.body, requests=requests,
+                                clients=self.plan.clients, streams=self.plan.streams,
+                                authority=p.authority, timeout_s=30 + requests / 200)
+            h2load.check_complete(result, requests, self.response_bytes, f"{p.name} path, {what}")
+            p.check_alive()
+        except BenchError as e:
+            raise p.explain(e)
+        return result
+
+    def saturation(self) -> None:
+        """Warm-up, then `repeats` interleaved rounds of measured runs with CPU and RSS."""
+        for p in self.paths:
+            self._saturate(p, self.plan.warmup_requests, "warm-up")
+        n = self.plan.saturation_requests
+        for rnd in range(1, self.plan.repeats + 1):
+            for p in self.paths:
+                fig = self.figures[p.name]
+                before = {role: cpu_ticks(pid) for role, pid in p.proxies.items()}
+                backend_before = cpu_ticks(self.backend_pid)
+                result = self._saturate(p, n, f"saturation round {rnd}")
+                for role, pid in p.proxies.items():
+                    fig.cpu_ticks[role] = fig.cpu_ticks.get(role, 0) + cpu_ticks(pid) - before[role]
+                fig.backend_cpu_ticks += cpu_ticks(self.backend_pid) - backend_before
+                fig.measured_requests += result.succeeded
+                fig.saturation_rps_runs.append(result.req_per_s)
+                fig.rss_mb_loaded = {role: rss_mb(pid) for role, pid in p.proxies.items()}
+                self.log(f"saturation round {rnd}/{self.plan.repeats} {p.name}: {result.req_per_s:,.0f} req/s")
+
+    def latency(self) -> None:
+        """Fixed-rate runs; p50/p99 from a fresh h2load log per run."""
+        for rate in self.plan.latency_rates:
+            clients = latency_clients(rate)
+            requests = int(rate * self.plan.latency_seconds)
+            for p in self.paths:
+                self._log_seq += 1
+                log_file = self.workdir / f"latency-{self._log_seq}-{p.name}-{rate}rps.log"
+                what = f"{p.name} path, {rate} rps"
+                try:
+                    result = h2load.run(p.url(h2load.UNARY_PATH), self.body, requests=requests,
+                                        clients=clients, streams=8, authority=p.authority,
+                                        rps_per_client=rate / clients, log_file=log_file,
+                                        timeout_s=self.plan.latency_seconds * 3 + 30)
+                    h2load.check_complete(result, requests, self.response_bytes, what)
+                    lat = h2load.read_latency_log(log_file, requests, what)
+                    p.check_alive()
+                except BenchError as e:
+                    raise p.explain(e)
+                self.figures[p.name].latency[rate] = lat
+                self.log(f"latency {rate} rps {p.name}: p50 {lat.p50_ms:.3f} ms, p99 {lat.p99_ms:.3f} ms")
+
+    def streaming(self) -> None:
+        """One ClientStream of `stream_messages` x 1 MiB per path."""
+        for p in self.paths:
+            try:
+                mbps = grpc_client.stream_throughput(
+                    p, self.plan.stream_messages, timeout_s=10 + self.plan.stream_messages / 2)
+                p.check_alive()
+            except BenchError as e:
+                raise p.explain(e)
+            self.figures[p.name].stream_mb_per_s = mbps
+            self.log(f"streaming {p.name}: {mbps:,.1f} MB/s")
+
+    def run_all(self) -> dict[str, PathFigures]:
+        self.verify()
+        self.saturation()
+        self.latency()
+        self.streaming()
+        return self.figures
