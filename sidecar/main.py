@@ -13,6 +13,7 @@ import yaml
 
 from mesh_common.bootstrap import Bootstrap, ConfigError, parse_bootstrap
 
+from .malloc import tune_malloc
 from .process import Sidecar
 
 PROG = "mesh-sidecar"
@@ -66,6 +67,7 @@ def cli(config_path: str, inbound_port: int | None, outbound_port: int | None,
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     boot = load_config(config_path)
+    tune_malloc()
     ports = {"inbound": inbound_port, "outbound": outbound_port, "admin": admin_port}
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve(boot, ports, drain_timeout_s, cert_poll_s))
