@@ -52,7 +52,7 @@ def parse_hostport(value: Any, where: str, *, loopback_only: bool = False) -> Ho
         raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
     host, _, port_s = value.rpartition(":")
     host = host.strip("[]")
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+    if not (port_s.isascii() and port_s.isdigit()) or not 0 <= int(port_s) <= 65535:
         raise ConfigError(f"{where}: port must be 0..65535, got {port_s!r}")
     if not host:
         raise ConfigError(f"{where}: missing host in {value!r}")

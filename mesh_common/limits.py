@@ -44,13 +44,16 @@ class Limits:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"limits.{f.name} must be a non-negative number, got {value!r}")
-        if self.stream_window_bytes > 2**31 - 1 or self.connection_window_bytes > 2**31 - 1:
-            raise ValueError("limits: flow-control windows must be below 2^31 bytes")
-        if self.stream_window_bytes < 65535 or self.connection_window_bytes < 65535:
-            raise ValueError("limits: flow-control windows must be at least 65535 bytes")
-        if self.max_concurrent_streams < 1 or self.max_header_list_bytes < 1024:
-            raise ValueError("limits: max_concurrent_streams >= 1, max_header_list_bytes >= 1024")
+            kind = int | float if f.name.endswith("_s") else int  # bytes and counts go on the wire
+            if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+                what = "number" if kind is not int else "integer"
+                raise ValueError(f"limits.{f.name} must be a non-negative {what}, got {value!r}")
+        for name in ("stream_window_bytes", "connection_window_bytes"):
+            if not 65535 <= getattr(self, name) <= 2**31 - 1:
+                raise ValueError(f"limits.{name}: flow-control windows must be 65535..2^31-1 bytes")
+        if self.max_concurrent_streams < 1:
+            raise ValueError("limits.max_concurrent_streams must be at least 1")
+        if self.max_header_list_bytes < 1024:
+            raise ValueError("limits.max_header_list_bytes must be at least 1024")
         if self.max_message_bytes < 1:
             raise ValueError("limits.max_message_bytes must be positive")

@@ -24,9 +24,9 @@ class SpiffeId:
     service: str
 
     def __post_init__(self) -> None:
-        if not _TRUST_DOMAIN.match(self.trust_domain):
+        if not isinstance(self.trust_domain, str) or not _TRUST_DOMAIN.fullmatch(self.trust_domain):
             raise SpiffeError(f"invalid trust domain {self.trust_domain!r}")
-        if not _SERVICE.match(self.service):
+        if not isinstance(self.service, str) or not _SERVICE.fullmatch(self.service):
             raise SpiffeError(f"invalid service name {self.service!r}")
 
     @property

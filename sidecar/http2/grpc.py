@@ -23,7 +23,7 @@ def parse_timeout(value: str) -> float | None:
     if not 2 <= len(value) <= 9:
         return None
     digits, unit = value[:-1], value[-1]
-    if not digits.isdigit() or unit not in _TIMEOUT_UNITS_S:
+    if not (digits.isascii() and digits.isdigit()) or unit not in _TIMEOUT_UNITS_S:
         return None
     return int(digits) * _TIMEOUT_UNITS_S[unit]
 

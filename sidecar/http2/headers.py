@@ -157,6 +157,12 @@ def encode_block(fields: list[tuple[str, str]]) -> bytes:
     return b"".join(encode_literal(n.encode("latin-1"), v.encode("latin-1")) for n, v in fields)
 
 
+_CACHE_ENTRIES = 512
+_CACHE_MAX_BLOCK_BYTES = 1024
+_SCANNED: dict[bytes, tuple[int, HeaderBlock]] = {}
+"""Context-free blocks already scanned (requests and trailers repeat byte for byte)."""
+
+
 class HeaderReader:
     """Decoder-side HPACK state for the blocks one peer sends on one connection."""
 
@@ -173,10 +179,23 @@ class HeaderReader:
         Raises HpackError for a malformed block (connection error) and HeaderListTooLarge
         when the list is over the limit (stream error; the HPACK state stays right).
         """
+        if self.table_size == 0:
+            hit = _SCANNED.get(block)
+            if hit is not None and hit[0] == self.max_list_bytes:
+                return hit[1]
+            cacheable = len(block) <= _CACHE_MAX_BLOCK_BYTES
+        else:
+            cacheable = False
         try:
-            return self._scan(block)
+            hb = self._scan(block)
         except _NeedsDecoder:
             return self._decode(block)
+        if cacheable and self.table_size == 0:
+            # Same bytes under an empty table always scan the same: share the result.
+            if len(_SCANNED) >= _CACHE_ENTRIES:
+                _SCANNED.clear()
+            _SCANNED[block] = (self.max_list_bytes, hb)
+        return hb
 
     def _scan(self, buf: bytes) -> HeaderBlock:
         fields: dict[str, str] = {}
@@ -201,6 +220,8 @@ class HeaderReader:
                 name = STATIC_NAMES[idx - 1]
                 if name in WANTED and name not in fields:
                     fields[name] = value_b.decode("latin-1")
+                elif name in HOP_BY_HOP:  # e.g. static 57, "transfer-encoding: ''"
+                    strip.append((start, pos))
                 first = False
                 continue
             if b & 0xE0 == 0x20:  # dynamic table size update
@@ -238,6 +259,9 @@ class HeaderReader:
             pos = ve
             if vh:
                 huffman_bytes += ve - vs
+                # Forwarded verbatim, a bad Huffman string would fail the upstream connection
+                # (COMPRESSION_ERROR) and every stream on it: check each one here.
+                _text(buf, vs, ve, vh)
             list_bytes += name_len + (ve - vs) + _ENTRY_OVERHEAD
             if name in WANTED:
                 if name not in fields:
@@ -284,10 +308,10 @@ class HeaderReader:
         for h in headers:
             name_b, value_b = bytes(h[0]), bytes(h[1])
             name = name_b.decode("latin-1")
+            if name in WANTED and name not in fields:  # as _scan reports it, even a stripped te
+                fields[name] = value_b.decode("latin-1")
             if name in HOP_BY_HOP or (name == "te" and value_b != b"trailers"):
                 continue
-            if name in WANTED and name not in fields:
-                fields[name] = value_b.decode("latin-1")
             enc = encode_literal(name_b, value_b, isinstance(h, NeverIndexedHeaderTuple))
             if name == "grpc-timeout":
                 timeout_span = (pos, pos + len(enc))

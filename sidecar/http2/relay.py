@@ -363,6 +363,11 @@ class Relay:
                 self._deadline(call)
                 return
             timeout = G.format_timeout(remaining)
+        if call.attempts and call.replay is None:
+            # Sent before, and the request outgrew the replay buffer while it waited to be sent
+            # again: the first attempt's bytes are gone. Fail it; never send it truncated.
+            self._reply(call, G.UNAVAILABLE, f"upstream {call.upstream_label} refused the stream")
+            return
         st = up.open_stream()
         up.calls[st.id] = call
         call.up = up
@@ -526,6 +531,7 @@ class Relay:
                 up.calls.pop(call.up_sid, None)
                 call.up = None
                 self._capacity(up)
+                self._settle_request(call)  # credit for request bytes dropped with the stream
 
     def _response_data(self, call: Call, data: bytes, end: bool) -> None:
         call.resp_received += len(data)
