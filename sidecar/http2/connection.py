@@ -13,6 +13,7 @@ what the owner queued, and the relay queues no more than the source's flow-contr
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable
 
@@ -33,6 +34,8 @@ from .events import (
     StreamReset,
 )
 from .headers import HeaderListTooLarge, HeaderReader, HpackError
+
+_FRAME_HEADER = struct.Struct(">HBBBL")
 
 
 class ProtocolError(Exception):
@@ -92,6 +95,8 @@ class H2Connection:
         self.conn_recv_window = limits.connection_window_bytes
         self.conn_send_window = F.DEFAULT_WINDOW_BYTES
         self.conn_owed = 0
+        self._conn_update_threshold = limits.connection_window_bytes >> 2
+        self._stream_update_threshold = limits.stream_window_bytes >> 2
         self.next_stream_id = 1  # client role: ids we open
         self.last_peer_stream = 0  # server role: highest id the peer opened
         self.streams_opened = 0
@@ -174,7 +179,11 @@ class H2Connection:
         st = self.streams.get(sid)
         if st is None or st.send_closed or self.closed:
             return
-        self._write(F.headers_frames(sid, block, end_stream, self.peer_max_frame))
+        if len(block) <= self.peer_max_frame:
+            flags = 0x5 if end_stream else 0x4  # END_HEADERS (+ END_STREAM)
+            self._write(_FRAME_HEADER.pack(len(block) >> 8, len(block) & 0xFF, 1, flags, sid) + block)
+        else:
+            self._write(F.headers_frames(sid, block, end_stream, self.peer_max_frame))
         if end_stream:
             st.send_closed = True
             self._maybe_forget(st)
@@ -195,6 +204,18 @@ class H2Connection:
         st = self.streams.get(sid)
         if st is None or st.send_closed or self.closed or st.outbox_end:
             return 0
+        n = len(data)
+        if (n and not st.outbox and not self.paused and n <= st.send_window
+                and n <= self.conn_send_window and n <= self.peer_max_frame):
+            # Fast path: the whole chunk fits the windows and one frame.
+            st.send_window -= n
+            self.conn_send_window -= n
+            self._write(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 0, 1 if end_stream else 0, sid) + data)
+            if end_stream:
+                st.outbox_end = True
+                st.send_closed = True
+                self._maybe_forget(st)
+            return n
         if data:
             st.outbox.append(data)
             st.outbox_bytes += len(data)
@@ -255,7 +276,7 @@ class H2Connection:
                 continue
             n = self._flush_stream(st)
             if n:
-                self._emit(DataSent(sid, n))
+                self._events.append(DataSent(sid, n))
 
     def set_paused(self, paused: bool) -> list[Event]:
         """Pause (transport over its high-water mark) or resume flushing relayed DATA."""
@@ -277,21 +298,26 @@ class H2Connection:
         self._write(F.rst_stream_frame(sid, code))
 
     def ack_data(self, sid: int, n: int) -> None:
-        """Return ``n`` bytes of receive credit to the peer (stream and connection)."""
+        """Return ``n`` bytes of the stream's receive credit to the peer (the owner calls this
+        once the bytes have left for the other side). Connection-level credit is returned by
+        the core itself as DATA arrives, so one stalled stream never starves the others; what
+        a connection buffers is bounded by its streams' windows."""
         if n <= 0 or self.closed:
             return
-        self.conn_recv_window += n
-        self.conn_owed += n
-        if self.conn_owed >= self.limits.connection_window_bytes >> 2:
-            self._write(F.window_update_frame(0, self.conn_owed))
-            self.conn_owed = 0
         st = self.streams.get(sid)
         if st is not None and not st.recv_closed:
-            st.recv_window += n
             st.owed += n
-            if st.owed >= self.limits.stream_window_bytes >> 2:
+            if st.owed >= self._stream_update_threshold:
                 self._write(F.window_update_frame(sid, st.owed))
+                st.recv_window += st.owed
                 st.owed = 0
+
+    def _credit_connection(self, n: int) -> None:
+        self.conn_owed += n
+        if self.conn_owed >= self._conn_update_threshold:
+            self._write(F.window_update_frame(0, self.conn_owed))
+            self.conn_recv_window += self.conn_owed
+            self.conn_owed = 0
 
     def ping(self, opaque: bytes) -> None:
         if not self.closed:
@@ -337,7 +363,7 @@ class H2Connection:
     def _fail(self, code: int, reason: str) -> None:
         self.terminate(code, reason)
         self._in.clear()
-        self._emit(ConnectionTerminated(code, reason))
+        self._events.append(ConnectionTerminated(code, reason))
 
     def _receive(self, data: bytes) -> None:
         buf = self._in
@@ -361,15 +387,27 @@ class H2Connection:
             pos = need
         n = len(view)
         max_frame = self.max_frame
+        unpack = _FRAME_HEADER.unpack_from
         while n - pos >= 9:
-            length, ftype, flags, sid = F.parse_frame_header(view, pos)
+            hi, lo, ftype, flags, sid = unpack(view, pos)
+            length = (hi << 8) | lo
+            sid &= 0x7FFFFFFF
             if length > max_frame:
                 raise ProtocolError(F.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {max_frame}")
             end = pos + 9 + length
             if end > n:
                 break
-            payload = bytes(view[pos + 9:end])
+            payload = view[pos + 9:end]
+            if buf:
+                payload = bytes(payload)
             pos = end
+            if self._cont is None:
+                if ftype == 0:  # DATA
+                    self._on_data(flags, sid, payload)
+                    continue
+                if ftype == 1:  # HEADERS
+                    self._on_headers(flags, sid, payload)
+                    continue
             self._frame(ftype, flags, sid, payload)
             if self.closed:
                 return
@@ -417,7 +455,7 @@ class H2Connection:
         self._write(F.rst_stream_frame(sid, code))
         if st is not None:
             self._blocked.pop(sid, None)
-            self._emit(StreamReset(sid, code))
+            self._events.append(StreamReset(sid, code))
 
     @staticmethod
     def _strip_padding(flags: int, payload: bytes) -> tuple[bytes, int]:
@@ -437,28 +475,29 @@ class H2Connection:
         if flow > self.conn_recv_window:
             raise ProtocolError(F.FLOW_CONTROL_ERROR, "connection window exceeded")
         self.conn_recv_window -= flow
+        if flow:
+            self._credit_connection(flow)
         st = self.streams.get(sid)
         if st is None or st.recv_closed:
             if self._is_idle(sid):
                 raise ProtocolError(F.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
-            self.ack_data(0, flow)  # closed or reset stream: give the connection credit back
             if st is not None:
                 self._stream_error(sid, F.STREAM_CLOSED)
             return
         if flow > st.recv_window:
-            self.ack_data(0, flow)
             self._stream_error(sid, F.FLOW_CONTROL_ERROR)
             return
         st.recv_window -= flow
-        data, pad = self._strip_padding(flags, payload)
-        if pad:
+        if flags & F.FLAG_PADDED:
+            payload, pad = self._strip_padding(flags, payload)
             self.ack_data(sid, pad)
-        end = bool(flags & F.FLAG_END_STREAM)
+        end = flags & F.FLAG_END_STREAM
         if end:
             st.recv_closed = True
-        self._emit(DataReceived(sid, data, end))
-        if end:
+            self._events.append(DataReceived(sid, bytes(payload), True))
             self._maybe_forget(st)
+        else:
+            self._events.append(DataReceived(sid, bytes(payload), False))
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -530,12 +569,12 @@ class H2Connection:
         if end:
             st.recv_closed = True
         if hb is None:
-            self._emit(HeadersRejected(sid, rejected or "", first))
+            self._events.append(HeadersRejected(sid, rejected or "", first))
         else:
             if not first and not end and not self.client:
                 self._stream_error(sid, F.PROTOCOL_ERROR)  # request trailers must end the stream
                 return
-            self._emit(HeadersReceived(sid, hb, end, first))
+            self._events.append(HeadersReceived(sid, hb, end, first))
         if end:
             self._maybe_forget(st)
 
@@ -566,7 +605,7 @@ class H2Connection:
         if st.outbox and not self.paused:
             n = self._flush_stream(st)
             if n:
-                self._emit(DataSent(sid, n))
+                self._events.append(DataSent(sid, n))
 
     def _on_rst(self, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -578,7 +617,7 @@ class H2Connection:
         st = self.streams.pop(sid, None)
         if st is not None:
             self._blocked.pop(sid, None)
-            self._emit(StreamReset(sid, F.unpack_u32(payload)))
+            self._events.append(StreamReset(sid, F.unpack_u32(payload)))
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid != 0:
@@ -609,7 +648,7 @@ class H2Connection:
                     raise ProtocolError(F.PROTOCOL_ERROR, f"bad SETTINGS_ENABLE_PUSH {value}")
         self.peer_settings_seen = True
         self._write(F.settings_frame(ack=True))
-        self._emit(SettingsChanged())
+        self._events.append(SettingsChanged())
         self._flush_blocked()
 
     def _on_ping(self, flags: int, sid: int, payload: bytes) -> None:
@@ -618,7 +657,7 @@ class H2Connection:
         if len(payload) != 8:
             raise ProtocolError(F.FRAME_SIZE_ERROR, "PING must be 8 bytes")
         if flags & F.FLAG_ACK:
-            self._emit(PingAcked(payload))
+            self._events.append(PingAcked(payload))
         else:
             self._write(F.ping_frame(payload, ack=True))
 
@@ -631,9 +670,9 @@ class H2Connection:
         if self.goaway_received is not None:
             last = min(last, self.goaway_received)
         self.goaway_received = last
-        self._emit(GoAwayReceived(last, code, payload[8:]))
+        self._events.append(GoAwayReceived(last, code, payload[8:]))
         if self.client:
             for st_id in sorted(s for s in self.streams if s > last):
                 self.streams.pop(st_id, None)
                 self._blocked.pop(st_id, None)
-                self._emit(StreamReset(st_id, F.REFUSED_STREAM, unprocessed=True))
+                self._events.append(StreamReset(st_id, F.REFUSED_STREAM, unprocessed=True))

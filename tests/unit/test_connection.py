@@ -232,7 +232,7 @@ def test_sender_never_exceeds_the_connection_window_across_streams() -> None:
         total_sent += sum(e.sent for e in of(c_events, DataSent))
         got = [(d.stream_id, len(d.data)) for d in of(s_events, DataReceived)]
         received += sum(n for _, n in got)
-        assert received - acked <= 65535  # never more than the connection window unacked
+        assert p.c.conn_send_window >= 0  # the sender never runs past the connection window
         assert not p.s.closed
         if not got and received == acked:
             break
@@ -240,6 +240,24 @@ def test_sender_never_exceeds_the_connection_window_across_streams() -> None:
             p.s.ack_data(sid, n)
             acked += n
     assert total_sent == received == 150_000
+
+
+def test_connection_credit_returns_as_data_arrives_so_a_stalled_stream_starves_no_other() -> None:
+    p = Pair(server_limits=Limits(stream_window_bytes=MiB, connection_window_bytes=65535))
+    p.take()
+    for _ in range(2):
+        st = p.c.open_stream()
+        p.c.send_headers(st.id, REQUEST, False)
+    # Stream 1 fills the whole connection window and its receiver never acks it.
+    assert p.c.send_data(1, b"x" * 65535, False) == 65535
+    p.pump()
+    p.take()
+    # Stream 3 can still send: the server returned connection credit on receipt.
+    assert p.c.send_data(3, b"y" * 1000, True) == 1000
+    p.pump()
+    _, s_events = p.take()
+    assert sum(len(d.data) for d in of(s_events, DataReceived) if d.stream_id == 3) == 1000
+    assert not p.s.closed
 
 
 def test_settings_change_of_initial_window_moves_open_streams() -> None:
@@ -478,14 +496,16 @@ def test_stream_window_overflow_resets_the_stream_only() -> None:
     assert not s.closed
 
 
-def test_data_over_the_connection_window_is_flow_control_error() -> None:
+def test_connection_credit_is_returned_in_quarter_window_steps_without_acks() -> None:
     s = _server(Limits(stream_window_bytes=MiB, connection_window_bytes=65535))
     s.receive(_headers(1))
-    data = b"".join(F.data_frame(1, b"x" * 16384, False) for _ in range(3))
-    data += F.data_frame(1, b"x" * 16383, False)  # exactly the connection window
-    events = s.receive(data)
-    assert sum(len(e.data) for e in of(events, DataReceived)) == 65535 and not s.closed
-    _terminated(s, F.data_frame(1, b"x", False), F.FLOW_CONTROL_ERROR)
+    s.data_to_send()
+    events = s.receive(F.data_frame(1, b"x" * 16000, False))
+    assert sum(len(e.data) for e in of(events, DataReceived)) == 16000
+    assert s.data_to_send() == b""  # under a quarter of the window: no update yet
+    s.receive(F.data_frame(1, b"x" * 1000, False))
+    assert s.data_to_send() == F.window_update_frame(0, 17000)  # no ack_data was needed
+    assert s.conn_recv_window == 65535 and not s.closed
 
 
 def test_data_over_the_stream_window_resets_the_stream() -> None:
@@ -522,9 +542,11 @@ def test_padded_headers_with_priority_and_padded_data() -> None:
                                       F.FLAG_PADDED | F.FLAG_END_STREAM, 1) + data_payload)
     (d,) = of(events, DataReceived)
     assert (d.data, d.end_stream) == (b"body", True)
-    # Padding counts against the window and is credited back at once; the data is not.
-    assert s.streams[1].recv_window == 65535 - 4
-    assert s.conn_recv_window == Limits().connection_window_bytes - 4
+    # Padding counts against the window and its stream credit is owed at once; the data's is
+    # not (the owner acks it). Connection credit is owed for all of it.
+    st = s.streams[1]
+    assert st.recv_window + st.owed == 65535 - 4
+    assert s.conn_recv_window + s.conn_owed == Limits().connection_window_bytes
 
 
 def test_headers_priority_fields_alone_and_priority_frames() -> None:

@@ -836,9 +836,6 @@ def test_early_response_returns_credit_for_request_bytes_never_forwarded() -> No
     mesh.assert_quiet_and_done()
 
 
-@pytest.mark.xfail(strict=True, reason="relay bug, reported: calls waiting for upstream capacity "
-                   "hold the caller's connection-level window, starving the calls that hold "
-                   "the capacity (deadlock)")
 def test_waiting_calls_do_not_starve_bound_calls_of_connection_window() -> None:
     windows = Limits(stream_window_bytes=65535, connection_window_bytes=65535)
     mesh = Mesh(limits=windows, caller_limits=windows, max_connections=1,
