@@ -28,19 +28,21 @@ class Stack:
         self.layers = tuple(layers)
         fn = terminal
         for layer in reversed(self.layers):
-            fn = _bind(layer, fn)
-        self._entry = fn
-
-    def on_request(self, call: Call) -> Pool | LocalReply:
-        return self._entry(call)
+            if type(layer).on_request is not Layer.on_request:
+                fn = _bind(layer, fn)
+        self.on_request: Callable[[Call], Pool | LocalReply] = fn
+        # Only the layers that implement a hook are called for it.
+        self._on_response = tuple(x.on_response for x in self.layers
+                                  if type(x).on_response is not Layer.on_response)
+        self._on_end = tuple(x.on_end for x in self.layers if type(x).on_end is not Layer.on_end)
 
     def on_response(self, call: Call) -> None:
-        for layer in self.layers:
-            layer.on_response(call)
+        for hook in self._on_response:
+            hook(call)
 
     def on_end(self, call: Call) -> None:
-        for layer in self.layers:
-            layer.on_end(call)
+        for hook in self._on_end:
+            hook(call)
 
 
 def _bind(layer: Layer, next_fn: Callable[[Call], Decision]) -> Callable[[Call], Decision]:
@@ -51,8 +53,16 @@ def _bind(layer: Layer, next_fn: Callable[[Call], Decision]) -> Callable[[Call],
 
 def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
                    endpoint_pool: Callable[[Endpoint, str], Pool]) -> Stack:
+    pools: dict[int, tuple[Endpoint, Pool]] = {}
+
     def endpoint(call: Call) -> Decision:
-        return endpoint_pool(call.tags["endpoint"], call.route)
+        ep = call.endpoint
+        hit = pools.get(id(ep))
+        if hit is None or hit[0] is not ep:
+            if len(pools) >= 4096:  # endpoints of old snapshots
+                pools.clear()
+            hit = pools[id(ep)] = (ep, endpoint_pool(ep, call.route))
+        return hit[1]
     return Stack([stats, Route(snapshot), RoundRobin()], endpoint)
 
 

@@ -637,6 +637,8 @@ class H2Connection:
                 self.peer_initial_window = value
                 for st in self.streams.values():
                     st.send_window += delta
+                    if st.send_window > F.MAX_WINDOW_BYTES:
+                        raise ProtocolError(F.FLOW_CONTROL_ERROR, "stream window overflow")
             elif key == F.SETTINGS_MAX_FRAME_SIZE:
                 if not F.DEFAULT_MAX_FRAME_BYTES <= value <= F.MAX_FRAME_BYTES_LIMIT:
                     raise ProtocolError(F.PROTOCOL_ERROR, f"bad SETTINGS_MAX_FRAME_SIZE {value}")

@@ -25,18 +25,29 @@ class Pool:
         self.max_connections = max(1, max_connections)
         self.conns: list[H2Connection] = []
         self.connecting = 0
+        self.awaiting_settings: set[H2Connection] = set()
+        """Connected, but the peer's SETTINGS (its stream limit) have not arrived yet."""
         self.waiting: deque[Any] = deque()
         self.closed = False
         self._connect = connect
         self.last_error = ""
 
-    def acquire(self) -> H2Connection | None:
-        """The ready connection with the fewest streams that can open one; else None, and a
-        new connection is started when the pool has room (the caller queues the call)."""
+    def pick(self) -> H2Connection | None:
+        """The ready connection with the fewest streams that can open one, or None."""
+        conns = self.conns
+        if len(conns) == 1:
+            conn = conns[0]
+            return conn if conn.can_open_stream() else None
         best: H2Connection | None = None
-        for conn in self.conns:
+        for conn in conns:
             if conn.can_open_stream() and (best is None or conn.active_streams < best.active_streams):
                 best = conn
+        return best
+
+    def acquire(self) -> H2Connection | None:
+        """``pick``, and when nothing can take a stream start a new connection if the pool
+        has room (the caller queues the call)."""
+        best = self.pick()
         if best is None:
             self._maybe_connect()
         return best
@@ -68,6 +79,3 @@ class Pool:
         if conn in self.conns:
             self.conns.remove(conn)
 
-    def idle_draining(self) -> list[H2Connection]:
-        """Connections that take no new streams and have none left: close them."""
-        return [c for c in self.conns if not c.can_open_stream() and c.active_streams == 0]

@@ -69,7 +69,7 @@ class Call:
         "resp_credited", "request_ended", "request_trailers",
         "committed", "response_started", "grpc_status", "grpc_message", "finished",
         "down_open", "ended", "req_meter", "resp_meter", "local_reply", "route", "endpoint",
-        "upstream_label", "tags",
+        "upstream_label", "cluster", "tags",
     )
 
     def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
@@ -77,8 +77,9 @@ class Call:
         self.down = down
         self.down_sid = sid
         self.headers = headers
-        self.authority = headers.get(":authority") or ""
-        self.path = headers.get(":path") or ""
+        fields = headers.fields
+        self.authority = fields.get(":authority") or ""
+        self.path = fields.get(":path") or ""
         self.peer_id = peer_id
         self.started_s = now_s
         self.deadline_s: float | None = None
@@ -110,10 +111,13 @@ class Call:
         self.local_reply: LocalReply | None = None
         self.route: str = ""
         """The upstream service (cluster) the call was routed to, when routed."""
-        self.endpoint: str = ""
-        """The endpoint address picked for the current attempt."""
+        self.cluster: Any = None
+        """The routed cluster (``mesh_common.snapshot.Cluster``), set by the route layer."""
+        self.endpoint: Any = None
+        """The endpoint picked for the current attempt (``mesh_common.snapshot.Endpoint``)."""
         self.upstream_label = ""
-        self.tags: dict[str, Any] = {}
+        self.tags: dict[str, Any] | None = None
+        """Free-form notes layers leave for each other (created by whoever writes first)."""
 
 
 class Hooks(Protocol):
@@ -170,10 +174,19 @@ class Relay:
         self._pump()
 
     def pool_connected(self, pool: Pool, conn: H2Connection) -> None:
+        """A new upstream connection is up (and its peer verified). It takes streams once
+        the peer's SETTINGS have arrived, so its stream limit is known."""
         self.adopt(conn)
+        conn.owner = pool
+        if conn.peer_settings_seen:
+            self._ready(pool, conn)
+        else:
+            pool.awaiting_settings.add(conn)
+        self._pump()
+
+    def _ready(self, pool: Pool, conn: H2Connection) -> None:
         pool.connected(conn)
         self._drain_pool(pool)
-        self._pump()
 
     def pool_failed(self, pool: Pool, reason: str) -> None:
         self.stats["upstream_connect_failures"] += 1
@@ -267,13 +280,14 @@ class Relay:
         self.stats["calls_total"] += 1
         if ev.end_stream:
             call.request_ended = True
-        timeout = ev.headers.get("grpc-timeout")
+        fields = ev.headers.fields
+        timeout = fields.get("grpc-timeout")
         if timeout is not None:
             seconds = G.parse_timeout(timeout)
             if seconds is not None:
                 call.deadline_s = call.started_s + seconds
                 call.timer = self.call_later(seconds, lambda: self._timer_fired(call))
-        if not call.path or ev.headers.get(":method") not in (None, "POST"):
+        if not call.path or fields.get(":method", "POST") != "POST":
             self._reply(call, G.UNIMPLEMENTED, "the mesh relays gRPC only (POST with a :path)")
             return
         decision = self.hooks.on_request(call)
@@ -395,14 +409,12 @@ class Relay:
             if call.finished or not call.down_open:
                 pool.waiting.popleft()
                 continue
-            conn = pool.acquire()
+            conn = pool.pick()
             if conn is None:
+                pool.ensure_connecting()
                 break
             pool.waiting.popleft()
             self._bind(call, conn)
-        for conn in pool.idle_draining():
-            pool.remove(conn)
-            self.close_connection(conn)
 
     # ================================================================ upstream side
     def up_events(self, conn: H2Connection, events: list) -> None:
@@ -445,16 +457,27 @@ class Relay:
                 self.stats["upstream_goaways"] += 1
                 self._capacity(conn)
             elif t is SettingsChanged:
-                self._capacity(conn)
+                pool = conn.owner
+                if type(pool) is Pool and conn in pool.awaiting_settings:
+                    pool.awaiting_settings.discard(conn)
+                    self._ready(pool, conn)
+                else:
+                    self._capacity(conn)
             elif t is ConnectionTerminated:
                 self.up_lost(conn, f"connection error: {ev.reason}")
 
     def _capacity(self, conn: H2Connection) -> None:
+        """A stream on ``conn`` ended or its limits moved: bind waiting calls, and close the
+        connection once it is draining (GOAWAY) and empty."""
         pool = conn.owner
-        if isinstance(pool, Pool):
-            if pool.waiting and not conn.can_open_stream():
-                pool.ensure_connecting()
+        if type(pool) is not Pool:
+            return
+        if pool.waiting:
             self._drain_pool(pool)
+        if not conn.streams and (conn.goaway_received is not None or conn.goaway_sent) \
+                and conn in pool.conns:
+            pool.remove(conn)
+            self.close_connection(conn)
 
     def up_lost(self, conn: H2Connection, reason: str) -> None:
         """An upstream connection is gone: its calls fail with UNAVAILABLE naming the endpoint
@@ -462,6 +485,10 @@ class Relay:
         pool = conn.owner
         label = pool.label if isinstance(pool, Pool) else "upstream"
         if isinstance(pool, Pool):
+            if conn in pool.awaiting_settings:  # lost before it was ever ready
+                pool.awaiting_settings.discard(conn)
+                self.pool_failed(pool, reason)
+                return
             pool.remove(conn)
         calls = list(conn.calls.values())
         conn.calls.clear()
@@ -498,10 +525,10 @@ class Relay:
         if call.finished:
             return
         hb = ev.headers
-        status = hb.get("grpc-status")
+        status = hb.fields.get("grpc-status")
         if status is not None:
-            call.grpc_status = int(status) if status.isdigit() else G.UNKNOWN
-            call.grpc_message = hb.get("grpc-message") or ""
+            call.grpc_status = int(status) if status.isascii() and status.isdigit() else G.UNKNOWN
+            call.grpc_message = hb.fields.get("grpc-message") or ""
         if ev.first:
             call.committed = True
             call.replay = None
@@ -532,6 +559,15 @@ class Relay:
                 call.up = None
                 self._capacity(up)
                 self._settle_request(call)  # credit for request bytes dropped with the stream
+        down = call.down
+        st = down.streams.get(call.down_sid)
+        if st is not None and st.send_closed and not st.recv_closed:
+            # RFC 9113 §8.1: the response is complete; ask the caller to stop sending.
+            down.reset_stream(call.down_sid, F.NO_ERROR)
+            down.calls.pop(call.down_sid, None)
+            call.down_open = False
+            self._settle_request(call)
+            self._maybe_end(call)
 
     def _response_data(self, call: Call, data: bytes, end: bool) -> None:
         call.resp_received += len(data)

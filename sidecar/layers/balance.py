@@ -10,19 +10,17 @@ from .base import Decision, Layer, Next
 
 
 class RoundRobin(Layer):
-    """Sets ``call.endpoint`` and ``call.tags['endpoint']``, rotating per cluster."""
+    """Sets ``call.endpoint``, rotating per cluster."""
 
     def __init__(self) -> None:
         self._next: dict[str, int] = {}
 
     def on_request(self, call: Call, next: Next) -> Decision:
-        cluster: Cluster = call.tags["cluster"]
+        cluster: Cluster = call.cluster
         eps = cluster.endpoints
         if not eps:
             return LocalReply(G.UNAVAILABLE, f"service {cluster.name!r} has no endpoints")
         i = self._next.get(cluster.name, 0)
         self._next[cluster.name] = i + 1
-        ep = eps[i % len(eps)]
-        call.endpoint = ep.address
-        call.tags["endpoint"] = ep
+        call.endpoint = eps[i % len(eps)]
         return next(call)

@@ -19,7 +19,7 @@ def service_of(authority: str) -> str:
 
 
 class Route(Layer):
-    """Sets ``call.route`` and ``call.tags['cluster']``; an unknown service gets UNAVAILABLE."""
+    """Sets ``call.route`` and ``call.cluster``; an unknown service gets UNAVAILABLE."""
 
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self.snapshot = snapshot
@@ -32,5 +32,5 @@ class Route(Layer):
             return LocalReply(G.UNAVAILABLE,
                               f"no route to service {name!r} (:authority {call.authority!r})")
         call.route = name
-        call.tags["cluster"] = cluster
+        call.cluster = cluster
         return next(call)

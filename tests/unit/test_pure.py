@@ -484,12 +484,12 @@ def test_pool_ensure_connecting_and_closed_pool() -> None:
     assert pool.acquire() is None and len(requested) == 1
 
 
-def test_pool_idle_draining_and_remove() -> None:
-    pool, _ = _pool(3)
+def test_pool_pick_skips_draining_connections_and_remove() -> None:
+    pool, requested = _pool(3)
     busy_draining, idle_draining, open_idle = _FakeConn(1, False), _FakeConn(0, False), _FakeConn(0)
     for conn in (busy_draining, idle_draining, open_idle):
         pool.connected(conn)  # type: ignore[arg-type]
-    assert pool.idle_draining() == [idle_draining]
+    assert pool.pick() is open_idle and requested == []
     pool.remove(idle_draining)  # type: ignore[arg-type]
     pool.remove(idle_draining)  # type: ignore[arg-type]  # twice is harmless
     assert pool.conns == [busy_draining, open_idle]

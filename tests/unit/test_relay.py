@@ -829,10 +829,10 @@ def test_early_response_returns_credit_for_request_bytes_never_forwarded() -> No
     link.backend.conn.send_headers(1, G.trailers_only_block(G.OK, ""), True)
     mesh.pump()
     assert caller.status(sid) == ("0", "")
+    # RFC 9113 §8.1: a complete response, then the caller is asked to stop sending.
+    assert caller.resets.get(sid) == F.NO_ERROR
+    assert mesh.relay.active == 0
     mesh.check_credit()
-    caller.send(sid, b"\0" * 50_000, end=True)  # the caller can finish its request
-    mesh.pump()
-    assert caller.sent[sid] == 150_000
     mesh.assert_quiet_and_done()
 
 
