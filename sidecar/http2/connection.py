@@ -179,9 +179,10 @@ class H2Connection:
         st = self.streams.get(sid)
         if st is None or st.send_closed or self.closed:
             return
-        if len(block) <= self.peer_max_frame:
+        n = len(block)
+        if n <= self.peer_max_frame:
             flags = 0x5 if end_stream else 0x4  # END_HEADERS (+ END_STREAM)
-            self._write(_FRAME_HEADER.pack(len(block) >> 8, len(block) & 0xFF, 1, flags, sid) + block)
+            self._write(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 1, flags, sid) + block)
         else:
             self._write(F.headers_frames(sid, block, end_stream, self.peer_max_frame))
         if end_stream:
@@ -502,11 +503,13 @@ class H2Connection:
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
             raise ProtocolError(F.PROTOCOL_ERROR, "HEADERS on stream 0")
-        block, _ = self._strip_padding(flags, payload)
-        if flags & F.FLAG_PRIORITY:
-            if len(block) < 5:
-                raise ProtocolError(F.FRAME_SIZE_ERROR, "HEADERS priority fields truncated")
-            block = block[5:]
+        block = payload
+        if flags & 0x28:  # PADDED or PRIORITY
+            block, _ = self._strip_padding(flags, payload)
+            if flags & F.FLAG_PRIORITY:
+                if len(block) < 5:
+                    raise ProtocolError(F.FRAME_SIZE_ERROR, "HEADERS priority fields truncated")
+                block = block[5:]
         new = False
         if sid not in self.streams:
             if self.client:
@@ -540,7 +543,7 @@ class H2Connection:
         end = bool(flags & F.FLAG_END_STREAM)
         rejected: str | None = None
         try:
-            hb = self._reader.read(bytes(block))
+            hb = self._reader.read(block)
         except HpackError as exc:
             raise ProtocolError(F.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
         except HeaderListTooLarge as exc:

@@ -53,7 +53,9 @@ class Pool:
         return best
 
     def _maybe_connect(self) -> None:
-        if self.closed:
+        """Start one connection at a time: when it is up and still no connection can take
+        the waiting calls (peer stream limits), the relay asks for the next."""
+        if self.closed or self.connecting:
             return
         if len(self.conns) + self.connecting < self.max_connections:
             self.connecting += 1

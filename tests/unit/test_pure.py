@@ -447,16 +447,15 @@ def test_pool_acquire_picks_the_connection_with_fewest_streams() -> None:
     assert requested == []
 
 
-def test_pool_acquire_requests_a_connection_only_when_there_is_room() -> None:
+def test_pool_acquire_starts_one_connection_at_a_time_and_only_when_there_is_room() -> None:
     pool, requested = _pool(2)
     assert pool.acquire() is None
     assert requested == [pool] and pool.connecting == 1
-    assert pool.acquire() is None  # room for a second one
-    assert len(requested) == 2 and pool.connecting == 2
-    assert pool.acquire() is None  # full: no third connect
-    assert len(requested) == 2
-    pool.connected(_FakeConn(0, can_open=False))  # type: ignore[arg-type]
-    assert pool.connecting == 1
+    assert pool.acquire() is None  # one attempt is under way: no second one yet
+    assert len(requested) == 1
+    pool.connected(_FakeConn(0, can_open=False))  # type: ignore[arg-type]  # up, but full
+    assert pool.connecting == 0
+    assert pool.acquire() is None and len(requested) == 2  # room for the second
     assert pool.acquire() is None and len(requested) == 2  # 1 conn + 1 connecting = max
     assert pool.connect_failed("refused") is True  # nothing under way, no usable connection
     assert pool.last_error == "refused"
@@ -466,10 +465,10 @@ def test_pool_acquire_requests_a_connection_only_when_there_is_room() -> None:
 def test_pool_connect_failed_reports_when_waiting_calls_have_nowhere_to_go() -> None:
     pool, requested = _pool(2)
     pool.acquire()
+    assert pool.connect_failed("a") is True  # the only attempt failed
     pool.acquire()
-    assert pool.connect_failed("a") is False  # one more attempt under way
-    assert pool.connect_failed("b") is True
     pool.connected(_FakeConn(0))  # type: ignore[arg-type]
+    pool.connecting += 1  # another attempt under way (as ensure_connecting would start)
     assert pool.connect_failed("c") is False  # a usable connection exists
 
 
