@@ -41,6 +41,7 @@ class Listener:
         self.protocols: set[H2Protocol] = set()
         self.server: asyncio.base_events.Server | None = None
         self.rejected: dict[str, int] = {}
+        self.accepted = 0
 
     async def start(self, host: str, port: int) -> int:
         loop = self.flusher.loop
@@ -83,6 +84,7 @@ class Listener:
             peer_id = sid.uri
         proto.conn.owner = PeerInfo(peer_id, address)
         self.protocols.add(proto)
+        self.accepted += 1
         return True
 
     def stop_accepting(self) -> None:
@@ -213,6 +215,7 @@ class Sidecar:
                 "counters": dict(relay.stats),
                 "calls": self.stats[name].snapshot(),
                 "downstream_connections": len(listener.protocols) if listener else 0,
+                "accepted_connections": listener.accepted if listener else 0,
                 "upstream_connections": len(connector.protocols),
                 "refused_connections": dict(listener.rejected) if listener else {},
             }
