@@ -14,6 +14,9 @@ class Limits:
 
     max_message_bytes: int = 4 * MiB
     """Largest gRPC message relayed either way; over it the call gets RESOURCE_EXHAUSTED."""
+    max_frame_bytes: int = 64 * KiB
+    """SETTINGS_MAX_FRAME_SIZE we advertise: the largest frame a peer may send us (larger
+    frames mean fewer per-frame steps for big messages; the input buffer holds one frame)."""
     max_header_list_bytes: int = 16 * KiB
     """SETTINGS_MAX_HEADER_LIST_SIZE (RFC 7541 sizes: name + value + 32 per field)."""
     max_concurrent_streams: int = 256
@@ -51,6 +54,8 @@ class Limits:
         for name in ("stream_window_bytes", "connection_window_bytes"):
             if not 65535 <= getattr(self, name) <= 2**31 - 1:
                 raise ValueError(f"limits.{name}: flow-control windows must be 65535..2^31-1 bytes")
+        if not 16384 <= self.max_frame_bytes <= (1 << 24) - 1:
+            raise ValueError("limits.max_frame_bytes must be 16384..16777215")
         if self.max_concurrent_streams < 1:
             raise ValueError("limits.max_concurrent_streams must be at least 1")
         if self.max_header_list_bytes < 1024:

@@ -91,7 +91,7 @@ class H2Connection:
         self.peer_max_frame = F.DEFAULT_MAX_FRAME_BYTES
         self.peer_settings_seen = False
         # our side
-        self.max_frame = F.DEFAULT_MAX_FRAME_BYTES
+        self.max_frame = limits.max_frame_bytes
         self.conn_recv_window = limits.connection_window_bytes
         self.conn_send_window = F.DEFAULT_WINDOW_BYTES
         self.conn_owed = 0

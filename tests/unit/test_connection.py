@@ -143,7 +143,7 @@ def test_request_and_response_with_trailers() -> None:
 
 
 def test_header_block_over_the_frame_size_is_reassembled_from_continuations() -> None:
-    lim = Limits(max_header_list_bytes=128 * KiB)
+    lim = Limits(max_header_list_bytes=128 * KiB, max_frame_bytes=16384)
     p = Pair(client_limits=lim, server_limits=lim)
     p.take()
     fields = [(":method", "POST"), (":path", "/x/Y"), *[(f"x-h{i}", "v" * 1000) for i in range(40)]]
@@ -418,7 +418,8 @@ def _headers(sid: int, block: bytes = REQUEST, flags: int = F.FLAG_END_HEADERS) 
 
 VIOLATIONS = {
     "DATA on stream 0": (F.data_frame(0, b"x", False), F.PROTOCOL_ERROR),
-    "frame over max size": (F.frame_header(16385, F.DATA, 0, 1), F.FRAME_SIZE_ERROR),
+    "frame over max size": (F.frame_header(Limits().max_frame_bytes + 1, F.DATA, 0, 1),
+                            F.FRAME_SIZE_ERROR),
     "even stream id from a client": (_headers(2), F.PROTOCOL_ERROR),
     "HEADERS on stream 0": (_headers(0), F.PROTOCOL_ERROR),
     "DATA on an idle stream": (F.data_frame(9, b"x", False), F.PROTOCOL_ERROR),
