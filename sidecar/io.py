@@ -76,6 +76,8 @@ class H2Protocol(asyncio.Protocol):
         self.ping_sent_s: float | None = None
         self.tick_handle: asyncio.TimerHandle | None = None
         self.lost = False
+        self.opened = [False]
+        """Set once the connection is accepted (after its TLS handshake, if any)."""
         conn.io = self
         conn.on_output = self._output
 

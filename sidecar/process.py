@@ -8,6 +8,7 @@ import logging
 import signal
 import ssl
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,8 @@ class Listener:
         self.server: asyncio.base_events.Server | None = None
         self.rejected: dict[str, int] = {}
         self.accepted = 0
+        self.handshakes = 0
+        self.handshake_failures = 0
 
     async def start(self, host: str, port: int) -> int:
         loop = self.flusher.loop
@@ -51,8 +54,17 @@ class Listener:
 
     def _protocol(self) -> H2Protocol:
         conn = H2Connection(client=False, limits=self.limits)
-        return H2Protocol(self.relay, conn, self.flusher, self.limits,
-                          on_open=self._on_open, on_close=self.protocols.discard)
+        proto = H2Protocol(self.relay, conn, self.flusher, self.limits,
+                           on_open=self._on_open, on_close=self.protocols.discard)
+        if self.ssl_ctx is not None:
+            # The event loop drops a failed handshake silently (connection_made never comes):
+            # a protocol collected without having been opened is that failure, counted.
+            weakref.finalize(proto, self._handshake_gone, proto.opened)
+        return proto
+
+    def _handshake_gone(self, opened: list[bool]) -> None:
+        if not opened[0]:
+            self.handshake_failures += 1
 
     def _reject(self, why: str, peer: str) -> bool:
         self.rejected[why] = self.rejected.get(why, 0) + 1
@@ -62,6 +74,9 @@ class Listener:
     def _on_open(self, proto: H2Protocol) -> bool:
         transport = proto.transport
         assert transport is not None
+        proto.opened[0] = True
+        if self.ssl_ctx is not None:
+            self.handshakes += 1
         peername = transport.get_extra_info("peername")
         address = f"{peername[0]}:{peername[1]}" if peername else "?"
         if len(self.protocols) >= self.limits.max_connections:
@@ -132,6 +147,7 @@ class Sidecar:
         self.relays: dict[str, Relay] = {}
         self.connectors: dict[str, Connector] = {}
         self.stats: dict[str, Stats] = {}
+        self.tls_failures: dict[str, int] = {}
 
     def _relay(self, name: str, hooks_for: Callable[[Connector, Stats], Hooks],
                loop: asyncio.AbstractEventLoop, flusher: Flusher) -> Relay:
@@ -183,12 +199,24 @@ class Sidecar:
         port = await self.admin.start(boot.admin.host,
                                       boot.admin.port if admin_port is None else admin_port)
         self.ports["admin"] = f"{boot.admin.host}:{port}"
+        loop.set_exception_handler(self._loop_exception)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_from_signal)
         if self.cert_poll_s > 0:
             loop.call_later(self.cert_poll_s, self._poll_certs)
         return dict(self.ports)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Failed TLS handshakes and peers that vanish are counted and logged in one line
+        (a flood of them must not fill the log with tracebacks); anything else is a bug."""
+        exc = context.get("exception")
+        if isinstance(exc, ssl.SSLError | ConnectionError | TimeoutError):
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            self.tls_failures[str(reason)] = self.tls_failures.get(str(reason), 0) + 1
+            log.info("connection failed before serving: %s", reason)
+            return
+        loop.default_exception_handler(context)
 
     # ------------------------------------------------------------- admin handlers
     def _ready(self) -> tuple[int, object]:
@@ -205,7 +233,11 @@ class Sidecar:
             "ports": self.ports,
             "uptime_s": round(time.time() - self.started_s, 3),
             "draining": self.draining,
-            "tls": {"reloads": self.tls.reloads, "cert_not_after": _cert_not_after(self.boot.cert_file)},
+            "tls": {"reloads": self.tls.reloads,
+                    "cert_not_after": _cert_not_after(self.boot.cert_file),
+                    "handshakes": self.inbound.handshakes if self.inbound else 0,
+                    "handshake_failures": self.inbound.handshake_failures if self.inbound else 0,
+                    "failures_by_reason": dict(self.tls_failures)},
         }
         for name, relay in self.relays.items():
             listener = self.inbound if name == "inbound" else self.outbound

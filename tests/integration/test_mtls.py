@@ -17,6 +17,7 @@ import pytest
 from protos.meshtest import echo_pb2, echo_pb2_grpc
 from tests.support import h2probe
 from tests.support.pki import CA, make_ca, spiffe_id
+from tests.support.procs import wait_for
 from tests.support.sidecar import inbound_addr, outbound_addr
 
 MESSAGE = echo_pb2.EchoRequest(payload=b"raw-h2").SerializeToString()
@@ -70,6 +71,11 @@ def test_inbound_never_serves_a_peer_without_a_mesh_identity(
     attempt = h2probe.grpc_attempt(inbound_addr(es), ctx, message=MESSAGE, read_timeout_s=3)
     assert_never_served(es, attempt)
     assert es.alive()
+    if kind != "foreign_trust_domain":  # refused in the handshake itself: counted as such
+        wait_for(lambda: h2probe.stats(es)["tls"]["handshake_failures"], timeout_s=5,
+                 what="the refused handshake counted in /stats tls.handshake_failures")
+    else:  # a valid chain from a foreign trust domain: refused after the handshake
+        assert h2probe.stats(es)["inbound"]["refused_connections"] == {"foreign_trust_domain": 1}
     # ... and it keeps serving everyone else.
     good = h2probe.client_context(pki.ca_path, pki.issue_workload("client"))
     ok = h2probe.grpc_attempt(inbound_addr(es), good, message=MESSAGE)
