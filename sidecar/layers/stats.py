@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sidecar.http2 import grpc as G
 from sidecar.http2.relay import Call
 
 from .base import Layer
@@ -34,5 +33,3 @@ class Stats(Layer):
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {"by_status": dict(self.by_status), "by_route": dict(self.by_route)}
 
-
-__all__ = ["Stats", "status_name", "G"]
