@@ -182,12 +182,16 @@ class H2Connection:
         n = len(block)
         if n <= self.peer_max_frame:
             flags = 0x5 if end_stream else 0x4  # END_HEADERS (+ END_STREAM)
-            self._write(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 1, flags, sid) + block)
+            out = self._out
+            out.append(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 1, flags, sid) + block)
+            if len(out) == 1 and self.on_output is not None:
+                self.on_output()
         else:
             self._write(F.headers_frames(sid, block, end_stream, self.peer_max_frame))
         if end_stream:
             st.send_closed = True
-            self._maybe_forget(st)
+            if st.recv_closed:
+                self._maybe_forget(st)
 
     def send_trailers(self, sid: int, block: bytes) -> None:
         """Trailers go after any DATA still in the stream's outbox."""
@@ -211,11 +215,15 @@ class H2Connection:
             # Fast path: the whole chunk fits the windows and one frame.
             st.send_window -= n
             self.conn_send_window -= n
-            self._write(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 0, 1 if end_stream else 0, sid) + data)
+            out = self._out
+            out.append(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 0, 1 if end_stream else 0, sid) + data)
+            if len(out) == 1 and self.on_output is not None:
+                self.on_output()
             if end_stream:
                 st.outbox_end = True
                 st.send_closed = True
-                self._maybe_forget(st)
+                if st.recv_closed:
+                    self._maybe_forget(st)
             return n
         if data:
             st.outbox.append(data)
@@ -343,8 +351,12 @@ class H2Connection:
     def _maybe_forget(self, st: Stream) -> None:
         if st.send_closed and st.recv_closed and not st.outbox:
             if self.streams.pop(st.id, None) is not None:
-                self._blocked.pop(st.id, None)
-                self._emit(StreamEnded(st.id))
+                if self._blocked:
+                    self._blocked.pop(st.id, None)
+                events = self._events
+                events.append(StreamEnded(st.id))
+                if not self._inside and self.on_event is not None and len(events) == 1:
+                    self.on_event(self)
 
     # ----------------------------------------------------------------- receiving
     def receive(self, data: bytes) -> list[Event]:
@@ -477,7 +489,9 @@ class H2Connection:
             raise ProtocolError(F.FLOW_CONTROL_ERROR, "connection window exceeded")
         self.conn_recv_window -= flow
         if flow:
-            self._credit_connection(flow)
+            self.conn_owed += flow
+            if self.conn_owed >= self._conn_update_threshold:
+                self._credit_connection(0)
         st = self.streams.get(sid)
         if st is None or st.recv_closed:
             if self._is_idle(sid):
@@ -495,10 +509,11 @@ class H2Connection:
         end = flags & F.FLAG_END_STREAM
         if end:
             st.recv_closed = True
-            self._events.append(DataReceived(sid, bytes(payload), True))
-            self._maybe_forget(st)
+            self._events.append(DataReceived(sid, payload, True))
+            if st.send_closed:
+                self._maybe_forget(st)
         else:
-            self._events.append(DataReceived(sid, bytes(payload), False))
+            self._events.append(DataReceived(sid, payload, False))
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:

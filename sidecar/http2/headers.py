@@ -64,6 +64,8 @@ class HeaderBlock:
     def forwardable(self, grpc_timeout: str | None = None) -> bytes:
         """The block to send on: hop-by-hop fields removed, ``grpc-timeout`` replaced by
         ``grpc_timeout`` when given (and left as received when None)."""
+        if grpc_timeout is None and not self.strip_spans:
+            return self.block
         edits: list[tuple[int, int, bytes]] = [(s, e, b"") for s, e in self.strip_spans]
         if grpc_timeout is not None:
             if self.timeout_span is not None:

@@ -645,7 +645,9 @@ class Relay:
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
-        self._settle_request(call)
-        self._settle_response(call)
+        if call.req_received > call.credited:
+            self._settle_request(call)
+        if call.resp_received > call.resp_credited:
+            self._settle_response(call)
         self.active -= 1
         self.hooks.on_end(call)
