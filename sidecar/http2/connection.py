@@ -137,11 +137,6 @@ class H2Connection:
         else:
             self._out.append(data)
 
-    def _emit(self, event: Event) -> None:
-        self._events.append(event)
-        if not self._inside and self.on_event is not None and len(self._events) == 1:
-            self.on_event(self)
-
     def take_events(self) -> list[Event]:
         """Events queued by sends, resets and flushes since the last collection."""
         events, self._events = self._events, []
