@@ -95,10 +95,16 @@ class H2Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_rx_s = self.loop.time()
         self.ping_sent_s = None
-        if self.conn.client:
-            self.relay.up_received(self.conn, data)
-        else:
-            self.relay.down_received(self.conn, data)
+        try:
+            if self.conn.client:
+                self.relay.up_received(self.conn, data)
+            else:
+                self.relay.down_received(self.conn, data)
+        except Exception:  # a bug must cost this connection, never the process
+            log.exception("internal error relaying on a %s connection; closing it",
+                          "upstream" if self.conn.client else "downstream")
+            self.conn.terminate(F.INTERNAL_ERROR, "internal error")
+            self.flush()
 
     def eof_received(self) -> bool:
         return False

@@ -20,6 +20,7 @@ connection while its request still fits the replay buffer and no response has st
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -44,6 +45,7 @@ from .headers import HeaderBlock
 from .pool import Pool
 
 MAX_ATTEMPTS = 5
+log = logging.getLogger("mesh.sidecar.relay")
 
 
 class LocalReply:
@@ -290,7 +292,11 @@ class Relay:
         if not call.path or fields.get(":method", "POST") != "POST":
             self._reply(call, G.UNIMPLEMENTED, "the mesh relays gRPC only (POST with a :path)")
             return
-        decision = self.hooks.on_request(call)
+        try:
+            decision = self.hooks.on_request(call)
+        except Exception as exc:  # a faulty layer fails its call, not the connection
+            log.exception("layer error on %s", call.path)
+            decision = LocalReply(G.INTERNAL, f"sidecar error: {type(exc).__name__}")
         if isinstance(decision, LocalReply):
             self._reply(call, decision.status, decision.message)
             return

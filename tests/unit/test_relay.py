@@ -209,6 +209,8 @@ class Hooks:
         self.calls.append(call)
         if call.path.startswith("/denied/"):
             return LocalReply(G.PERMISSION_DENIED, "caller not allowed")
+        if call.path.startswith("/faulty/"):
+            raise KeyError("a bug in a layer")
         return self.mesh.pool
 
     def on_response(self, call: Call) -> None:
@@ -485,6 +487,19 @@ def test_local_reply_and_non_grpc_requests_are_answered_by_the_relay() -> None:
     assert caller.status(denied) == ("7", "caller not allowed")
     assert caller.status(not_post)[0] == str(G.UNIMPLEMENTED)
     assert mesh.links == [] and mesh.connects == []
+    mesh.assert_quiet_and_done()
+
+
+def test_a_faulty_layer_fails_only_its_own_call_with_internal() -> None:
+    mesh = Mesh()
+    caller = mesh.caller()
+    faulty = caller.start(request_block("/faulty/X"), end=True)
+    fine = caller.start(request_block("/echo.Echo/Say"))
+    caller.send(fine, b"\0\0\0\0\x02hi", end=True)
+    mesh.pump()
+    code, message = caller.status(faulty)
+    assert code == str(G.INTERNAL) and "KeyError" in message
+    assert caller.status(fine)[0] == "0" and bytes(caller.body[fine]) == b"\0\0\0\0\x02hi"
     mesh.assert_quiet_and_done()
 
 
