@@ -1,0 +1,92 @@
+"""``python -m bench.ab TREE_A TREE_B [--rounds N] [--requests N] [--clients C --streams M]``
+
+Compare the sidecar of two source trees (e.g. ``git worktree add /tmp/base HEAD~1`` against
+the working tree) in one run: one backend, two meshes (client sidecar → mTLS → echo sidecar),
+h2load rounds interleaved A, B, A, B... so machine drift hits both alike. Prints, per tree,
+CPU per call per sidecar (µs, utime+stime from /proc) and req/s, medians over the rounds,
+and the B/A ratio. This machine's absolute figures move ±20% between runs; an interleaved
+ratio is what tells whether a change helped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bench import h2load
+from bench.certs import make_pki
+from bench.paths import start_backend
+from bench.procs import BenchError, Proc, ProcGroup
+from bench.procstat import cpu_seconds
+from tests.support.sidecar import sidecar_config
+
+URL = "http://127.0.0.1:{port}/meshtest.Echo/Unary"
+
+
+def _sidecar(group: ProcGroup, workdir: Path, name: str, tree: str, cfg: dict) -> Proc:
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [sys.executable, "-m", "sidecar.main", "--config", str(path), "--log-level", "warning"]
+    return group.start_ready_line(name, cmd, env={"PYTHONPATH": tree}, cwd=tree)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[1])
+    ap.add_argument("tree_a")
+    ap.add_argument("tree_b")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=10000)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--streams", type=int, default=8)
+    args = ap.parse_args(argv)
+    for tree in (args.tree_a, args.tree_b):
+        if not (Path(tree) / "sidecar" / "main.py").is_file():
+            print(f"bench.ab: error: {tree} has no sidecar/main.py", file=sys.stderr)
+            return 2
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ab-"))
+    group = ProcGroup(workdir)
+    try:
+        pki = make_pki(workdir / "pki")
+        backend = start_backend(group)
+        body = workdir / "body"
+        response_bytes = h2load.write_unary_body(body)
+        meshes: dict[str, tuple[int, list[int]]] = {}
+        for label, tree in (("A", args.tree_a), ("B", args.tree_b)):
+            echo = _sidecar(group, workdir, f"echo-{label}", tree, sidecar_config(
+                service="echo", tls=pki.echo, app_port=int(backend.ready["port"])))
+            client = _sidecar(group, workdir, f"client-{label}", tree, sidecar_config(
+                service="client", tls=pki.client, clusters={"echo": [(echo.ready["inbound"], None)]}))
+            port = int(client.ready["outbound"].rpartition(":")[2])
+            meshes[label] = (port, [client.pid, echo.pid])
+            h2load.run(URL.format(port=port), body, requests=2000, clients=args.clients,
+                       streams=args.streams, authority="echo")  # warm-up
+        cpu: dict[str, list[float]] = {k: [] for k in meshes}
+        rps: dict[str, list[float]] = {k: [] for k in meshes}
+        for _ in range(args.rounds):
+            for label, (port, pids) in meshes.items():
+                before = sum(cpu_seconds(p) for p in pids)
+                out = h2load.run(URL.format(port=port), body, requests=args.requests,
+                                 clients=args.clients, streams=args.streams, authority="echo")
+                h2load.check_complete(out, args.requests, response_bytes, f"mesh {label}")
+                used = sum(cpu_seconds(p) for p in pids) - before
+                cpu[label].append(used / args.requests / len(pids) * 1e6)
+                rps[label].append(out.req_per_s)
+        for label, tree in (("A", args.tree_a), ("B", args.tree_b)):
+            print(f"{label} {tree}: {statistics.median(cpu[label]):.1f} us/call/sidecar "
+                  f"(rounds {[round(x) for x in cpu[label]]}), {statistics.median(rps[label]):,.0f} req/s")
+        print(f"B/A CPU per call: {statistics.median(cpu['B']) / statistics.median(cpu['A']):.3f}")
+        return 0
+    except BenchError as exc:
+        print(f"bench.ab: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        group.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
