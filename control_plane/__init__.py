@@ -1,0 +1,1 @@
+"""The control plane: the mesh's certificate authority and source of configuration."""

@@ -1,0 +1,148 @@
+"""Join tokens and join proofs (kubeadm-style bootstrap), as pure functions.
+
+A token carries its id, a secret, the SHA-256 of the CA's public key and the control plane's
+join and API addresses, so it is all a sidecar needs to join. The secret never travels: the
+sidecar proves it holds it with an HMAC-SHA256 of its CSR keyed by the secret, which also
+binds the proof to that CSR. The answer (certificate, trust bundle) is accepted only when the
+bundle's CA key hash equals the token's. The control plane stores only a hash of the secret.
+
+No I/O here; the X.509 helpers import ``cryptography`` when called.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import dataclass
+
+PREFIX = "mesh1."
+_ID = re.compile(r"^[a-z0-9]{6,32}$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+_ADDR = re.compile(r"^[A-Za-z0-9.\-\[\]:]{3,255}:[0-9]{1,5}$")
+SECRET_BYTES = 32
+
+
+class TokenError(ValueError):
+    """A malformed token string (the message never contains the secret)."""
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    """A parsed token. ``secret`` is the raw key of the join proof; never log it."""
+
+    token_id: str
+    secret: bytes
+    ca_key_sha256: str
+    join_address: str
+    api_address: str
+
+    def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
+        return (f"JoinToken(id={self.token_id!r}, ca={self.ca_key_sha256[:12]}…, "
+                f"join={self.join_address!r}, api={self.api_address!r})")
+
+    def encode(self) -> str:
+        """The token string: ``mesh1.`` + base64url(JSON), no padding."""
+        doc = {"id": self.token_id, "s": _b64(self.secret), "ca": self.ca_key_sha256,
+               "join": self.join_address, "api": self.api_address}
+        raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        return PREFIX + _b64(raw)
+
+
+def new_token(ca_key_sha256: str, join_address: str, api_address: str) -> JoinToken:
+    """A fresh token with a random id (12 chars) and a 32-byte secret."""
+    token_id = secrets.token_hex(6)
+    token = JoinToken(token_id, secrets.token_bytes(SECRET_BYTES), ca_key_sha256,
+                      join_address, api_address)
+    _validate(token)
+    return token
+
+
+def parse_token(text: str) -> JoinToken:
+    """Parse a token string; raises TokenError saying what is wrong (never echoing it)."""
+    if not isinstance(text, str):
+        raise TokenError("a join token must be a string")
+    text = text.strip()
+    if not text.startswith(PREFIX):
+        raise TokenError(f"not a mesh join token (expected the {PREFIX!r} prefix)")
+    try:
+        doc = json.loads(_unb64(text[len(PREFIX):]))
+    except (ValueError, binascii.Error):
+        raise TokenError("join token is corrupt (not base64url JSON)") from None
+    if not isinstance(doc, dict):
+        raise TokenError("join token is corrupt (not an object)")
+    try:
+        token = JoinToken(str(doc["id"]), _unb64(str(doc["s"])), str(doc["ca"]),
+                          str(doc["join"]), str(doc["api"]))
+    except (KeyError, ValueError, binascii.Error):
+        raise TokenError("join token is missing a field or has a bad one") from None
+    _validate(token)
+    return token
+
+
+def _validate(token: JoinToken) -> None:
+    if not _ID.match(token.token_id):
+        raise TokenError("join token has a malformed id")
+    if len(token.secret) != SECRET_BYTES:
+        raise TokenError("join token has a secret of the wrong length")
+    if not _HASH.match(token.ca_key_sha256):
+        raise TokenError("join token has a malformed CA key hash (want 64 hex digits)")
+    for name, addr in (("join", token.join_address), ("api", token.api_address)):
+        if not _ADDR.match(addr):
+            raise TokenError(f"join token has a malformed {name} address")
+
+
+def secret_digest(secret: bytes) -> str:
+    """What the control plane stores instead of the secret (SHA-256, hex)."""
+    return hashlib.sha256(secret).hexdigest()
+
+
+def join_proof(secret: bytes, csr_der: bytes) -> bytes:
+    """HMAC-SHA256 of the CSR (DER) keyed by the token's secret."""
+    return hmac.new(secret, csr_der, hashlib.sha256).digest()
+
+
+def check_join_proof(secret: bytes, csr_der: bytes, proof: bytes) -> bool:
+    """Constant-time check of a join proof."""
+    return hmac.compare_digest(join_proof(secret, csr_der), proof)
+
+
+def ca_key_sha256(ca_cert_pem: bytes) -> str:
+    """SHA-256 (hex) of the first certificate's SubjectPublicKeyInfo (DER): the token's pin.
+    Raises ValueError for a PEM that holds no certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def bundle_matches(bundle_pem: bytes, expected_sha256: str) -> bool:
+    """True when some certificate of the trust bundle has the pinned CA key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certs = x509.load_pem_x509_certificates(bundle_pem)
+    except ValueError:
+        return False
+    for cert in certs:
+        spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        if hmac.compare_digest(hashlib.sha256(spki).hexdigest(), expected_sha256):
+            return True
+    return False
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
