@@ -1,0 +1,128 @@
+"""The sidecar's own identity in dynamic mode: a key made in memory, its CSR, the checks on
+what the control plane answers, and certificate files that exist only in memory.
+
+Python's ssl loads keys only from paths, so the key is handed to it through an anonymous
+in-memory file (``os.memfd_create``) read via ``/proc/self/fd/N``: it never touches a disk
+and never appears in a log. ``cryptography`` is imported here only (dynamic mode).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mesh_common.jointoken import bundle_matches
+from mesh_common.spiffe import SpiffeId
+
+from .tls import TlsFiles
+
+
+class IdentityError(Exception):
+    """What the control plane answered cannot be trusted or used; the message says why."""
+
+
+class WorkloadKey:
+    """An ECDSA P-256 key pair that lives only in this process."""
+
+    def __init__(self) -> None:
+        self._key = ec.generate_private_key(ec.SECP256R1())
+
+    def __repr__(self) -> str:
+        return "WorkloadKey(<in memory>)"
+
+    def csr_der(self, spiffe_id: SpiffeId) -> bytes:
+        """A PKCS#10 request (DER) for ``spiffe_id``, signed with this key."""
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spiffe_id.service)]))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(spiffe_id.uri)]), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        return csr.public_bytes(serialization.Encoding.DER)
+
+    def public_numbers(self) -> ec.EllipticCurvePublicNumbers:
+        return self._key.public_key().public_numbers()
+
+    def private_pem(self) -> bytes:
+        return self._key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+
+
+def check_issued(key: WorkloadKey, spiffe_id: SpiffeId, cert_pem: bytes, bundle_pem: bytes,
+                 pinned_ca_sha256: str | None, now: dt.datetime) -> x509.Certificate:
+    """Accept a certificate and trust bundle only if the bundle carries the pinned CA key
+    (when a pin is given, as when joining with a token), the certificate chains to the
+    bundle, carries our own public key and exactly our SPIFFE ID, and is valid now.
+    Returns the certificate; raises IdentityError naming the failed check."""
+    if pinned_ca_sha256 is not None and not bundle_matches(bundle_pem, pinned_ca_sha256):
+        raise IdentityError("the trust bundle's CA key does not match the join token's pin")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        roots = x509.load_pem_x509_certificates(bundle_pem)
+    except ValueError as exc:
+        raise IdentityError(f"unreadable certificate or bundle: {exc}") from None
+    if not any(_issued_by(cert, ca) for ca in roots):
+        raise IdentityError("the certificate does not chain to the trust bundle")
+    if cert.public_key().public_numbers() != key.public_numbers():  # type: ignore[union-attr]
+        raise IdentityError("the certificate is not for our key")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise IdentityError("the certificate has no SPIFFE ID") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if uris != [spiffe_id.uri]:
+        raise IdentityError(f"the certificate names {uris}, expected exactly {spiffe_id.uri}")
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        raise IdentityError("the certificate is not valid now (check the clocks)")
+    return cert
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+def renew_at(cert: x509.Certificate, fraction: float = 2 / 3) -> dt.datetime:
+    """When to renew: ``fraction`` of the way through the certificate's life."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) * fraction
+
+
+class MemoryTlsFiles:
+    """Certificate, key and bundle as anonymous in-memory files, usable as ``TlsFiles``.
+
+    ``close()`` releases them; a new identity gets new files (the relay's TLS state reloads
+    from the new paths, connections already open keep theirs).
+    """
+
+    def __init__(self, cert_pem: bytes, key: WorkloadKey, bundle_pem: bytes) -> None:
+        self._fds = [_memfd("mesh-cert", cert_pem), _memfd("mesh-key", key.private_pem()),
+                     _memfd("mesh-ca", bundle_pem)]
+        cert, key_path, ca = (f"/proc/self/fd/{fd}" for fd in self._fds)
+        self.files = TlsFiles(cert=cert, key=key_path, ca=ca)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
