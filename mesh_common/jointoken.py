@@ -2,9 +2,12 @@
 
 A token carries its id, a secret, the SHA-256 of the CA's public key and the control plane's
 join and API addresses, so it is all a sidecar needs to join. The secret never travels: the
-sidecar proves it holds it with an HMAC-SHA256 of its CSR keyed by the secret, which also
-binds the proof to that CSR. The answer (certificate, trust bundle) is accepted only when the
-bundle's CA key hash equals the token's. The control plane stores only a hash of the secret.
+sidecar proves it holds it with an HMAC-SHA256 of its CSR keyed by SHA-256(secret), which
+also binds the proof to that CSR. The control plane stores only that digest, never the
+secret, and checks the proof with it (so a stolen database could forge joins until its tokens
+expire, as with any symmetric check; the secret itself is never recoverable). The answer
+(certificate, trust bundle) is accepted only when the bundle's CA key hash equals the
+token's.
 
 No I/O here; the X.509 helpers import ``cryptography`` when called.
 """
@@ -97,18 +100,23 @@ def _validate(token: JoinToken) -> None:
 
 
 def secret_digest(secret: bytes) -> str:
-    """What the control plane stores instead of the secret (SHA-256, hex)."""
+    """What the control plane stores instead of the secret (SHA-256, hex): the proof key."""
     return hashlib.sha256(secret).hexdigest()
 
 
 def join_proof(secret: bytes, csr_der: bytes) -> bytes:
-    """HMAC-SHA256 of the CSR (DER) keyed by the token's secret."""
-    return hmac.new(secret, csr_der, hashlib.sha256).digest()
+    """The sidecar's proof: HMAC-SHA256 of the CSR (DER) keyed by SHA-256(secret)."""
+    return hmac.new(hashlib.sha256(secret).digest(), csr_der, hashlib.sha256).digest()
 
 
-def check_join_proof(secret: bytes, csr_der: bytes, proof: bytes) -> bool:
-    """Constant-time check of a join proof."""
-    return hmac.compare_digest(join_proof(secret, csr_der), proof)
+def check_join_proof(stored_digest: str, csr_der: bytes, proof: bytes) -> bool:
+    """The control plane's constant-time check, with the stored ``secret_digest``."""
+    try:
+        key = bytes.fromhex(stored_digest)
+    except ValueError:
+        return False
+    expected = hmac.new(key, csr_der, hashlib.sha256).digest()
+    return hmac.compare_digest(expected, proof)
 
 
 def ca_key_sha256(ca_cert_pem: bytes) -> str:

@@ -145,10 +145,12 @@ def test_the_join_proof_binds_secret_and_csr() -> None:
     secret, other = b"s" * 32, b"t" * 32
     csr_a, csr_b = _csr(_p256()), _csr(_p256())
     proof = JT.join_proof(secret, csr_a)
-    assert JT.check_join_proof(secret, csr_a, proof)
-    assert not JT.check_join_proof(other, csr_a, proof)  # wrong secret
-    assert not JT.check_join_proof(secret, csr_b, proof)  # another CSR
-    assert JT.secret_digest(secret) != secret.hex() and len(JT.secret_digest(secret)) == 64
+    stored = JT.secret_digest(secret)  # all the control plane keeps
+    assert JT.check_join_proof(stored, csr_a, proof)
+    assert not JT.check_join_proof(JT.secret_digest(other), csr_a, proof)  # wrong secret
+    assert not JT.check_join_proof(stored, csr_b, proof)  # another CSR
+    assert not JT.check_join_proof("not hex", csr_a, proof)
+    assert stored != secret.hex() and len(stored) == 64
 
 
 def test_the_bundle_hash_check_pins_the_ca(authority) -> None:

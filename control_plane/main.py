@@ -1,0 +1,120 @@
+"""``mesh-control-plane``: run the control plane (the mesh's CA, join tokens, admin API)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from control_plane import ca as ca_mod
+from control_plane.server import ControlPlane, Server, split_hostport
+from control_plane.store import Store
+from mesh_common.spiffe import SpiffeError, SpiffeId
+
+PROG = "mesh-control-plane"
+log = logging.getLogger("mesh.control_plane")
+
+
+def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        split_hostport(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def load_ca(ca_dir: Path, trust_domain: str, ca_cert: str | None, ca_key: str | None,
+            now: dt.datetime) -> ca_mod.CertificateAuthority:
+    """The root under ``ca_dir`` (created on first start), or an organisation's intermediate
+    (``--ca-cert/--ca-key``); meshctl's admin credentials and the bundle land in ``ca_dir``."""
+    if not ca_cert and not ca_key:
+        return ca_mod.load_or_create(ca_dir, trust_domain, now)
+    if not (ca_cert and ca_key):
+        raise click.UsageError("--ca-cert and --ca-key go together")
+    ca = ca_mod.load(Path(ca_cert), Path(ca_key), trust_domain)
+    ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (ca_dir / ca_mod.CA_CERT_FILE).write_bytes(ca.bundle_pem)
+    if not (ca_dir / ca_mod.ADMIN_KEY_FILE).exists():
+        issued, key_pem = ca.issue_keypair(ca_mod.admin_spiffe_id(trust_domain, "meshctl"),
+                                           "meshctl", now, ca_mod.ROOT_VALIDITY)
+        ca_mod._write_private(ca_dir / ca_mod.ADMIN_KEY_FILE, key_pem)
+        ca_mod._write_private(ca_dir / ca_mod.ADMIN_CERT_FILE, issued.pem)
+    return ca
+
+
+async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
+    server = Server(cp, listen, bootstrap_listen)
+    ready = await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sys.stdout.write(json.dumps({"ready": ready}) + "\n")
+    sys.stdout.flush()
+    log.info("%s serving API on %s (mTLS), join on %s", PROG, ready["listen"], ready["bootstrap"])
+    await stop.wait()
+    log.info("%s stopping", PROG)
+    await server.stop()
+    return 0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--listen", default="127.0.0.1:15010", show_default=True, callback=_address,
+              help="API listener (mTLS, client certificate from the mesh CA required).")
+@click.option("--bootstrap-listen", default="127.0.0.1:15011", show_default=True,
+              callback=_address, help="Join listener (plaintext, the Join RPC only).")
+@click.option("--trust-domain", default="mesh.local", show_default=True)
+@click.option("--ca-dir", default="certs", show_default=True,
+              type=click.Path(file_okay=False), help="CA material and meshctl's admin credentials.")
+@click.option("--ca-cert", type=click.Path(dir_okay=False), default=None,
+              help="An intermediate CA certificate (file may carry its chain) instead of the root.")
+@click.option("--ca-key", type=click.Path(dir_okay=False), default=None,
+              help="The intermediate's private key (with --ca-cert).")
+@click.option("--data-dir", default=".mesh/control-plane", show_default=True,
+              type=click.Path(file_okay=False), help="State (SQLite): tokens, issued certificates.")
+@click.option("--cert-ttl", type=click.IntRange(60, 30 * 24 * 3600), default=3600,
+              show_default=True, help="Lifetime of workload certificates, in seconds.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def cli(listen: str, bootstrap_listen: str, trust_domain: str, ca_dir: str, ca_cert: str | None,
+        ca_key: str | None, data_dir: str, cert_ttl: int, log_level: str) -> int:
+    """Run the mesh control plane: certificate authority, join tokens and admin API."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        SpiffeId(trust_domain, "x")
+    except SpiffeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trust-domain") from None
+    now = dt.datetime.now(dt.UTC)
+    ca = load_ca(Path(ca_dir), trust_domain, ca_cert, ca_key, now)
+    store = Store(Path(data_dir))
+    cp = ControlPlane(ca, store, dt.timedelta(seconds=cert_ttl))
+    return asyncio.run(_serve(cp, listen, bootstrap_listen))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: errors are one line on stderr and a non-zero exit."""
+    try:
+        code = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.ClickException as exc:
+        click.echo(f"{PROG}: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except (OSError, ValueError) as exc:
+        click.echo(f"{PROG}: error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # sqlite3.Error and friends: still one line
+        click.echo(f"{PROG}: error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

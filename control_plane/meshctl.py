@@ -1,0 +1,219 @@
+"""``meshctl``: the mesh's command line; talks only gRPC (mTLS, admin identity) to the
+control plane.
+
+    meshctl token create SERVICE [--ttl 1h] [--uses N]   # prints the token alone
+    meshctl token list | meshctl token delete ID
+    meshctl certs
+
+Tables by default, ``-o json|yaml`` for scripts; errors are one line on stderr and a
+non-zero exit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+
+from protos.mesh.v1 import control_pb2 as pb
+from protos.mesh.v1 import control_pb2_grpc as pb_grpc
+
+PROG = "meshctl"
+DEFAULT_CONTROL_PLANE = "127.0.0.1:15010"
+DEFAULT_CERTS_DIR = "certs"
+RPC_TIMEOUT_S = 10.0
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class MeshctlError(Exception):
+    """One line for stderr."""
+
+
+def parse_duration(text: str) -> int:
+    """'90' / '90s' / '30m' / '1h' / '7d' -> seconds. Raises ValueError."""
+    m = _DURATION.match(text)
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(f"not a positive duration (like 90s, 30m, 1h, 7d): {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _iso(unix: int) -> str:
+    return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Client:
+    """A channel to the control plane's API listener with meshctl's admin credentials."""
+
+    def __init__(self, address: str, certs_dir: str) -> None:
+        self.address = address
+        d = Path(certs_dir)
+        try:
+            ca = (d / "ca.pem").read_bytes()
+            cert = (d / "admin.pem").read_bytes()
+            key = (d / "admin-key.pem").read_bytes()
+        except OSError as exc:
+            raise MeshctlError(f"cannot read admin credentials in {d}/ ({exc.strerror}: "
+                               f"{exc.filename}); set --certs-dir or MESH_CERTS_DIR") from None
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                             certificate_chain=cert)
+        self.channel = grpc.secure_channel(address, creds)
+        self.admin = pb_grpc.AdminStub(self.channel)
+
+    def call(self, rpc: str, request: Any) -> Any:
+        try:
+            return getattr(self.admin, rpc)(request, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            details = (exc.details() or "").splitlines()  # type: ignore[attr-defined]
+            first = details[0] if details else ""
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise MeshctlError(f"cannot reach the control plane at {self.address} "
+                                   f"({code.name}: {first})") from None
+            raise MeshctlError(f"{code.name}: {first}") from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _emit(ctx: click.Context, output: str, doc: Any, columns: list[str],
+          rows: list[list[str]], title: str | None = None) -> None:
+    if output == "json":
+        click.echo(json.dumps(doc, indent=2))
+    elif output == "yaml":
+        import yaml
+        click.echo(yaml.safe_dump(doc, sort_keys=False).rstrip())
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold", title=title, pad_edge=False)
+        for col in columns:
+            table.add_column(col, no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
+        console.print(table)
+
+
+def _client(ctx: click.Context) -> Client:
+    obj = ctx.find_root().obj
+    client = Client(obj["control_plane"], obj["certs_dir"])
+    ctx.call_on_close(client.close)
+    return client
+
+
+_output = click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]),
+                       default="table", show_default=True, help="Output format.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--control-plane", envvar="MESH_CONTROL_PLANE", default=DEFAULT_CONTROL_PLANE,
+              show_default=True, help="API address of the control plane (env MESH_CONTROL_PLANE).")
+@click.option("--certs-dir", envvar="MESH_CERTS_DIR", default=DEFAULT_CERTS_DIR,
+              show_default=True,
+              help="Where ca.pem, admin.pem and admin-key.pem are (env MESH_CERTS_DIR).")
+@click.pass_context
+def cli(ctx: click.Context, control_plane: str, certs_dir: str) -> None:
+    """Operate the mesh through its control plane."""
+    ctx.obj = {"control_plane": control_plane, "certs_dir": certs_dir}
+
+
+@cli.group()
+def token() -> None:
+    """Join tokens: create, list, delete."""
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@token.command("create")
+@click.argument("service")
+@click.option("--ttl", default="1h", show_default=True, callback=_duration,
+              help="How long the token may be used (90s, 30m, 1h, 7d).")
+@click.option("--uses", type=click.IntRange(min=1), default=None,
+              help="How many joins it allows (default: unlimited until it expires).")
+@_output
+@click.pass_context
+def token_create(ctx: click.Context, service: str, ttl: int, uses: int | None,
+                 output: str) -> None:
+    """Create a join token for SERVICE; prints the token alone (-o json: with its details)."""
+    resp = _client(ctx).call("CreateToken", pb.CreateTokenRequest(service=service, ttl_s=ttl,
+                                                                   uses=uses or 0))
+    if output == "table":
+        click.echo(resp.token)
+        return
+    doc = {"id": resp.token_id, "service": resp.service, "expires_at": _iso(resp.expires_at_unix),
+           "uses_left": None if resp.uses_left < 0 else resp.uses_left, "token": resp.token}
+    _emit(ctx, output, doc, [], [])
+
+
+@token.command("list")
+@_output
+@click.pass_context
+def token_list(ctx: click.Context, output: str) -> None:
+    """List join tokens (never their secrets)."""
+    resp = _client(ctx).call("ListTokens", pb.ListTokensRequest())
+    doc = [{"id": t.token_id, "service": t.service, "expires_at": _iso(t.expires_at_unix),
+            "uses_left": None if t.uses_left < 0 else t.uses_left,
+            "created_at": _iso(t.created_at_unix)} for t in resp.tokens]
+    rows = [[d["id"], d["service"], d["expires_at"],
+             "unlimited" if d["uses_left"] is None else str(d["uses_left"])] for d in doc]
+    _emit(ctx, output, doc, ["ID", "SERVICE", "EXPIRES", "USES LEFT"], rows)
+
+
+@token.command("delete")
+@click.argument("token_id", metavar="ID")
+@click.pass_context
+def token_delete(ctx: click.Context, token_id: str) -> None:
+    """Delete a join token (certificates issued with it stay valid until they expire)."""
+    _client(ctx).call("DeleteToken", pb.DeleteTokenRequest(token_id=token_id))
+    click.echo(f"deleted join token {token_id}")
+
+
+@cli.command("certs")
+@_output
+@click.pass_context
+def certs(ctx: click.Context, output: str) -> None:
+    """Certificates the control plane issued: service, instance, serial, not_after."""
+    resp = _client(ctx).call("ListCertificates", pb.ListCertificatesRequest())
+    doc = [{"service": c.service, "instance": c.instance_id, "serial": c.serial,
+            "not_after": _iso(c.not_after_unix)} for c in resp.certificates]
+    rows = [[d["service"], d["instance"], d["serial"], d["not_after"]] for d in doc]
+    _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "SERIAL", "NOT AFTER"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: errors are one line on stderr and a non-zero exit."""
+    try:
+        code = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"{PROG}: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except MeshctlError as exc:
+        click.echo(f"{PROG}: error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"{PROG}: error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

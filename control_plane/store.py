@@ -1,0 +1,160 @@
+"""The control plane's durable state: join tokens and issued certificates, in SQLite (WAL).
+
+One file under the data dir; every method is one transaction on its own short-lived
+connection, so the class is safe to call from worker threads. Only a digest of each token's
+secret is stored, never the secret or the token string.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+DB_FILE = "control-plane.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id            TEXT PRIMARY KEY,
+    service       TEXT NOT NULL,
+    secret_digest TEXT NOT NULL,
+    expires_at    REAL NOT NULL,
+    uses_left     INTEGER,          -- NULL = unlimited until expiry
+    created_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial      TEXT PRIMARY KEY,   -- hex
+    service     TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    spiffe_id   TEXT NOT NULL,
+    not_after   REAL NOT NULL,
+    issued_at   REAL NOT NULL,
+    token_id    TEXT               -- the token it was joined with; NULL for a renewal
+);
+CREATE INDEX IF NOT EXISTS certificates_by_service ON certificates (service, issued_at);
+"""
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    token_id: str
+    service: str
+    secret_digest: str
+    expires_at: float
+    uses_left: int | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class CertRow:
+    serial: str
+    service: str
+    instance_id: str
+    spiffe_id: str
+    not_after: float
+    issued_at: float
+
+
+class UseResult(Enum):
+    """The outcome of trying to consume one use of a token."""
+
+    OK = "ok"
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+    USED_UP = "used up"
+
+
+class Store:
+    """Tokens and issued certificates in ``<data_dir>/control-plane.sqlite``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = data_dir / DB_FILE
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)  # idempotent DDL; executescript manages its own commit
+        finally:
+            db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    # ------------------------------------------------------------------ tokens
+    def add_token(self, token_id: str, service: str, secret_digest: str, expires_at: float,
+                  uses_left: int | None, created_at: float) -> TokenRow:
+        with self._tx() as db:
+            db.execute("INSERT INTO tokens (id, service, secret_digest, expires_at, uses_left,"
+                       " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       (token_id, service, secret_digest, expires_at, uses_left, created_at))
+        return TokenRow(token_id, service, secret_digest, expires_at, uses_left, created_at)
+
+    def get_token(self, token_id: str) -> TokenRow | None:
+        with self._tx() as db:
+            row = db.execute("SELECT id, service, secret_digest, expires_at, uses_left, created_at"
+                             " FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        return TokenRow(*row) if row else None
+
+    def list_tokens(self) -> list[TokenRow]:
+        with self._tx() as db:
+            rows = db.execute("SELECT id, service, secret_digest, expires_at, uses_left, created_at"
+                              " FROM tokens ORDER BY created_at, id").fetchall()
+        return [TokenRow(*r) for r in rows]
+
+    def delete_token(self, token_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM tokens WHERE id = ?", (token_id,))
+        return cur.rowcount > 0
+
+    def use_token(self, token_id: str, now: float) -> tuple[UseResult, TokenRow | None]:
+        """Consume one use of the token, atomically (check and decrement in one transaction)."""
+        with self._tx() as db:
+            row = db.execute("SELECT id, service, secret_digest, expires_at, uses_left, created_at"
+                             " FROM tokens WHERE id = ?", (token_id,)).fetchone()
+            if row is None:
+                return UseResult.UNKNOWN, None
+            tok = TokenRow(*row)
+            if now >= tok.expires_at:
+                return UseResult.EXPIRED, tok
+            if tok.uses_left is not None:
+                if tok.uses_left <= 0:
+                    return UseResult.USED_UP, tok
+                db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?", (token_id,))
+                tok = TokenRow(tok.token_id, tok.service, tok.secret_digest, tok.expires_at,
+                               tok.uses_left - 1, tok.created_at)
+            return UseResult.OK, tok
+
+    def give_back_use(self, token_id: str) -> None:
+        """Undo one ``use_token`` (the join failed after the use was taken)."""
+        with self._tx() as db:
+            db.execute("UPDATE tokens SET uses_left = uses_left + 1"
+                       " WHERE id = ? AND uses_left IS NOT NULL", (token_id,))
+
+    # ------------------------------------------------------------------ certificates
+    def record_certificate(self, serial: str, service: str, instance_id: str, spiffe_id: str,
+                           not_after: float, issued_at: float,
+                           token_id: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO certificates (serial, service, instance_id,"
+                       " spiffe_id, not_after, issued_at, token_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (serial, service, instance_id, spiffe_id, not_after, issued_at, token_id))
+
+    def list_certificates(self) -> list[CertRow]:
+        with self._tx() as db:
+            rows = db.execute("SELECT serial, service, instance_id, spiffe_id, not_after,"
+                              " issued_at FROM certificates ORDER BY issued_at, serial").fetchall()
+        return [CertRow(*r) for r in rows]

@@ -1,0 +1,1 @@
+"""Mesh control-plane wire contracts (generated modules are built by `make protos`)."""

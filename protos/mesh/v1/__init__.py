@@ -1,0 +1,1 @@
+"""mesh.v1: the control plane API (bootstrap, identity, admin)."""
