@@ -78,7 +78,7 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
               help="The intermediate's private key (with --ca-cert).")
 @click.option("--data-dir", default=".mesh/control-plane", show_default=True,
               type=click.Path(file_okay=False), help="State (SQLite): tokens, issued certificates.")
-@click.option("--cert-ttl", type=click.IntRange(60, 30 * 24 * 3600), default=3600,
+@click.option("--cert-ttl", type=click.IntRange(5, 30 * 24 * 3600), default=3600,
               show_default=True, help="Lifetime of workload certificates, in seconds.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)

@@ -137,8 +137,13 @@ def parse_clusters(doc: Any, trust_domain: str) -> tuple[Cluster, ...]:
     return tuple(out)
 
 
-def parse_bootstrap(doc: Any) -> Bootstrap:
-    """Validate a whole standalone config document."""
+def parse_bootstrap(doc: Any, *, require_tls: bool = True) -> Bootstrap:
+    """Validate a whole config document.
+
+    ``require_tls`` (standalone mode): the ``tls`` section names the certificate files. With
+    ``require_tls=False`` (dynamic mode, ``--token``) the certificate comes from the control
+    plane, so a ``tls`` section is an error and the ``*_file`` fields are empty.
+    """
     if not isinstance(doc, dict):
         raise ConfigError("config: expected a mapping at the top level")
     known = {"service", "trust_domain", "tls", "inbound", "outbound", "admin", "clusters", "limits"}
@@ -152,8 +157,11 @@ def parse_bootstrap(doc: Any) -> Bootstrap:
     except SpiffeError as exc:
         raise ConfigError(f"service/trust_domain: {exc}") from None
     tls = _section(doc, "tls")
-    if tls is None:
+    if tls is None and require_tls:
         raise ConfigError("tls: required (cert, key, ca): the mesh speaks mTLS only")
+    if tls is not None and not require_tls:
+        raise ConfigError("tls: not allowed with a join token (the control plane issues "
+                          "the certificate); remove it or run without --token")
     inbound = _section(doc, "inbound")
     in_listen = app = None
     if inbound is not None:
@@ -171,8 +179,9 @@ def parse_bootstrap(doc: Any) -> Bootstrap:
     clusters = parse_clusters(doc.get("clusters"), trust_domain)
     return Bootstrap(
         service=service, trust_domain=trust_domain,
-        cert_file=_str(tls, "cert", "tls."), key_file=_str(tls, "key", "tls."),
-        ca_file=_str(tls, "ca", "tls."),
+        cert_file=_str(tls, "cert", "tls.") if tls else "",
+        key_file=_str(tls, "key", "tls.") if tls else "",
+        ca_file=_str(tls, "ca", "tls.") if tls else "",
         inbound=in_listen, app=app, outbound=out_listen, admin=admin_listen,
         limits=limits, snapshot=Snapshot(version="static-1", clusters=clusters),
     )

@@ -93,9 +93,14 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
         return False
 
 
-def renew_at(cert: x509.Certificate, fraction: float = 2 / 3) -> dt.datetime:
-    """When to renew: ``fraction`` of the way through the certificate's life."""
+def renew_at(cert: x509.Certificate, fraction: float = 2 / 3,
+             received: dt.datetime | None = None) -> dt.datetime:
+    """When to renew: ``fraction`` of the way through the certificate's life. The CA backdates
+    ``not_before`` for clock skew; pass ``received`` (when the certificate arrived) to count
+    the life from then instead, so a short-lived certificate is not renewed at once."""
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if received is not None:
+        start = min(max(start, received), end)
     return start + (end - start) * fraction
 
 

@@ -1,17 +1,29 @@
-"""``mesh-sidecar``: run one sidecar (standalone mode: ``--config FILE``)."""
+"""``mesh-sidecar``: run one sidecar.
+
+Standalone mode: ``--config FILE`` (certificate files named in it). Dynamic mode:
+``--service NAME --token T|--token-file F [--app HOST:PORT] [--config FILE]``: the identity
+comes from the control plane (joined with the token, renewed over mTLS); the optional config
+gives listeners, clusters and limits only.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import signal
 import sys
+from typing import Any
 
 import click
 import uvloop
 import yaml
 
-from mesh_common.bootstrap import Bootstrap, ConfigError, parse_bootstrap
+from mesh_common.bootstrap import Bootstrap, ConfigError, HostPort, parse_bootstrap, parse_hostport
+from mesh_common.limits import Limits
+from mesh_common.snapshot import Snapshot
+from mesh_common.spiffe import SpiffeError, SpiffeId
 
 from .malloc import tune_malloc
 from .process import Sidecar
@@ -19,19 +31,66 @@ from .process import Sidecar
 PROG = "mesh-sidecar"
 
 
-def load_config(path: str) -> Bootstrap:
-    """Read and validate the standalone config; raises ConfigError with the file named."""
+def _read_yaml(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+
+
+def load_config(path: str) -> Bootstrap:
+    """Read and validate the standalone config; raises ConfigError with the file named."""
+    doc = _read_yaml(path)
     try:
         return parse_bootstrap(doc)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def dynamic_bootstrap(service: str, trust_domain: str, app: str | None,
+                      path: str | None) -> Bootstrap:
+    """Dynamic mode's listeners, clusters and limits: from ``path`` (no ``tls`` section; its
+    ``service``/``trust_domain``, when present, must agree with the flags) or the defaults
+    (inbound 127.0.0.1:15006 when there is an app, outbound 127.0.0.1:15001, admin
+    127.0.0.1:15000, no clusters). Raises ConfigError."""
+    try:
+        SpiffeId(trust_domain, service)
+    except SpiffeError as exc:
+        raise ConfigError(f"--service/--trust-domain: {exc}") from None
+    app_hp = parse_hostport(app, "--app", loopback_only=True) if app is not None else None
+    if path is None:
+        boot = Bootstrap(service=service, trust_domain=trust_domain, cert_file="", key_file="",
+                         ca_file="", inbound=HostPort("127.0.0.1", 15006) if app_hp else None,
+                         app=app_hp, outbound=HostPort("127.0.0.1", 15001),
+                         admin=HostPort("127.0.0.1", 15000), limits=Limits(),
+                         snapshot=Snapshot(version="dynamic-0", clusters=()))
+        return boot
+    doc = _read_yaml(path)
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: config: expected a mapping at the top level")
+    doc = dict(doc)
+    for key, flag, value in (("service", "--service", service),
+                             ("trust_domain", "--trust-domain", trust_domain)):
+        if doc.setdefault(key, value) != value:
+            raise ConfigError(f"{path}: {key}: {doc[key]!r} disagrees with {flag} {value!r}")
+    if app is not None:
+        inbound = doc.get("inbound")
+        if inbound is None:
+            doc["inbound"] = {"listen": "127.0.0.1:15006", "app": app}
+        elif isinstance(inbound, dict) and inbound.get("app", app) != app:
+            raise ConfigError(f"{path}: inbound.app: {inbound['app']!r} disagrees with "
+                              f"--app {app!r}")
+        elif isinstance(inbound, dict):
+            doc["inbound"] = {**inbound, "app": app}
+    try:
+        boot = parse_bootstrap(doc, require_tls=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return dataclasses.replace(boot, snapshot=Snapshot(version="dynamic-0",
+                                                       clusters=boot.snapshot.clusters))
 
 
 async def _serve(boot: Bootstrap, ports: dict[str, int | None], drain_timeout_s: float,
@@ -46,9 +105,112 @@ async def _serve(boot: Bootstrap, ports: dict[str, int | None], drain_timeout_s:
     return 0
 
 
+class UsageError(click.UsageError):
+    """Standalone and dynamic flags mixed wrongly: one line, exit 2."""
+
+
+def _read_token(token: str | None, token_file: str | None) -> str:
+    if token is not None and token_file is not None:
+        raise UsageError("give either --token or --token-file, not both")
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise UsageError(f"--token-file: cannot read {token_file}: {exc.strerror}") from None
+    assert token is not None
+    return token
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicOptions:
+    token: Any  # a JoinToken (never logged: its repr hides the secret)
+    join_address: str | None
+    api_address: str | None
+    health_check: str
+    health_interval_s: float
+
+
+class JoinFailed(Exception):
+    """Joining was refused or its answer could not be trusted: one line, exit 1."""
+
+
+async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str, int | None],
+                         drain_timeout_s: float, cert_poll_s: float) -> int:
+    from .dynamic import DynamicIdentity, JoinRefused
+    from .health import AppHealth
+    from .tls import TlsState
+
+    log = logging.getLogger("mesh.sidecar")
+    identity = DynamicIdentity(opts.token, boot.service, boot.trust_domain,
+                               join_address=opts.join_address, api_address=opts.api_address)
+    log.info("joining the mesh as %s via %s", boot.spiffe_id, identity.join_address)
+    # SIGTERM while still waiting for the control plane: stop trying, exit 0 (the sidecar's
+    # own handlers replace these once it serves).
+    loop = asyncio.get_running_loop()
+    joining = asyncio.current_task()
+    assert joining is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, joining.cancel)
+    try:
+        await identity.join()
+    except JoinRefused as exc:
+        identity.close()
+        raise JoinFailed(str(exc)) from None
+    except asyncio.CancelledError:
+        identity.close()
+        log.info("stopped before joining the mesh")
+        return 0
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        tls = TlsState(identity.files)
+        identity.on_new_files = tls.swap
+        # In-memory files never change under us: no file poll in dynamic mode.
+        sidecar = Sidecar(boot, drain_timeout_s=drain_timeout_s, cert_poll_s=0, tls=tls)
+        sidecar.ready_checks.append(identity.not_ready_reason)
+        sidecar.stats_sections["identity"] = identity.stats
+        bound = await sidecar.start(inbound_port=ports["inbound"],
+                                    outbound_port=ports["outbound"], admin_port=ports["admin"])
+        tasks.append(asyncio.create_task(identity.renew_forever(), name="renew"))
+        if boot.app is not None:
+            health = AppHealth(boot.app, opts.health_check, opts.health_interval_s)
+            sidecar.stats_sections["app_health"] = health.stats
+            tasks.append(asyncio.create_task(health.run(), name="app-health"))
+        sys.stdout.write(json.dumps({"ready": bound}) + "\n")
+        sys.stdout.flush()
+        log.info("%s serving %s as %s", PROG, bound, boot.spiffe_id)
+        await sidecar.wait_stopped()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        identity.close()
+    return 0
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="Standalone config (YAML): service, tls, inbound, outbound, clusters, limits.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Config (YAML). Alone: standalone mode (service, tls, inbound, outbound, "
+                   "clusters, limits). With --token: listeners, clusters and limits only.")
+@click.option("--service", default=None,
+              help="Dynamic mode: this instance's service name (the SPIFFE ID's last part).")
+@click.option("--app", default=None, metavar="HOST:PORT",
+              help="Dynamic mode: the local app (h2c, loopback); omit for an outbound-only "
+                   "sidecar.")
+@click.option("--token", default=None, help="Dynamic mode: a join token (meshctl token create).")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+              help="Dynamic mode: a file holding the join token.")
+@click.option("--control-plane", default=None, metavar="HOST:PORT",
+              help="Dynamic mode: the control plane's API address (default: the token's).")
+@click.option("--bootstrap-address", default=None, metavar="HOST:PORT",
+              help="Dynamic mode: the control plane's join address (default: the token's).")
+@click.option("--trust-domain", default=None,
+              help="Dynamic mode: the SPIFFE trust domain (default mesh.local).")
+@click.option("--health-check", type=click.Choice(["grpc", "tcp", "none"]), default=None,
+              help="Dynamic mode: how to check the local app (default grpc; an app without "
+                   "grpc.health.v1 is checked by TCP connect).")
+@click.option("--health-interval-s", type=click.FloatRange(0.1, 3600), default=None,
+              help="Dynamic mode: seconds between health checks of the local app (default 5).")
 @click.option("--inbound-port", type=click.IntRange(0, 65535), default=None,
               help="Override the inbound (mTLS) port; 0 = any free port.")
 @click.option("--outbound-port", type=click.IntRange(0, 65535), default=None,
@@ -61,16 +223,57 @@ async def _serve(boot: Bootstrap, ports: dict[str, int | None], drain_timeout_s:
               help="How often to look for new certificate files (0 = only on SIGHUP).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
-def cli(config_path: str, inbound_port: int | None, outbound_port: int | None,
-        admin_port: int | None, drain_timeout_s: float, cert_poll_s: float, log_level: str) -> int:
+def cli(config_path: str | None, service: str | None, app: str | None, token: str | None,
+        token_file: str | None, control_plane: str | None, bootstrap_address: str | None,
+        trust_domain: str | None, health_check: str | None, health_interval_s: float | None,
+        inbound_port: int | None, outbound_port: int | None, admin_port: int | None,
+        drain_timeout_s: float, cert_poll_s: float, log_level: str) -> int:
     """Run a mesh sidecar: an HTTP/2 frame relay with mutual TLS."""
+    dynamic_flags = {"--service": service, "--app": app, "--control-plane": control_plane,
+                     "--bootstrap-address": bootstrap_address, "--trust-domain": trust_domain,
+                     "--health-check": health_check, "--health-interval-s": health_interval_s}
+    dynamic = token is not None or token_file is not None
+    if not dynamic:
+        if config_path is None:
+            raise UsageError("give --config FILE (standalone mode) or --service NAME with "
+                             "--token/--token-file (dynamic mode)")
+        given = [flag for flag, value in dynamic_flags.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only with --token or --token-file "
+                             "(dynamic mode); standalone mode takes everything from --config")
+    elif service is None:
+        raise UsageError("--service NAME is required with --token/--token-file")
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    boot = load_config(config_path)
-    tune_malloc()
     ports = {"inbound": inbound_port, "outbound": outbound_port, "admin": admin_port}
+    if not dynamic:
+        assert config_path is not None
+        boot = load_config(config_path)
+        tune_malloc()
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(_serve(boot, ports, drain_timeout_s, cert_poll_s))
+
+    from mesh_common.jointoken import TokenError, parse_token
+
+    for flag, value in (("--control-plane", control_plane),
+                        ("--bootstrap-address", bootstrap_address)):
+        if value is not None:
+            try:
+                parse_hostport(value, flag)
+            except ConfigError as exc:
+                raise UsageError(str(exc)) from None
+    try:
+        tok = parse_token(_read_token(token, token_file))
+    except TokenError as exc:
+        raise UsageError(f"--token: {exc}") from None
+    assert service is not None
+    boot = dynamic_bootstrap(service, trust_domain or "mesh.local", app, config_path)
+    tune_malloc()
+    options = DynamicOptions(token=tok, join_address=bootstrap_address, api_address=control_plane,
+                             health_check=health_check or "grpc",
+                             health_interval_s=health_interval_s or 5.0)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(boot, ports, drain_timeout_s, cert_poll_s))
+        return runner.run(_serve_dynamic(boot, options, ports, drain_timeout_s, cert_poll_s))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         click.echo(f"{PROG}: config error: {exc}", err=True)
         sys.exit(2)
+    except JoinFailed as exc:
+        click.echo(f"{PROG}: error: {exc}", err=True)
+        sys.exit(1)
     except OSError as exc:
         click.echo(f"{PROG}: error: {exc}", err=True)
         sys.exit(1)

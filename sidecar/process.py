@@ -130,13 +130,19 @@ class Sidecar:
     """Everything one ``mesh-sidecar`` process runs."""
 
     def __init__(self, boot: Bootstrap, *, drain_timeout_s: float = 10.0,
-                 cert_poll_s: float = 2.0) -> None:
+                 cert_poll_s: float = 2.0, tls: TlsState | None = None) -> None:
         self.boot = boot
         self.limits = boot.limits
         self.snapshot: Snapshot = boot.snapshot
         self.drain_timeout_s = drain_timeout_s
         self.cert_poll_s = cert_poll_s
-        self.tls = TlsState(TlsFiles(boot.cert_file, boot.key_file, boot.ca_file))
+        # Standalone: the config's files. Dynamic: a TlsState over in-memory files whose
+        # owner swaps in each renewed identity (``TlsState.swap``).
+        self.tls = tls if tls is not None else TlsState(
+            TlsFiles(boot.cert_file, boot.key_file, boot.ca_file))
+        # Extra reasons not to be ready (each returns one, or None) and extra /stats sections.
+        self.ready_checks: list[Callable[[], str | None]] = []
+        self.stats_sections: dict[str, Callable[[], object]] = {}
         self.ports: dict[str, str] = {}
         self.started_s = time.time()
         self.draining = False
@@ -222,6 +228,10 @@ class Sidecar:
     def _ready(self) -> tuple[int, object]:
         if self.draining:
             return 503, {"ready": False, "reason": "draining", "ports": self.ports}
+        for check in self.ready_checks:
+            reason = check()
+            if reason:
+                return 503, {"ready": False, "reason": reason, "ports": self.ports}
         return 200, {"ready": True, "ports": self.ports}
 
     def _stats(self) -> tuple[int, object]:
@@ -234,11 +244,13 @@ class Sidecar:
             "uptime_s": round(time.time() - self.started_s, 3),
             "draining": self.draining,
             "tls": {"reloads": self.tls.reloads,
-                    "cert_not_after": _cert_not_after(self.boot.cert_file),
+                    "cert_not_after": _cert_not_after(self.tls.files.cert),
                     "handshakes": self.inbound.handshakes if self.inbound else 0,
                     "handshake_failures": self.inbound.handshake_failures if self.inbound else 0,
                     "failures_by_reason": dict(self.tls_failures)},
         }
+        for name, section in self.stats_sections.items():
+            body[name] = section()
         for name, relay in self.relays.items():
             listener = self.inbound if name == "inbound" else self.outbound
             connector = self.connectors[name]

@@ -67,6 +67,17 @@ class TlsState:
         self.reloads += 1
         log.info("certificates reloaded from %s", self.files.cert)
 
+    def swap(self, files: TlsFiles) -> None:
+        """Use other files from now on (a renewed identity): new handshakes get them,
+        connections already open keep theirs. Files that do not load raise and change nothing."""
+        old = self.files
+        self.files = files
+        try:
+            self.reload()
+        except BaseException:
+            self.files = old
+            raise
+
     def reload_if_changed(self) -> bool:
         try:
             mtimes = self.files.mtimes()

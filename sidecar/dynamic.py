@@ -1,0 +1,228 @@
+"""Dynamic mode's identity: join the mesh with a token, then keep the certificate fresh.
+
+Joining: a key made in memory (``WorkloadKey``), a CSR for our SPIFFE ID and an HMAC proof
+keyed by the token's secret go to the control plane's plaintext join listener
+(``mesh.v1.Bootstrap/Join``); the answer is accepted only if the bundle carries the token's CA
+pin and the certificate is ours (``check_issued``). Renewing: at two thirds of the life, a new
+CSR over mTLS with the current certificate (``mesh.v1.Identity/Renew``); the new identity is
+swapped into the relay's TLS state (new handshakes use it, open connections keep theirs). A
+certificate that expired because the control plane was out of reach makes ``/ready`` say so,
+and the next success (a renewal is refused for an expired certificate, so a new join with
+the token) restores it. The key is never written to disk or logged; the token's secret is
+never logged.
+
+``grpc`` and ``cryptography`` are imported here only: the standalone data path loads neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import grpc
+
+from mesh_common.jointoken import JoinToken, join_proof
+from mesh_common.spiffe import SpiffeId
+from protos.mesh.v1 import control_pb2 as pb
+from protos.mesh.v1 import control_pb2_grpc as pb_grpc
+
+from .identity import IdentityError, MemoryTlsFiles, WorkloadKey, check_issued, renew_at
+from .tls import TlsFiles
+
+log = logging.getLogger("mesh.sidecar.identity")
+
+RPC_TIMEOUT_S = 10.0
+# Codes worth trying again later: the control plane is away or busy, not saying no.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+
+class JoinRefused(Exception):
+    """The control plane said no (bad token, bad proof, other identity) or its answer cannot
+    be trusted (pin mismatch): one line saying why."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _rfc3339(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class DynamicIdentity:
+    """Our key, current certificate and bundle, and the loop that renews them."""
+
+    def __init__(self, token: JoinToken, service: str, trust_domain: str, *,
+                 join_address: str | None = None, api_address: str | None = None,
+                 instance_id: str | None = None, max_backoff_s: float = 5.0) -> None:
+        self.token = token
+        self.spiffe_id = SpiffeId(trust_domain, service)
+        self.join_address = join_address or token.join_address
+        self.api_address = api_address or token.api_address
+        self.instance_id = instance_id or f"{service}-{socket.gethostname()}-{os.getpid()}"
+        self.max_backoff_s = max_backoff_s
+        self.key = WorkloadKey()
+        self.memfiles: MemoryTlsFiles | None = None
+        self.cert_pem = b""
+        self.bundle_pem = b""
+        self.not_after: dt.datetime | None = None
+        self.renew_time: dt.datetime | None = None
+        self.renewals = 0
+        self.rejoins = 0
+        self.last_error: str | None = None
+        self._expired_logged = False
+        # Set by the owner before renewals start: swap new files into the relay's TLS state.
+        self.on_new_files: Callable[[TlsFiles], None] = lambda files: None
+
+    @property
+    def files(self) -> TlsFiles:
+        assert self.memfiles is not None, "join first"
+        return self.memfiles.files
+
+    # ------------------------------------------------------------- join
+    async def join(self) -> None:
+        """Join, retrying with backoff while the control plane is out of reach. Raises
+        JoinRefused when it refuses or its answer fails the checks."""
+        backoff = 0.2
+        while True:
+            try:
+                await self._join_once()
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise JoinRefused(
+                        f"join refused by the control plane at {self.join_address}: "
+                        f"{exc.code().name}: {exc.details()}") from None
+                self.last_error = f"join: {exc.code().name}: {exc.details()}"
+                log.warning("control plane at %s not reachable for joining (%s); retrying in "
+                            "%.1fs", self.join_address, exc.code().name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def _join_once(self) -> None:
+        csr = self.key.csr_der(self.spiffe_id)
+        request = pb.JoinRequest(token_id=self.token.token_id, csr=csr,
+                                 proof=join_proof(self.token.secret, csr),
+                                 instance_id=self.instance_id)
+        async with grpc.aio.insecure_channel(self.join_address) as channel:
+            resp = await pb_grpc.BootstrapStub(channel).Join(request, timeout=RPC_TIMEOUT_S)
+        try:
+            self._accept(resp.certificate_pem.encode(), resp.trust_bundle_pem.encode(),
+                         self.token.ca_key_sha256)
+        except IdentityError as exc:
+            raise JoinRefused(f"refusing to join via {self.join_address}: {exc}") from None
+        log.info("joined the mesh as %s (certificate valid until %s, renewal at %s)",
+                 self.spiffe_id.uri, _rfc3339(self.not_after), _rfc3339(self.renew_time))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------- renew
+    async def _renew_once(self) -> None:
+        creds = grpc.ssl_channel_credentials(root_certificates=self.bundle_pem,
+                                             private_key=self.key.private_pem(),
+                                             certificate_chain=self.cert_pem)
+        request = pb.RenewRequest(csr=self.key.csr_der(self.spiffe_id),
+                                  instance_id=self.instance_id)
+        async with grpc.aio.secure_channel(self.api_address, creds) as channel:
+            resp = await pb_grpc.IdentityStub(channel).Renew(request, timeout=RPC_TIMEOUT_S)
+        # No pin: the bundle we already trust authenticated this answer (mTLS).
+        self._accept(resp.certificate_pem.encode(), resp.trust_bundle_pem.encode(), None)
+
+    def _accept(self, cert_pem: bytes, bundle_pem: bytes, pin: str | None) -> None:
+        now = _now()
+        cert = check_issued(self.key, self.spiffe_id, cert_pem, bundle_pem, pin, now)
+        new = MemoryTlsFiles(cert_pem, self.key, bundle_pem)
+        old = self.memfiles
+        if old is not None:
+            try:
+                self.on_new_files(new.files)
+            except OSError as exc:  # ssl.SSLError too: the old identity stays in use
+                new.close()
+                raise IdentityError(f"the new certificate could not be loaded: {exc}") from None
+            except BaseException:
+                new.close()
+                raise
+        self.memfiles = new
+        self.cert_pem, self.bundle_pem = cert_pem, bundle_pem
+        self.not_after = cert.not_valid_after_utc
+        self.renew_time = renew_at(cert, received=now)
+        self._expired_logged = False
+        if old is not None:
+            old.close()  # the TLS state has loaded the new files; open connections keep theirs
+
+    def expired(self, now: dt.datetime | None = None) -> bool:
+        return self.not_after is not None and (now or _now()) >= self.not_after
+
+    async def renew_forever(self) -> None:
+        """Renew at ``renew_time``; on failure retry with backoff (renewing while the
+        certificate is valid, joining again with the token once it has expired)."""
+        backoff = 0.2
+        while True:
+            now = _now()
+            assert self.renew_time is not None and self.not_after is not None
+            if now < self.renew_time:
+                await asyncio.sleep((self.renew_time - now).total_seconds())
+                continue
+            expired = self.expired(now)
+            if expired and not self._expired_logged:
+                self._expired_logged = True
+                log.error("certificate expired at %s without renewal (last error: %s); not "
+                          "ready until the control plane at %s answers", _rfc3339(self.not_after),
+                          self.last_error, self.join_address)
+            try:
+                if expired:
+                    await self._join_once()
+                    self.rejoins += 1
+                else:
+                    await self._renew_once()
+                self.renewals += 1
+                self.last_error = None
+                backoff = 0.2
+                log.info("certificate renewed (valid until %s, next renewal at %s)",
+                         _rfc3339(self.not_after), _rfc3339(self.renew_time))
+                continue
+            except grpc.aio.AioRpcError as exc:
+                what = "join again" if expired else "renew"
+                self.last_error = f"{what}: {exc.code().name}: {exc.details()}"
+                if not expired and exc.code() not in RETRYABLE:
+                    # Refused (not just unreachable): try the token instead, right away.
+                    log.warning("renewal refused (%s); joining again with the token",
+                                self.last_error)
+                    try:
+                        await self._join_once()
+                        self.rejoins += 1
+                        self.renewals += 1
+                        self.last_error = None
+                        backoff = 0.2
+                        continue
+                    except grpc.aio.AioRpcError as exc2:
+                        self.last_error = f"join again: {exc2.code().name}: {exc2.details()}"
+                    except (JoinRefused, IdentityError) as exc2:
+                        self.last_error = f"join again: {exc2}"
+            except (JoinRefused, IdentityError) as exc:
+                self.last_error = str(exc)
+            log.warning("certificate not renewed (%s); retrying in %.1fs", self.last_error, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+
+    # ------------------------------------------------------------- admin
+    def not_ready_reason(self) -> str | None:
+        return "certificate expired" if self.expired() else None
+
+    def stats(self) -> dict[str, object]:
+        return {"spiffe_id": self.spiffe_id.uri,
+                "not_after": _rfc3339(self.not_after) if self.not_after else None,
+                "not_after_unix": self.not_after.timestamp() if self.not_after else None,
+                "renew_at": _rfc3339(self.renew_time) if self.renew_time else None,
+                "renewals": self.renewals, "rejoins": self.rejoins,
+                "last_error": self.last_error, "expired": self.expired(),
+                "control_plane": self.api_address}
+
+    def close(self) -> None:
+        if self.memfiles is not None:
+            self.memfiles.close()
+            self.memfiles = None
