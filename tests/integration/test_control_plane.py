@@ -282,3 +282,55 @@ def test_control_plane_bad_flags_are_one_line(tmp_path: Path) -> None:
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1 and "--listen" in r.stderr, r.stderr
+
+
+def _org_pki(tmp: Path) -> tuple[Path, Path, x509.Certificate]:
+    """An organisation's root and an intermediate for the mesh (chain file: intermediate,
+    then root). Returns (chain path, intermediate key path, root certificate)."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "org root")])
+    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+            .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(root_key, hashes.SHA256()))
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh intermediate")]))
+             .issuer_name(root_name).public_key(inter_key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5))
+             .not_valid_after(now + dt.timedelta(days=20))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .sign(root_key, hashes.SHA256()))
+    chain = tmp / "intermediate-chain.pem"
+    chain.write_bytes(inter.public_bytes(serialization.Encoding.PEM)
+                      + root.public_bytes(serialization.Encoding.PEM))
+    key = tmp / "intermediate-key.pem"
+    key.write_bytes(inter_key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    key.chmod(0o600)
+    return chain, key, root
+
+
+def test_an_organisations_intermediate_signs_and_its_chain_is_the_bundle(tmp_path: Path) -> None:
+    chain, key, root = _org_pki(tmp_path)
+    cp = start_cp(tmp_path / "ca", tmp_path / "data", "--ca-cert", str(chain), "--ca-key", str(key))
+    try:
+        wl = Workload()
+        join(create_token(cp, "order"), wl, csr_service="order")
+        cert = x509.load_pem_x509_certificate(wl.cert_pem)
+        inter = x509.load_pem_x509_certificates(chain.read_bytes())[0]
+        cert.verify_directly_issued_by(inter)  # signed by the intermediate
+        assert wl.bundle_pem == chain.read_bytes()  # the whole chain, up to the org's root
+        assert root.public_bytes(serialization.Encoding.PEM) in wl.bundle_pem
+        with mtls_channel(cp, wl) as ch:  # the API serves the intermediate's workloads
+            resp = pb_grpc.IdentityStub(ch).Renew(pb.RenewRequest(csr=wl.csr("order")), timeout=10)
+        assert resp.spiffe_id == "spiffe://mesh.local/service/order"
+    finally:
+        cp.proc.stop()
