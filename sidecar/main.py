@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -201,7 +202,8 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
 @click.option("--token-file", default=None, type=click.Path(dir_okay=False),
               help="Dynamic mode: a file holding the join token.")
 @click.option("--control-plane", default=None, metavar="HOST:PORT",
-              help="Dynamic mode: the control plane's API address (default: the token's).")
+              help="Dynamic mode: the control plane's API address (default: "
+                   "MESH_CONTROL_PLANE, else the token's).")
 @click.option("--bootstrap-address", default=None, metavar="HOST:PORT",
               help="Dynamic mode: the control plane's join address (default: the token's).")
 @click.option("--trust-domain", default=None,
@@ -255,6 +257,8 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
 
     from mesh_common.jointoken import TokenError, parse_token
 
+    if control_plane is None:  # dynamic mode only: standalone ignores the environment
+        control_plane = os.environ.get("MESH_CONTROL_PLANE") or None
     for flag, value in (("--control-plane", control_plane),
                         ("--bootstrap-address", bootstrap_address)):
         if value is not None:
