@@ -168,3 +168,29 @@ def test_standalone_and_dynamic_flags_mixed_wrongly_are_one_line(
         assert r.returncode == 2, (needle, r.returncode, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (needle, r.stderr)
+
+
+def test_an_expired_certificate_shows_on_ready_and_the_sidecar_rejoins(tmp_path: Path) -> None:
+    """The control plane goes away long enough for the certificate to expire: /ready says so;
+    when it is back (same addresses, same state) the sidecar gets a certificate again."""
+    base = tmp_path / "cp"
+    listen = (f"127.0.0.1:{procs.free_port()}", f"127.0.0.1:{procs.free_port()}")
+    flags = ("--cert-ttl", "5", "--listen", listen[0], "--bootstrap-listen", listen[1])
+    cp = start_cp(base / "ca", base / "data", *flags)
+    sidecar = None
+    try:
+        token = create_token(cp, "echo")
+        sidecar = start_dynamic(tmp_path, "--service", "echo", "--token", token)
+        procs.wait_for(lambda: admin_get(sidecar, "/ready")[0] == 200, 10, what="ready")
+        assert cp.proc.stop() == 0
+        procs.wait_for(lambda: (lambda r: r[0] == 503 and "expired" in json.dumps(r[1]))(
+            admin_get(sidecar, "/ready")), 20, what="/ready answering 503: certificate expired")
+        cp = start_cp(base / "ca", base / "data", *flags)
+        procs.wait_for(lambda: admin_get(sidecar, "/ready")[0] == 200, 25,
+                       what="the sidecar to get a certificate again")
+        identity = admin_get(sidecar, "/stats")[1]["identity"]
+        assert identity["rejoins"] + identity["renewals"] >= 1 and not identity["expired"], identity
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
+        cp.proc.stop()
