@@ -63,8 +63,8 @@ class Pool:
 
     def ensure_connecting(self) -> None:
         """Start a connection if none is ready or under way (a call is waiting)."""
-        if not any(c.can_open_stream() for c in self.conns) and self.connecting == 0:
-            self._maybe_connect()
+        if not any(c.can_open_stream() for c in self.conns):
+            self._maybe_connect()  # starts nothing while an attempt is under way
 
     def connected(self, conn: H2Connection) -> None:
         self.connecting = max(0, self.connecting - 1)

@@ -71,7 +71,7 @@ class Call:
         "resp_credited", "request_ended", "request_trailers",
         "committed", "response_started", "grpc_status", "grpc_message", "finished",
         "down_open", "ended", "req_meter", "resp_meter", "local_reply", "route", "endpoint",
-        "upstream_label", "cluster", "tags",
+        "upstream_label", "cluster",
     )
 
     def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
@@ -118,8 +118,6 @@ class Call:
         self.endpoint: Any = None
         """The endpoint picked for the current attempt (``mesh_common.snapshot.Endpoint``)."""
         self.upstream_label = ""
-        self.tags: dict[str, Any] | None = None
-        """Free-form notes layers leave for each other (created by whoever writes first)."""
 
 
 class Hooks(Protocol):
