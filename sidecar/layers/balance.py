@@ -10,16 +10,17 @@ from .base import Decision, Layer, Next
 
 
 class RoundRobin(Layer):
-    """Sets ``call.endpoint``, rotating per cluster."""
+    """Sets ``call.endpoint``, rotating per cluster over its healthy endpoints."""
 
     def __init__(self) -> None:
         self._next: dict[str, int] = {}
 
     def on_request(self, call: Call, next: Next) -> Decision:
         cluster: Cluster = call.cluster
-        eps = cluster.endpoints
+        eps = cluster.healthy
         if not eps:
-            return LocalReply(G.UNAVAILABLE, f"service {cluster.name!r} has no endpoints")
+            why = "no healthy endpoints" if cluster.endpoints else "no endpoints"
+            return LocalReply(G.UNAVAILABLE, f"service {cluster.name!r} has {why}")
         i = self._next.get(cluster.name, 0)
         self._next[cluster.name] = i + 1
         call.endpoint = eps[i % len(eps)]
