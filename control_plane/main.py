@@ -1,4 +1,5 @@
-"""``mesh-control-plane``: run the control plane (the mesh's CA, join tokens, admin API)."""
+"""``mesh-control-plane``: run the control plane (the mesh's CA, join tokens, registry and
+discovery, admin API)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import click
 
 from control_plane import ca as ca_mod
+from control_plane.discovery import DiscoverySettings
 from control_plane.server import ControlPlane, Server, split_hostport
 from control_plane.store import Store
 from mesh_common.spiffe import SpiffeError, SpiffeId
@@ -60,7 +62,7 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
     log.info("%s serving API on %s (mTLS), join on %s", PROG, ready["listen"], ready["bootstrap"])
     await stop.wait()
     log.info("%s stopping", PROG)
-    await server.stop()
+    await server.stop()  # ends the streams and the background tasks, saves the registry
     return 0
 
 
@@ -77,14 +79,32 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
 @click.option("--ca-key", type=click.Path(dir_okay=False), default=None,
               help="The intermediate's private key (with --ca-cert).")
 @click.option("--data-dir", default=".mesh/control-plane", show_default=True,
-              type=click.Path(file_okay=False), help="State (SQLite): tokens, issued certificates.")
+              type=click.Path(file_okay=False), help="State (SQLite): tokens, issued certificates, the registry.")
 @click.option("--cert-ttl", type=click.IntRange(5, 30 * 24 * 3600), default=3600,
               show_default=True, help="Lifetime of workload certificates, in seconds.")
+@click.option("--grace-period-s", type=click.FloatRange(0, 24 * 3600), default=10.0,
+              show_default=True,
+              help="An instance whose stream is down this long leaves the registry (after a "
+                   "restart, counted from the restart).")
+@click.option("--push-window-ms", type=click.IntRange(0, 60_000), default=100,
+              show_default=True,
+              help="A change is pushed at once; changes within this window after a push are "
+                   "coalesced into one push at its end.")
+@click.option("--report-window-s", type=click.FloatRange(1, 3600), default=60.0,
+              show_default=True, help="How long sidecars' state reports are kept (topology).")
+@click.option("--stale-after-s", type=click.FloatRange(0.1, 3600), default=10.0,
+              show_default=True,
+              help="A sidecar that has not ACKed the version sent this long is STALE.")
+@click.option("--enable-test-hooks", is_flag=True, default=False,
+              help="TEST ONLY: serve Admin.TestPushRawSnapshot (pushes unvalidated snapshots).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def cli(listen: str, bootstrap_listen: str, trust_domain: str, ca_dir: str, ca_cert: str | None,
-        ca_key: str | None, data_dir: str, cert_ttl: int, log_level: str) -> int:
-    """Run the mesh control plane: certificate authority, join tokens and admin API."""
+        ca_key: str | None, data_dir: str, cert_ttl: int, grace_period_s: float,
+        push_window_ms: int, report_window_s: float, stale_after_s: float,
+        enable_test_hooks: bool, log_level: str) -> int:
+    """Run the mesh control plane: certificate authority, join tokens, registry and
+    discovery, admin API."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -94,7 +114,13 @@ def cli(listen: str, bootstrap_listen: str, trust_domain: str, ca_dir: str, ca_c
     now = dt.datetime.now(dt.UTC)
     ca = load_ca(Path(ca_dir), trust_domain, ca_cert, ca_key, now)
     store = Store(Path(data_dir))
-    cp = ControlPlane(ca, store, dt.timedelta(seconds=cert_ttl))
+    settings = DiscoverySettings(grace_period_s=grace_period_s,
+                                 push_window_s=push_window_ms / 1000,
+                                 report_window_s=report_window_s, stale_after_s=stale_after_s,
+                                 test_hooks=enable_test_hooks)
+    if enable_test_hooks:
+        log.warning("TEST HOOKS ARE ON: Admin.TestPushRawSnapshot pushes unvalidated snapshots")
+    cp = ControlPlane(ca, store, dt.timedelta(seconds=cert_ttl), settings=settings)
     return asyncio.run(_serve(cp, listen, bootstrap_listen))
 
 

@@ -3,7 +3,8 @@ control plane.
 
     meshctl token create SERVICE [--ttl 1h] [--uses N]   # prints the token alone
     meshctl token list | meshctl token delete ID
-    meshctl certs
+    meshctl certs [renew [--service S]]
+    meshctl status | meshctl topology | meshctl config INSTANCE
 
 Tables by default, ``-o json|yaml`` for scripts; errors are one line on stderr and a
 non-zero exit.
@@ -182,16 +183,115 @@ def token_delete(ctx: click.Context, token_id: str) -> None:
     click.echo(f"deleted join token {token_id}")
 
 
-@cli.command("certs")
+@cli.group("certs", invoke_without_command=True)
 @_output
 @click.pass_context
 def certs(ctx: click.Context, output: str) -> None:
     """Certificates the control plane issued: service, instance, serial, not_after."""
+    if ctx.invoked_subcommand is not None:
+        return
     resp = _client(ctx).call("ListCertificates", pb.ListCertificatesRequest())
     doc = [{"service": c.service, "instance": c.instance_id, "serial": c.serial,
             "not_after": _iso(c.not_after_unix)} for c in resp.certificates]
     rows = [[d["service"], d["instance"], d["serial"], d["not_after"]] for d in doc]
     _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "SERIAL", "NOT AFTER"], rows)
+
+
+@certs.command("renew")
+@click.option("--service", default="", help="Only the sidecars of this service (default: all).")
+@click.pass_context
+def certs_renew(ctx: click.Context, service: str) -> None:
+    """Tell connected sidecars (of SERVICE, or all) to renew their certificates now."""
+    resp = _client(ctx).call("RenewCertificates", pb.RenewCertificatesRequest(service=service))
+    if not resp.instances:
+        raise MeshctlError("no connected sidecar" + (f" of service {service!r}" if service
+                                                      else ""))
+    click.echo(f"asked {len(resp.instances)} sidecar(s) to renew: {', '.join(resp.instances)}")
+
+
+def _age(unix: float) -> str:
+    if not unix:
+        return "-"
+    s = max(0, int(dt.datetime.now(dt.UTC).timestamp() - unix))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+@cli.command("status")
+@_output
+@click.pass_context
+def status(ctx: click.Context, output: str) -> None:
+    """One row per sidecar: addresses, snapshot version ACKed, sync state, certificate expiry."""
+    resp = _client(ctx).call("ListSidecars", pb.ListSidecarsRequest())
+    doc = [{"service": s.service, "instance": s.instance, "spiffe_id": s.spiffe_id,
+            "inbound": s.inbound, "outbound": s.outbound, "admin": s.admin,
+            "labels": dict(sorted(s.labels.items())), "health": s.health,
+            "sent_version": s.sent_version, "acked_version": s.acked_version,
+            "state": s.state, "connected": s.connected,
+            "nack": ({"version": s.nack_version, "reason": s.nack_reason,
+                      "at": _iso(s.nack_at_unix)} if s.nack_reason else None),
+            "cert_not_after": _iso(s.cert_not_after_unix) if s.cert_not_after_unix else None,
+            "last_seen": _iso(int(s.last_seen_unix)) if s.last_seen_unix else None}
+           for s in resp.sidecars]
+    rows = []
+    for d, s in zip(doc, resp.sidecars, strict=True):
+        state = d["state"]
+        if s.nack_reason and state == "NACKED":
+            state = f"NACKED v{s.nack_version}: {s.nack_reason}"
+        elif not s.connected:
+            state = f"{state} (stream down {_age(s.last_seen_unix)})"
+        rows.append([d["service"], d["instance"], d["inbound"] or "-", d["outbound"] or "-",
+                     d["admin"] or "-", d["acked_version"] or "-", state,
+                     d["cert_not_after"] or "-"])
+    _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "INBOUND", "OUTBOUND", "ADMIN", "ACKED",
+                             "STATE", "CERT NOT AFTER"], rows,
+          title=f"latest snapshot version {resp.latest_version or '-'}")
+
+
+@cli.command("topology")
+@_output
+@click.pass_context
+def topology(ctx: click.Context, output: str) -> None:
+    """Services with their instances and health, and the edges that carried traffic lately."""
+    resp = _client(ctx).call("Topology", pb.TopologyRequest())
+    doc = {"services": [{"name": s.name,
+                         "instances": [{"instance": i.instance, "address": i.address,
+                                        "healthy": i.healthy} for i in s.instances]}
+                        for s in resp.services],
+           "edges": [{"source": e.source, "destination": e.destination,
+                      "rps": round(e.rps, 3), "success_rate": round(e.success_rate, 4),
+                      "p50_ms": round(e.p50_ms, 3), "p99_ms": round(e.p99_ms, 3),
+                      "requests": e.requests} for e in resp.edges],
+           "window_s": resp.window_s}
+    if output != "table":
+        _emit(ctx, output, doc, [], [])
+        return
+    rows = [[s["name"], i["instance"], i["address"] or "-",
+             "healthy" if i["healthy"] else "UNHEALTHY"]
+            for s in doc["services"] for i in s["instances"] or [{"instance": "-",
+                                                                  "address": "", "healthy": False}]]
+    _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "ADDRESS", "HEALTH"], rows, title="services")
+    edges = [[e["source"], "->", e["destination"], f"{e['rps']:.1f}",
+              f"{100 * e['success_rate']:.1f}%", f"{e['p50_ms']:.1f}", f"{e['p99_ms']:.1f}"]
+             for e in doc["edges"]]
+    _emit(ctx, output, doc, ["SOURCE", "", "DESTINATION", "RPS", "SUCCESS", "P50 MS", "P99 MS"],
+          edges, title=f"edges (last {resp.window_s:.0f}s)")
+
+
+@cli.command("config")
+@click.argument("instance")
+@click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml",
+              show_default=True, help="Output format.")
+@click.pass_context
+def config(ctx: click.Context, instance: str, output: str) -> None:
+    """The snapshot INSTANCE holds (an instance id, or a service with one instance)."""
+    resp = _client(ctx).call("GetSidecarConfig", pb.GetSidecarConfigRequest(instance=instance))
+    try:
+        held = json.loads(resp.json)
+    except ValueError:
+        raise MeshctlError(f"the sidecar {resp.instance} answered with invalid JSON") from None
+    doc = {"service": resp.service, "instance": resp.instance, "version": resp.version,
+           **(held if isinstance(held, dict) else {"snapshot": held})}
+    _emit(ctx, output, doc, [], [])
 
 
 def main(argv: list[str] | None = None) -> None:

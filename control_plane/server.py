@@ -4,8 +4,10 @@
   sends a token id, its CSR and a join proof, and gets a certificate and the trust bundle
   (public data it checks against the token's pin);
 * the **API** listener requires a client certificate chained to the mesh CA and serves
-  ``mesh.v1.Identity`` (workloads renew their own identity) and ``mesh.v1.Admin`` (admin
-  identities only: ``spiffe://<td>/admin/<name>``).
+  ``mesh.v1.Identity`` (workloads renew their own identity), ``mesh.v1.Discovery`` (one
+  long-lived stream per sidecar: registration, snapshots and ACK/NACK, live state, queries and
+  commands; workload identities only, and the service registered is always the certificate's)
+  and ``mesh.v1.Admin`` (admin identities only: ``spiffe://<td>/admin/<name>``).
 
 The join proof (``mesh_common.jointoken``) is HMAC-SHA256 of the CSR keyed by the SHA-256 of the
 token's secret, which is what the store keeps (never the secret, never the token string).
@@ -15,12 +17,15 @@ Tokens and secrets are never logged; token ids are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
+import json
 import logging
+import math
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -28,8 +33,21 @@ import grpc
 from cryptography import x509
 
 from control_plane.ca import CertificateAuthority, CsrError
+from control_plane.discovery import (
+    STALE,
+    DiscoverySettings,
+    Publisher,
+    QueryFailed,
+    Session,
+    SessionHub,
+    raw_published,
+)
+from control_plane.registry import HEALTH_VALUES, Instance, Registry, normalize_health, sort_labels
+from control_plane.registry.embedded import EmbeddedRegistry
 from control_plane.store import Store, UseResult
+from control_plane.telemetry import Histogram, Report, Telemetry, UpstreamSample
 from mesh_common.jointoken import check_join_proof, new_token, secret_digest
+from mesh_common.snapshot import MAX_SNAPSHOT_BYTES, SnapshotError, from_doc, parse_address
 from mesh_common.spiffe import SpiffeError, SpiffeId
 from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
@@ -40,6 +58,23 @@ DEFAULT_TOKEN_TTL_S = 3600
 MAX_TOKEN_TTL_S = 365 * 24 * 3600
 SERVER_CERT_TTL = dt.timedelta(days=365)
 MAX_CSR_BYTES = 16 * 1024
+REGISTER_TIMEOUT_S = 30.0     # a stream must send its Register within this
+QUERY_TIMEOUT_S = 5.0         # how long an admin RPC waits for a sidecar's answer
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # snapshots (up to MAX_SNAPSHOT_BYTES) and answers
+MAX_REASON_CHARS = 1024       # NACK reasons and query errors are cut to this
+MAX_UPSTREAMS_PER_REPORT = 256
+MAX_HISTOGRAM_BOUNDS = 64
+API_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # long-lived streams: ping to find dead peers, and accept sidecars' keepalive pings as
+    # often as every 5 s (the default would GOAWAY a client pinging more than every 5 min)
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+]
 
 
 @dataclass(frozen=True)
@@ -87,16 +122,68 @@ def _unix(t: dt.datetime) -> int:
 
 
 class ControlPlane:
-    """The state and the RPC logic shared by the three services."""
+    """The state and the RPC logic shared by the services: the CA and store, the registry,
+    the snapshot publisher, the sidecars' sessions and their reported telemetry.
+
+    ``registry`` defaults to the embedded one loaded from ``store`` (blocking I/O: build the
+    control plane before serving). ``start``/``stop`` run the background tasks (publisher,
+    registry persistence, pruning)."""
 
     def __init__(self, ca: CertificateAuthority, store: Store, cert_ttl: dt.timedelta,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 settings: DiscoverySettings | None = None,
+                 registry: Registry | None = None) -> None:
         self.ca = ca
         self.store = store
         self.cert_ttl = cert_ttl
         self.clock = clock
         self.join_address = ""
         self.api_address = ""
+        self.settings = settings or DiscoverySettings()
+        self.registry = registry if registry is not None else EmbeddedRegistry.load(
+            store, self.settings.grace_period_s, clock())
+        self.publisher = Publisher(self.registry, store, self.settings.push_window_s,
+                                   ca.trust_domain)
+        self.hub = SessionHub()
+        self.publisher.subscribe(self.hub.broadcast)
+        self.telemetry = Telemetry(self.settings.report_window_s)
+        self._prune_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the registry's persistence, publish the first snapshot, start pruning."""
+        await self.registry.start()
+        await self.publisher.start()
+        if self._prune_task is None:
+            self._prune_task = asyncio.create_task(self._prune_loop(), name="registry-prune")
+
+    async def stop(self) -> None:
+        """Close every stream, stop the background tasks, save the registry. Idempotent."""
+        self.hub.close_all("the control plane is stopping")
+        task, self._prune_task = self._prune_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.publisher.stop()
+        await self.registry.close()
+
+    def prune(self, now: float) -> list[Instance]:
+        """Remove the instances whose grace period is over, with their sessions and reports."""
+        removed = self.registry.prune(now)
+        for inst in removed:
+            self.hub.forget(inst.key)
+            self.telemetry.forget(inst.key)
+            log.info("removed %s instance %s from the registry: stream down for more than %ss",
+                     inst.service, inst.instance_id, self.settings.grace_period_s)
+        return removed
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.prune_interval_s)
+            try:
+                self.prune(self.clock())
+            except Exception:
+                log.exception("pruning the registry failed")
 
     def now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
@@ -236,6 +323,338 @@ class AdminServicer(pb_grpc.AdminServicer):
                                issued_at_unix=int(r.issued_at))
             for r in rows])
 
+    # ------------------------------------------------------------------ sidecars
+    async def ListSidecars(self, request: pb.ListSidecarsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListSidecarsResponse:
+        await self._require_admin(context, "ListSidecars")
+        cp = self.cp
+        now = cp.clock()
+        out: list[pb.SidecarStatus] = []
+        for inst in cp.registry.instances():
+            s = cp.hub.get(inst.key)
+            status = pb.SidecarStatus(
+                service=inst.service, instance=inst.instance_id, inbound=inst.inbound,
+                outbound=inst.outbound, admin=inst.admin, labels=dict(inst.labels),
+                health=inst.health, connected=inst.connected, spiffe_id=inst.spiffe_id,
+                state=STALE,
+                last_seen_unix=inst.disconnected_at or inst.registered_at)
+            if s is not None:
+                status.sent_version = s.sent_version
+                status.acked_version = s.acked_version
+                status.state = s.state(now, cp.settings.stale_after_s) if inst.connected \
+                    else STALE
+                status.nack_version = s.nack_version
+                status.nack_reason = s.nack_reason
+                status.nack_at_unix = int(s.nack_at or 0)
+                status.cert_not_after_unix = int(s.cert_not_after)
+                status.last_seen_unix = s.last_seen
+            out.append(status)
+        latest = cp.publisher.latest
+        return pb.ListSidecarsResponse(sidecars=out,
+                                       latest_version=latest.version if latest else "")
+
+    async def Topology(self, request: pb.TopologyRequest,
+                       context: grpc.aio.ServicerContext) -> pb.TopologyResponse:
+        await self._require_admin(context, "Topology")
+        cp = self.cp
+        topo = cp.telemetry.topology(cp.registry.instances(), cp.clock())
+        return pb.TopologyResponse(
+            services=[pb.TopologyService(name=s.name, instances=[
+                pb.TopologyInstance(instance=i.instance, address=i.address, healthy=i.healthy)
+                for i in s.instances]) for s in topo.services],
+            edges=[pb.TopologyEdge(source=e.source, destination=e.destination, rps=e.rps,
+                                   success_rate=e.success_rate, p50_ms=e.p50_ms,
+                                   p99_ms=e.p99_ms, requests=e.requests) for e in topo.edges],
+            window_s=topo.window_s)
+
+    async def _connected_session(self, context: grpc.aio.ServicerContext,
+                                 name: str) -> Session:
+        """The connected session named by ``name``: an instance id, ``service/instance``, or
+        a service with exactly one instance. Aborts NOT_FOUND, FAILED_PRECONDITION (several
+        match: the message lists them) or UNAVAILABLE (not connected)."""
+        cp = self.cp
+        if not name:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "name an instance (or a service with one instance)")
+        instances = cp.registry.instances()
+        matches = [i for i in instances if i.instance_id == name]
+        if not matches and "/" in name:
+            service, _, iid = name.partition("/")
+            matches = [i for i in instances if i.service == service and i.instance_id == iid]
+        if not matches:
+            matches = [i for i in instances if i.service == name]
+            if len(matches) > 1:
+                await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                             f"service {name} has {len(matches)} instances, name one: "
+                             + ", ".join(i.instance_id for i in matches))
+        if not matches:
+            await _abort(context, grpc.StatusCode.NOT_FOUND,
+                         f"no sidecar with instance id or service {name!r}")
+        if len(matches) > 1:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"{len(matches)} sidecars have instance id {name}, name one as "
+                         "SERVICE/INSTANCE: "
+                         + ", ".join(f"{i.service}/{i.instance_id}" for i in matches))
+        inst = matches[0]
+        session = cp.hub.get(inst.key)
+        if session is None or not session.connected:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                         f"{inst.service} instance {inst.instance_id} is not connected")
+        return session
+
+    async def GetSidecarConfig(self, request: pb.GetSidecarConfigRequest,
+                               context: grpc.aio.ServicerContext) -> pb.GetSidecarConfigResponse:
+        await self._require_admin(context, "GetSidecarConfig")
+        session = await self._connected_session(context, request.instance)
+        inst = session.instance
+        try:
+            qid, fut = session.query("config")
+        except QueryFailed as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        try:
+            answer = await asyncio.wait_for(fut, QUERY_TIMEOUT_S)
+        except TimeoutError:
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"{inst.service} instance {inst.instance_id} did not answer within "
+                         f"{QUERY_TIMEOUT_S:g} s")
+        except QueryFailed as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                         f"{inst.service} instance {inst.instance_id}: {exc}")
+        finally:
+            session.forget_query(qid)
+        if answer.error:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"{inst.service} instance {inst.instance_id} answered: "
+                         f"{_one_line(answer.error)}")
+        version = ""
+        try:
+            doc = json.loads(answer.json)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("version"), str):
+            version = doc["version"]
+        return pb.GetSidecarConfigResponse(service=inst.service, instance=inst.instance_id,
+                                           version=version, json=answer.json)
+
+    async def RenewCertificates(self, request: pb.RenewCertificatesRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> pb.RenewCertificatesResponse:
+        caller = await self._require_admin(context, "RenewCertificates")
+        told: list[str] = []
+        for s in self.cp.hub.connected():
+            if request.service and s.instance.service != request.service:
+                continue
+            if s.send(pb.ControlMessage(renew=pb.RenewCertificate())):
+                told.append(s.instance.instance_id)
+        log.info("%s asked %d sidecar(s)%s to renew their certificates", caller.uri, len(told),
+                 f" of {request.service}" if request.service else "")
+        return pb.RenewCertificatesResponse(instances=told)
+
+    async def TestPushRawSnapshot(self, request: pb.TestPushRawSnapshotRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> pb.TestPushRawSnapshotResponse:
+        caller = await self._require_admin(context, "TestPushRawSnapshot")
+        cp = self.cp
+        if not cp.settings.test_hooks:
+            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "test hooks are off")
+        if len(request.json.encode()) > MAX_SNAPSHOT_BYTES:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"json is larger than {MAX_SNAPSHOT_BYTES} bytes")
+        session = await self._connected_session(context, request.instance)
+        version = await cp.publisher.take_version()
+        session.push_snapshot(raw_published(version, request.json))
+        log.warning("TEST HOOK: %s pushed a raw, unvalidated snapshot as version %s to %s "
+                    "instance %s", caller.uri, version, session.instance.service,
+                    session.instance.instance_id)
+        return pb.TestPushRawSnapshotResponse(version=version)
+
+
+# ---------------------------------------------------------------------- discovery
+def _check_address(value: str, field: str, required: bool = False) -> None:
+    if not value and not required:
+        return
+    try:
+        parse_address(value, field)
+    except SnapshotError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def instance_from_register(reg: pb.Register, caller: Caller, trust_domain: str,
+                           now: float) -> Instance:
+    """The instance a Register describes, for ``caller`` (its service and SPIFFE ID come from
+    the certificate, never from the message); a health it does not know is taken as UNKNOWN.
+    Raises ValueError naming the bad field."""
+    iid = reg.instance_id
+    if not iid or len(iid) > 253 or not iid.isprintable() or any(c.isspace() for c in iid):
+        raise ValueError("instance_id: required, 1-253 printable characters without spaces")
+    _check_address(reg.inbound, "inbound")
+    _check_address(reg.outbound, "outbound")
+    _check_address(reg.admin, "admin")
+    labels = dict(reg.labels)
+    try:  # the very checks every sidecar will make on the endpoint in its snapshot
+        from_doc({"version": "0", "clusters": [{"name": caller.name, "endpoints": [
+            {"address": reg.inbound or "127.0.0.1:1", "spiffe_id": caller.uri,
+             "instance": iid, "labels": labels}]}]}, trust_domain)
+    except SnapshotError as exc:
+        raise ValueError(str(exc).replace("clusters[0].endpoints[0].", "", 1)) from None
+    return Instance(caller.name, iid, caller.uri, reg.inbound, reg.outbound, reg.admin,
+                    sort_labels(labels), normalize_health(reg.health), registered_at=now)
+
+
+def report_from_pb(r: pb.StateReport, now: float) -> Report:
+    """A StateReport as telemetry keeps it (received at ``now``); bounded in size."""
+    ups: list[UpstreamSample] = []
+    for u in r.upstreams[:MAX_UPSTREAMS_PER_REPORT]:
+        hist = None
+        if u.HasField("latency") and len(u.latency.bounds_ms) <= MAX_HISTOGRAM_BOUNDS:
+            hist = Histogram(tuple(u.latency.bounds_ms), tuple(u.latency.counts))
+        ups.append(UpstreamSample(u.service, dict(u.by_code), hist))
+    interval = r.interval_s if math.isfinite(r.interval_s) else 0.0
+    return Report(now, interval, tuple(ups))
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_REASON_CHARS else line[:MAX_REASON_CHARS] + "..."
+
+
+class DiscoveryServicer(pb_grpc.DiscoveryServicer):
+    """One bidi stream per sidecar: a reader task consumes what the sidecar sends while the
+    handler (an async generator) writes what its ``Session`` queues. Whichever way the stream
+    ends (the sidecar goes, a newer stream replaces it, the control plane stops), the reader
+    is cancelled and the instance marked disconnected exactly once."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def Stream(self, request_iterator: AsyncIterator[pb.SidecarMessage],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ControlMessage]:
+        cp = self.cp
+        caller = caller_of(context, cp.ca.trust_domain)
+        if caller.kind != "service":
+            log.warning("denied a discovery stream to %s", caller.uri)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                         f"{caller.uri} is not a workload identity and cannot open a discovery"
+                         " stream")
+        requests = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(requests), REGISTER_TIMEOUT_S)
+        except StopAsyncIteration:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "the first message must be Register (the stream ended)")
+        except TimeoutError:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"the first message must be Register (none in {REGISTER_TIMEOUT_S:g} s)")
+        if first.WhichOneof("msg") != "register":
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"the first message must be Register, got {first.WhichOneof('msg')}")
+        reg = first.register
+        now = cp.clock()
+        try:
+            instance = instance_from_register(reg, caller, cp.ca.trust_domain, now)
+        except ValueError as exc:
+            log.warning("refused the registration of %s: %s", caller.uri, exc)
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"Register.{exc}")
+        stored = cp.registry.register(instance, now)
+        session = Session(stored, now, cert_not_after=float(max(0, reg.cert_not_after_unix)),
+                          acked_version=reg.version, acked_hash=reg.hash, clock=cp.clock)
+        replaced = cp.hub.open(session)
+        log.info("%s instance %s registered (inbound %s, health %s, runs version %s)%s",
+                 stored.service, stored.instance_id, stored.inbound or "-",
+                 stored.health or "-", reg.version or "-",
+                 "; it replaces the instance's previous stream" if replaced else "")
+        if cp.publisher.latest is not None:
+            session.push_snapshot(cp.publisher.latest)
+
+        reader = asyncio.create_task(self._read(session, requests),
+                                     name=f"discovery-read {stored.service}/{stored.instance_id}")
+        ended = False
+
+        def finish(_: object = None) -> None:
+            nonlocal ended
+            if not reader.done():
+                reader.cancel()
+            if ended:
+                return
+            ended = True
+            if cp.hub.close(session):
+                cp.registry.disconnected(session.instance.service, session.instance.instance_id,
+                                         cp.clock())
+                log.info("%s instance %s: stream ended", session.instance.service,
+                         session.instance.instance_id)
+
+        context.add_done_callback(finish)  # the RPC ends however it ends: never leak the reader
+        try:
+            async for message in session.outgoing():
+                yield message
+        finally:
+            finish()
+        if session.close_code:
+            await _abort(context, getattr(grpc.StatusCode, session.close_code,
+                                          grpc.StatusCode.UNAVAILABLE), session.close_reason)
+
+    async def _read(self, session: Session, requests: AsyncIterator[pb.SidecarMessage]) -> None:
+        try:
+            async for msg in requests:
+                try:
+                    self._handle(session, msg)
+                except Exception:
+                    log.exception("could not handle a message of %s instance %s",
+                                  session.instance.service, session.instance.instance_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the RPC failed under us: the handler ends too
+            log.debug("reading the stream of %s/%s failed: %r", session.instance.service,
+                      session.instance.instance_id, exc)
+        finally:
+            session.close("")  # the sidecar's side ended: end ours (no-op when closed)
+
+    def _handle(self, session: Session, msg: pb.SidecarMessage) -> None:
+        cp = self.cp
+        now = cp.clock()
+        inst = session.instance
+        session.last_seen = now
+        kind = msg.WhichOneof("msg")
+        if kind == "ack":
+            session.on_ack(msg.ack.version, msg.ack.hash, now)
+            if msg.ack.version == session.sent_version and msg.ack.hash != session.sent_hash:
+                log.warning("%s instance %s ACKed version %s with hash %s, sent %s",
+                            inst.service, inst.instance_id, msg.ack.version, msg.ack.hash,
+                            session.sent_hash)
+        elif kind == "nack":
+            reason = _one_line(msg.nack.reason)
+            session.on_nack(msg.nack.version, reason, now)
+            log.warning("%s instance %s NACKed snapshot version %s: %s", inst.service,
+                        inst.instance_id, msg.nack.version, reason)
+        elif kind == "report":
+            r = msg.report
+            cp.telemetry.add(inst.key, report_from_pb(r, now))
+            if r.cert_not_after_unix > 0:
+                session.cert_not_after = float(r.cert_not_after_unix)
+            if r.health:
+                self._set_health(session, r.health, now)
+        elif kind == "health":
+            self._set_health(session, msg.health.health, now)
+        elif kind == "answer":
+            if not session.answer(msg.answer):
+                log.debug("%s instance %s answered unknown or late query %r", inst.service,
+                          inst.instance_id, msg.answer.id)
+        elif kind == "register":
+            log.warning("%s instance %s sent a second Register on its stream: ignored",
+                        inst.service, inst.instance_id)
+
+    def _set_health(self, session: Session, health: str, now: float) -> None:
+        inst = session.instance
+        if health not in HEALTH_VALUES:
+            log.warning("%s instance %s reported an unknown health %r: taken as UNKNOWN",
+                        inst.service, inst.instance_id, health[:64])
+            health = normalize_health(health)
+        if self.cp.hub.get(inst.key) is not session:
+            return  # a replaced stream's late report
+        if self.cp.registry.set_health(inst.service, inst.instance_id, health, now):
+            log.info("%s instance %s: app health %s", inst.service, inst.instance_id,
+                     health or "(no app)")
+
 
 # ---------------------------------------------------------------------- listeners
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -306,8 +725,9 @@ class Server:
             chain += cp.ca.bundle_pem
         creds = grpc.ssl_server_credentials([(key_pem, chain)], root_certificates=cp.ca.bundle_pem,
                                             require_client_auth=True)
-        api = grpc.aio.server()
+        api = grpc.aio.server(options=API_SERVER_OPTIONS)
         pb_grpc.add_IdentityServicer_to_server(IdentityServicer(cp), api)
+        pb_grpc.add_DiscoveryServicer_to_server(DiscoveryServicer(cp), api)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(cp), api)
         bound_a = _bind(lambda: api.add_secure_port(join_hostport(host, port), creds))
         if bound_a == 0:
@@ -315,6 +735,7 @@ class Server:
 
         cp.join_address = join_hostport(bhost, bound_b)
         cp.api_address = join_hostport(host, bound_a)
+        await cp.start()  # the first snapshot exists before the first stream
         await boot.start()
         await api.start()
         self._boot, self._api = boot, api
@@ -322,4 +743,10 @@ class Server:
                 "ca_key_sha256": cp.ca.key_sha256}
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        await asyncio.gather(*(s.stop(grace_s) for s in (self._api, self._boot) if s))
+        """Stop accepting, end every discovery stream, let unary calls finish for ``grace_s``,
+        then stop the control plane's background tasks."""
+        stopping = asyncio.gather(*(s.stop(grace_s) for s in (self._api, self._boot) if s))
+        await asyncio.sleep(0)  # the servers stop accepting first
+        self.cp.hub.close_all("the control plane is stopping")
+        await stopping
+        await self.cp.stop()

@@ -1,4 +1,5 @@
-"""The control plane's durable state: join tokens and issued certificates, in SQLite (WAL).
+"""The control plane's durable state in SQLite (WAL): join tokens, issued certificates, the
+registry's instances and the snapshot version counter.
 
 One file under the data dir; every method is one transaction on its own short-lived
 connection, so the class is safe to call from worker threads. Only a digest of each token's
@@ -7,6 +8,7 @@ secret is stored, never the secret or the token string.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +37,28 @@ CREATE TABLE IF NOT EXISTS certificates (
     token_id    TEXT               -- the token it was joined with; NULL for a renewal
 );
 CREATE INDEX IF NOT EXISTS certificates_by_service ON certificates (service, issued_at);
+CREATE TABLE IF NOT EXISTS instances (
+    service       TEXT NOT NULL,
+    instance_id   TEXT NOT NULL,
+    spiffe_id     TEXT NOT NULL,
+    inbound       TEXT NOT NULL,    -- HOST:PORT; '' = outbound-only
+    outbound      TEXT NOT NULL,
+    admin         TEXT NOT NULL,
+    labels        TEXT NOT NULL,    -- JSON object
+    health        TEXT NOT NULL,    -- the last the app reported; '' = no app
+    registered_at REAL NOT NULL,
+    PRIMARY KEY (service, instance_id)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+
+# meta keys: the last version number handed out, and the latest published snapshot's
+_VERSION_COUNTER = "snapshot_version_counter"
+_PUBLISHED_VERSION = "snapshot_published_version"
+_PUBLISHED_HASH = "snapshot_published_hash"
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,22 @@ class CertRow:
     spiffe_id: str
     not_after: float
     issued_at: float
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """A registry instance as stored; connection state is not stored (after a restart every
+    instance counts as disconnected from the restart)."""
+
+    service: str
+    instance_id: str
+    spiffe_id: str
+    inbound: str
+    outbound: str
+    admin: str
+    labels: tuple[tuple[str, str], ...]
+    health: str
+    registered_at: float
 
 
 class UseResult(Enum):
@@ -158,3 +197,76 @@ class Store:
             rows = db.execute("SELECT serial, service, instance_id, spiffe_id, not_after,"
                               " issued_at FROM certificates ORDER BY issued_at, serial").fetchall()
         return [CertRow(*r) for r in rows]
+
+    # ------------------------------------------------------------------ registry instances
+    def save_instances(self, upserts: list[InstanceRow],
+                       deletes: list[tuple[str, str]]) -> None:
+        """Write ``upserts`` and delete the ``(service, instance_id)`` keys in ``deletes``, in
+        one transaction."""
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO instances (service, instance_id, spiffe_id,"
+                           " inbound, outbound, admin, labels, health, registered_at)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(r.service, r.instance_id, r.spiffe_id, r.inbound, r.outbound,
+                             r.admin, json.dumps(dict(r.labels), sort_keys=True), r.health,
+                             r.registered_at) for r in upserts])
+            db.executemany("DELETE FROM instances WHERE service = ? AND instance_id = ?",
+                           deletes)
+
+    def list_instances(self) -> list[InstanceRow]:
+        """Every stored instance, by ``(service, instance_id)``."""
+        with self._tx() as db:
+            rows = db.execute("SELECT service, instance_id, spiffe_id, inbound, outbound, admin,"
+                              " labels, health, registered_at FROM instances"
+                              " ORDER BY service, instance_id").fetchall()
+        out: list[InstanceRow] = []
+        for r in rows:
+            try:
+                labels = json.loads(r[6])
+            except ValueError:
+                labels = {}
+            if not isinstance(labels, dict):
+                labels = {}
+            out.append(InstanceRow(r[0], r[1], r[2], r[3], r[4], r[5],
+                                   tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+                                   r[7], r[8]))
+        return out
+
+    # ------------------------------------------------------------------ snapshot versions
+    @staticmethod
+    def _meta(db: sqlite3.Connection, key: str) -> str | None:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def _set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _take(self, db: sqlite3.Connection) -> int:
+        n = int(self._meta(db, _VERSION_COUNTER) or 0) + 1
+        self._set_meta(db, _VERSION_COUNTER, str(n))
+        return n
+
+    def published_snapshot(self) -> tuple[int, str]:
+        """``(version, content hash)`` of the latest published snapshot; ``(0, "")`` if none."""
+        with self._tx() as db:
+            version = self._meta(db, _PUBLISHED_VERSION)
+            digest = self._meta(db, _PUBLISHED_HASH)
+        return (int(version), digest or "") if version else (0, "")
+
+    def publish_snapshot(self, content_hash: str) -> int:
+        """The version of a snapshot with ``content_hash``: the latest published one's when the
+        hash is the same, else the next number of the counter (recorded as the latest)."""
+        with self._tx() as db:
+            version = self._meta(db, _PUBLISHED_VERSION)
+            if version and self._meta(db, _PUBLISHED_HASH) == content_hash:
+                return int(version)
+            n = self._take(db)
+            self._set_meta(db, _PUBLISHED_VERSION, str(n))
+            self._set_meta(db, _PUBLISHED_HASH, content_hash)
+            return n
+
+    def take_version_number(self) -> int:
+        """Consume the next version number without publishing anything (test hooks)."""
+        with self._tx() as db:
+            return self._take(db)

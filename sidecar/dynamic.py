@@ -3,8 +3,9 @@
 Joining: a key made in memory (``WorkloadKey``), a CSR for our SPIFFE ID and an HMAC proof
 keyed by the token's secret go to the control plane's plaintext join listener
 (``mesh.v1.Bootstrap/Join``); the answer is accepted only if the bundle carries the token's CA
-pin and the certificate is ours (``check_issued``). Renewing: at two thirds of the life, a new
-CSR over mTLS with the current certificate (``mesh.v1.Identity/Renew``); the new identity is
+pin and the certificate is ours (``check_issued``). Renewing: at two thirds of the life (or at
+once when told, ``renew_now``), a new CSR over mTLS with the current certificate
+(``mesh.v1.Identity/Renew``, trying the control plane's API addresses in turn); the new identity is
 swapped into the relay's TLS state (new handshakes use it, open connections keep theirs). A
 certificate that expired because the control plane was out of reach makes ``/ready`` say so,
 and the next success (a renewal is refused for an expired certificate, so a new join with
@@ -21,7 +22,7 @@ import datetime as dt
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -56,15 +57,23 @@ def _rfc3339(t: dt.datetime) -> str:
 
 
 class DynamicIdentity:
-    """Our key, current certificate and bundle, and the loop that renews them."""
+    """Our key, current certificate and bundle, and the loop that renews them.
+
+    ``api_address``: the control plane's API address, or several tried in turn when one is
+    out of reach (default: the token's).
+    """
 
     def __init__(self, token: JoinToken, service: str, trust_domain: str, *,
-                 join_address: str | None = None, api_address: str | None = None,
+                 join_address: str | None = None,
+                 api_address: str | Sequence[str] | None = None,
                  instance_id: str | None = None, max_backoff_s: float = 5.0) -> None:
         self.token = token
         self.spiffe_id = SpiffeId(trust_domain, service)
         self.join_address = join_address or token.join_address
-        self.api_address = api_address or token.api_address
+        if isinstance(api_address, str):
+            api_address = [api_address]
+        self.api_addresses: list[str] = list(api_address or ()) or [token.api_address]
+        self._api_index = 0
         self.instance_id = instance_id or f"{service}-{socket.gethostname()}-{os.getpid()}"
         self.max_backoff_s = max_backoff_s
         self.key = WorkloadKey()
@@ -77,8 +86,30 @@ class DynamicIdentity:
         self.rejoins = 0
         self.last_error: str | None = None
         self._expired_logged = False
+        self._renew_requested = False
+        self._wake = asyncio.Event()
         # Set by the owner before renewals start: swap new files into the relay's TLS state.
         self.on_new_files: Callable[[TlsFiles], None] = lambda files: None
+
+    @property
+    def api_address(self) -> str:
+        """The API address renewals go to now (the next one after a failure)."""
+        return self.api_addresses[self._api_index]
+
+    def _next_api_address(self) -> None:
+        self._api_index = (self._api_index + 1) % len(self.api_addresses)
+
+    @property
+    def cert_not_after_unix(self) -> int:
+        """The current certificate's expiry, Unix seconds (0 before joining)."""
+        return int(self.not_after.timestamp()) if self.not_after else 0
+
+    def renew_now(self) -> None:
+        """Ask the renewal loop to renew at once (whatever the certificate's age). Returns at
+        once; the new certificate is used for new handshakes, open connections keep theirs.
+        A request made while a renewal is under way leads to one more renewal after it."""
+        self._renew_requested = True
+        self._wake.set()
 
     @property
     def files(self) -> TlsFiles:
@@ -164,9 +195,17 @@ class DynamicIdentity:
         while True:
             now = _now()
             assert self.renew_time is not None and self.not_after is not None
-            if now < self.renew_time:
-                await asyncio.sleep((self.renew_time - now).total_seconds())
+            if now < self.renew_time and not self._renew_requested:
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout((self.renew_time - now).total_seconds()):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
                 continue
+            requested, self._renew_requested = self._renew_requested, False
+            if requested:
+                log.info("renewing the certificate now, as the control plane asked")
             expired = self.expired(now)
             if expired and not self._expired_logged:
                 self._expired_logged = True
@@ -203,8 +242,11 @@ class DynamicIdentity:
                         self.last_error = f"join again: {exc2.code().name}: {exc2.details()}"
                     except (JoinRefused, IdentityError) as exc2:
                         self.last_error = f"join again: {exc2}"
+                if not expired and exc.code() in RETRYABLE:
+                    self._next_api_address()  # out of reach: the next address next time
             except (JoinRefused, IdentityError) as exc:
                 self.last_error = str(exc)
+            self._renew_requested = self._renew_requested or requested
             log.warning("certificate not renewed (%s); retrying in %.1fs", self.last_error, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)

@@ -1,8 +1,9 @@
 """Health of the local app (dynamic mode): ``grpc.health.v1.Health/Check`` every few seconds;
 an app that answers UNIMPLEMENTED is checked by TCP connect instead (logged once).
 
-What it finds is shown in ``/stats`` (``app_health``); the registry that uses it comes with
-service discovery.
+What it finds is shown in ``/stats`` (``app_health``) and goes to the control plane: in the
+sidecar's registration (after the first check, ``first_check``) and at once on every change
+(``on_change``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +25,11 @@ METHODS = ("grpc", "tcp", "none")
 
 class AppHealth:
     """``status``: SERVING, NOT_SERVING, SERVICE_UNKNOWN, UNKNOWN (not checked yet) or
-    UNREACHABLE; ``method``: grpc, tcp or none."""
+    UNREACHABLE; ``method``: grpc, tcp or none (not checked: always SERVING).
+
+    ``on_change(status)``, when set, is called on the loop after every change of ``status``
+    (the first check's result included); it must not block.
+    """
 
     def __init__(self, app: HostPort, method: str = "grpc", interval_s: float = 5.0) -> None:
         if method not in METHODS:
@@ -32,13 +38,18 @@ class AppHealth:
         self.method = method
         self.interval_s = interval_s
         self.timeout_s = max(0.2, min(interval_s, 2.0))
-        self.status = "UNKNOWN"
+        self.status = "SERVING" if method == "none" else "UNKNOWN"
         self.last_error: str | None = None
         self.checked_at: float | None = None
         self.checks = 0
+        self.on_change: Callable[[str], None] | None = None
         self._channel: grpc.aio.Channel | None = None
+        self._first_done = asyncio.Event()
+        if method == "none":
+            self._first_done.set()
 
     async def run(self) -> None:
+        """Check every ``interval_s`` until cancelled (returns at once for method none)."""
         if self.method == "none":
             return
         try:
@@ -51,19 +62,35 @@ class AppHealth:
                 self._channel = None
 
     async def check_once(self) -> str:
-        if self.method == "grpc":
-            await self._check_grpc()
-        elif self.method == "tcp":
-            await self._check_tcp()
-        self.checks += 1
-        self.checked_at = time.time()
+        """Check the app once (at most about two ``timeout_s``) and return the status."""
+        try:
+            if self.method == "grpc":
+                await self._check_grpc()
+            elif self.method == "tcp":
+                await self._check_tcp()
+            self.checks += 1
+            self.checked_at = time.time()
+        finally:
+            self._first_done.set()
+        return self.status
+
+    async def first_check(self) -> str:
+        """The status once the first check has finished (at once for method none). Waits for
+        ``run`` (or a ``check_once``) to do it; never checks by itself."""
+        await self._first_done.wait()
         return self.status
 
     def _set(self, status: str, error: str | None) -> None:
-        if status != self.status and self.status != "UNKNOWN":
-            log.warning("local app %s is now %s (was %s)%s", self.app, status, self.status,
+        old = self.status
+        if status != old and old != "UNKNOWN":
+            log.warning("local app %s is now %s (was %s)%s", self.app, status, old,
                         f": {error}" if error else "")
         self.status, self.last_error = status, error
+        if status != old and self.on_change is not None:
+            try:
+                self.on_change(status)
+            except Exception:  # a bug in the listener must not stop the health checks
+                log.exception("health change listener failed")
 
     async def _check_grpc(self) -> None:
         if self._channel is None:

@@ -2,8 +2,9 @@
 
 Standalone mode: ``--config FILE`` (certificate files named in it). Dynamic mode:
 ``--service NAME --token T|--token-file F [--app HOST:PORT] [--config FILE]``: the identity
-comes from the control plane (joined with the token, renewed over mTLS); the optional config
-gives listeners, clusters and limits only.
+comes from the control plane (joined with the token, renewed over mTLS), and so do the
+upstream clusters (``sidecar.discovery``); the optional config gives listeners, static
+clusters and limits.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -123,13 +125,62 @@ def _read_token(token: str | None, token_file: str | None) -> str:
     return token
 
 
+_LABEL_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
+
+
+def parse_labels(values: Sequence[str]) -> dict[str, str]:
+    """``--label KEY=VALUE`` flags into a mapping. Keys are 1-63 of ``[A-Za-z0-9-_./]`` (as in
+    snapshots), values at most 253 characters; raises UsageError (one line) on a bad form or a
+    key given twice."""
+    labels: dict[str, str] = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise UsageError(f"--label: expected KEY=VALUE, got {text!r}")
+        if not (0 < len(key) <= 63 and set(key) <= _LABEL_KEY_CHARS):
+            raise UsageError(f"--label: bad key {key!r} in {text!r} (1-63 of A-Z a-z 0-9 - _ . /)")
+        if len(value) > 253 or not value.isprintable():
+            raise UsageError(f"--label: the value of {key!r} must be at most 253 printable "
+                             "characters")
+        if key in labels:
+            raise UsageError(f"--label: {key!r} given twice")
+        labels[key] = value
+    return labels
+
+
+def parse_control_planes(value: str, flag: str = "--control-plane") -> list[str]:
+    """A comma-separated list of ``HOST:PORT`` (blanks around commas allowed) into a list;
+    raises UsageError naming the bad entry."""
+    addresses = [part.strip() for part in value.split(",")]
+    if not any(addresses) or not all(addresses):
+        raise UsageError(f"{flag}: expected HOST:PORT[,HOST:PORT...], got {value!r}")
+    for address in addresses:
+        try:
+            parse_hostport(address, flag)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    return addresses
+
+
+def check_instance_id(value: str) -> str:
+    """An instance id: 1-253 printable characters without blanks; raises UsageError."""
+    if not (0 < len(value) <= 253) or not value.isprintable() or any(c.isspace() for c in value):
+        raise UsageError(f"--instance-id: expected 1-253 printable characters without blanks, "
+                         f"got {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class DynamicOptions:
     token: Any  # a JoinToken (never logged: its repr hides the secret)
     join_address: str | None
-    api_address: str | None
+    api_addresses: tuple[str, ...]  # () = the token's
     health_check: str
     health_interval_s: float
+    instance_id: str | None = None
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    report_interval_s: float = 5.0
+    max_backoff_s: float = 5.0
 
 
 class JoinFailed(Exception):
@@ -138,13 +189,16 @@ class JoinFailed(Exception):
 
 async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str, int | None],
                          drain_timeout_s: float, cert_poll_s: float) -> int:
+    from .discovery import for_dynamic_sidecar
     from .dynamic import DynamicIdentity, JoinRefused
     from .health import AppHealth
     from .tls import TlsState
 
     log = logging.getLogger("mesh.sidecar")
     identity = DynamicIdentity(opts.token, boot.service, boot.trust_domain,
-                               join_address=opts.join_address, api_address=opts.api_address)
+                               join_address=opts.join_address,
+                               api_address=list(opts.api_addresses) or None,
+                               instance_id=opts.instance_id, max_backoff_s=opts.max_backoff_s)
     log.info("joining the mesh as %s via %s", boot.spiffe_id, identity.join_address)
     # SIGTERM while still waiting for the control plane: stop trying, exit 0 (the sidecar's
     # own handlers replace these once it serves).
@@ -173,10 +227,19 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
         bound = await sidecar.start(inbound_port=ports["inbound"],
                                     outbound_port=ports["outbound"], admin_port=ports["admin"])
         tasks.append(asyncio.create_task(identity.renew_forever(), name="renew"))
+        health = None
         if boot.app is not None:
             health = AppHealth(boot.app, opts.health_check, opts.health_interval_s)
             sidecar.stats_sections["app_health"] = health.stats
             tasks.append(asyncio.create_task(health.run(), name="app-health"))
+        # Registers once the app's first health check is in; on SIGTERM it reports
+        # NOT_SERVING while the sidecar drains, and is cancelled after.
+        discovery = for_dynamic_sidecar(sidecar, identity, health, bound=bound,
+                                        labels=opts.labels, addresses=identity.api_addresses,
+                                        report_interval_s=opts.report_interval_s,
+                                        max_backoff_s=opts.max_backoff_s)
+        sidecar.stats_sections["discovery"] = discovery.stats
+        tasks.append(asyncio.create_task(discovery.run(), name="discovery"))
         sys.stdout.write(json.dumps({"ready": bound}) + "\n")
         sys.stdout.flush()
         log.info("%s serving %s as %s", PROG, bound, boot.spiffe_id)
@@ -201,8 +264,8 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
 @click.option("--token", default=None, help="Dynamic mode: a join token (meshctl token create).")
 @click.option("--token-file", default=None, type=click.Path(dir_okay=False),
               help="Dynamic mode: a file holding the join token.")
-@click.option("--control-plane", default=None, metavar="HOST:PORT",
-              help="Dynamic mode: the control plane's API address (default: "
+@click.option("--control-plane", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+              help="Dynamic mode: the control plane's API addresses, tried in turn (default: "
                    "MESH_CONTROL_PLANE, else the token's).")
 @click.option("--bootstrap-address", default=None, metavar="HOST:PORT",
               help="Dynamic mode: the control plane's join address (default: the token's).")
@@ -213,6 +276,17 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
                    "grpc.health.v1 is checked by TCP connect).")
 @click.option("--health-interval-s", type=click.FloatRange(0.1, 3600), default=None,
               help="Dynamic mode: seconds between health checks of the local app (default 5).")
+@click.option("--instance-id", default=None,
+              help="Dynamic mode: this replica's name in the registry (default "
+                   "SERVICE-HOSTNAME-PID).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Dynamic mode: a label of this instance, e.g. version=v2 (repeatable).")
+@click.option("--report-interval-s", type=click.FloatRange(0.05, 3600), default=None,
+              help="Dynamic mode: seconds between state reports to the control plane "
+                   "(default 5).")
+@click.option("--max-backoff-s", type=click.FloatRange(0.05, 3600), default=None,
+              help="Dynamic mode: the longest wait between attempts to reach the control "
+                   "plane: discovery stream, renewals, joining (default 5).")
 @click.option("--inbound-port", type=click.IntRange(0, 65535), default=None,
               help="Override the inbound (mTLS) port; 0 = any free port.")
 @click.option("--outbound-port", type=click.IntRange(0, 65535), default=None,
@@ -228,12 +302,16 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
 def cli(config_path: str | None, service: str | None, app: str | None, token: str | None,
         token_file: str | None, control_plane: str | None, bootstrap_address: str | None,
         trust_domain: str | None, health_check: str | None, health_interval_s: float | None,
-        inbound_port: int | None, outbound_port: int | None, admin_port: int | None,
+        instance_id: str | None, labels: tuple[str, ...], report_interval_s: float | None,
+        max_backoff_s: float | None, inbound_port: int | None, outbound_port: int | None,
+        admin_port: int | None,
         drain_timeout_s: float, cert_poll_s: float, log_level: str) -> int:
     """Run a mesh sidecar: an HTTP/2 frame relay with mutual TLS."""
     dynamic_flags = {"--service": service, "--app": app, "--control-plane": control_plane,
                      "--bootstrap-address": bootstrap_address, "--trust-domain": trust_domain,
-                     "--health-check": health_check, "--health-interval-s": health_interval_s}
+                     "--health-check": health_check, "--health-interval-s": health_interval_s,
+                     "--instance-id": instance_id, "--label": labels or None,
+                     "--report-interval-s": report_interval_s, "--max-backoff-s": max_backoff_s}
     dynamic = token is not None or token_file is not None
     if not dynamic:
         if config_path is None:
@@ -257,15 +335,20 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
 
     from mesh_common.jointoken import TokenError, parse_token
 
-    if control_plane is None:  # dynamic mode only: standalone ignores the environment
-        control_plane = os.environ.get("MESH_CONTROL_PLANE") or None
-    for flag, value in (("--control-plane", control_plane),
-                        ("--bootstrap-address", bootstrap_address)):
-        if value is not None:
-            try:
-                parse_hostport(value, flag)
-            except ConfigError as exc:
-                raise UsageError(str(exc)) from None
+    api_addresses: list[str] = []
+    if control_plane is not None:
+        api_addresses = parse_control_planes(control_plane)
+    elif os.environ.get("MESH_CONTROL_PLANE"):  # dynamic mode only: standalone ignores it
+        api_addresses = parse_control_planes(os.environ["MESH_CONTROL_PLANE"],
+                                             "MESH_CONTROL_PLANE")
+    if bootstrap_address is not None:
+        try:
+            parse_hostport(bootstrap_address, "--bootstrap-address")
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    label_map = parse_labels(labels)
+    if instance_id is not None:
+        check_instance_id(instance_id)
     try:
         tok = parse_token(_read_token(token, token_file))
     except TokenError as exc:
@@ -273,9 +356,13 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
     assert service is not None
     boot = dynamic_bootstrap(service, trust_domain or "mesh.local", app, config_path)
     tune_malloc()
-    options = DynamicOptions(token=tok, join_address=bootstrap_address, api_address=control_plane,
+    options = DynamicOptions(token=tok, join_address=bootstrap_address,
+                             api_addresses=tuple(api_addresses),
                              health_check=health_check or "grpc",
-                             health_interval_s=health_interval_s or 5.0)
+                             health_interval_s=health_interval_s or 5.0,
+                             instance_id=instance_id, labels=label_map,
+                             report_interval_s=report_interval_s or 5.0,
+                             max_backoff_s=max_backoff_s or 5.0)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve_dynamic(boot, options, ports, drain_timeout_s, cert_poll_s))
 

@@ -21,7 +21,7 @@ from .admin import AdminServer
 from .http2.connection import H2Connection
 from .http2.relay import Hooks, LocalReply, Relay
 from .io import Connector, Flusher, H2Protocol, PeerInfo
-from .layers.stats import Stats
+from .layers.stats import Stats, StatsReport
 from .stack import Stack, inbound_stack, outbound_stack
 from .tls import TlsFiles, TlsState
 
@@ -143,6 +143,8 @@ class Sidecar:
         # Extra reasons not to be ready (each returns one, or None) and extra /stats sections.
         self.ready_checks: list[Callable[[], str | None]] = []
         self.stats_sections: dict[str, Callable[[], object]] = {}
+        # Called once when the drain starts (e.g. tell the control plane we are going).
+        self.on_drain: list[Callable[[], None]] = []
         self.ports: dict[str, str] = {}
         self.started_s = time.time()
         self.draining = False
@@ -157,7 +159,7 @@ class Sidecar:
 
     def _relay(self, name: str, hooks_for: Callable[[Connector, Stats], Hooks],
                loop: asyncio.AbstractEventLoop, flusher: Flusher) -> Relay:
-        stats = Stats()
+        stats = Stats(clock=loop.time)  # the relay's clock: calls' started_s come from it
         relay = Relay(_NO_HOOKS, self.limits, loop.time, loop.call_later,
                       lambda conn: conn.io.close())  # type: ignore[attr-defined]
         connector = Connector(relay, flusher, self.limits, lambda: self.tls.client)
@@ -223,6 +225,19 @@ class Sidecar:
             log.info("connection failed before serving: %s", reason)
             return
         loop.default_exception_handler(context)
+
+    # ------------------------------------------------------------- configuration
+    def apply_snapshot(self, snapshot: Snapshot) -> None:
+        """Route new calls on ``snapshot`` from now on. One assignment, so atomic: the route
+        layer reads ``self.snapshot`` once per call, calls already routed keep what they got,
+        and connections to endpoints that stay are reused (pools are keyed by address)."""
+        self.snapshot = snapshot
+
+    def take_report(self) -> StatsReport:
+        """The outbound side's call deltas since the previous call (``Stats.take_report``);
+        an empty report for a sidecar without an outbound listener."""
+        stats = self.stats.get("outbound")
+        return stats.take_report() if stats is not None else StatsReport(0.0, {}, {})
 
     # ------------------------------------------------------------- admin handlers
     def _ready(self) -> tuple[int, object]:
@@ -293,6 +308,11 @@ class Sidecar:
         """Stop accepting, GOAWAY every downstream, finish calls in flight (up to the drain
         timeout), then close everything."""
         self.draining = True
+        for hook in self.on_drain:
+            try:
+                hook()
+            except Exception:  # a listener's bug must not stop the drain
+                log.exception("drain listener failed")
         listeners = [x for x in (self.inbound, self.outbound) if x is not None]
         for lst in listeners:
             lst.stop_accepting()

@@ -4,6 +4,7 @@
 
 Serves h2c (plaintext HTTP/2) on 127.0.0.1 with grpc.health.v1 and reflection, prints one
 stdout line `{"ready": {"port": PORT}}`, and on SIGTERM/SIGINT stops with 1 s grace, exit 0.
+SIGUSR1 makes its health NOT_SERVING, SIGUSR2 SERVING again (calls are served either way).
 
 Behaviour, all driven by the request (see protos/meshtest/echo.proto):
 
@@ -208,7 +209,15 @@ def serve(port: int, server_id: str, max_message_bytes: int, host: str = "127.0.
     if bound == 0:
         raise RuntimeError(f"cannot bind {host}:{port}")
     server.start()
+    server.health_servicer = health_servicer  # type: ignore[attr-defined]
     return server, bound
+
+
+def set_health(server: grpc.Server, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", "meshtest.Echo"):
+        server.health_servicer.set(name, status)  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"echo_server: {e}", file=sys.stderr, flush=True)
         return 1
+    signal.signal(signal.SIGUSR1, lambda *_: set_health(server, False))
+    signal.signal(signal.SIGUSR2, lambda *_: set_health(server, True))
     print(json.dumps({"ready": {"port": port}}), flush=True)
     print(f"echo_server {args.server_id} serving on {args.host}:{port}", file=sys.stderr, flush=True)
     while not stop.wait(0.5):

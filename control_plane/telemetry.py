@@ -1,0 +1,242 @@
+"""Live state the sidecars report, kept for a short window, and the topology computed from it.
+
+Each sidecar sends a ``StateReport`` every few seconds: per upstream service, the calls by
+gRPC status and a latency histogram since its previous report. ``Telemetry`` keeps each
+sidecar's reports for ``window_s`` seconds and computes the topology: services with their
+instances, and the edges (caller service -> upstream service) that carried traffic.
+
+Pure: values in, values out, the clock passed in (``now``, unix seconds); no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from control_plane.registry import NO_APP, Instance, Key
+
+OK = "OK"
+MAX_REPORTS_PER_SIDECAR = 512  # the oldest go first; rates stay right (over covered time)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """``counts[i]`` = calls with latency in ``(bounds_ms[i-1], bounds_ms[i]]`` (from 0 for
+    ``i = 0``); ``counts[-1]`` = calls above the last bound. ``len(counts) == len(bounds_ms)
+    + 1``, bounds strictly increasing and >= 0, counts >= 0 (``valid``)."""
+
+    bounds_ms: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def valid(self) -> bool:
+        b, c = self.bounds_ms, self.counts
+        return (len(b) >= 1 and len(c) == len(b) + 1 and all(math.isfinite(x) for x in b)
+                and b[0] >= 0 and all(x < y for x, y in zip(b, b[1:], strict=False))
+                and all(n >= 0 for n in c))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class UpstreamSample:
+    """Calls from one sidecar to one upstream service over one report's interval."""
+
+    service: str
+    by_code: Mapping[str, int]
+    latency: Histogram | None = None
+
+    @property
+    def requests(self) -> int:
+        return sum(n for n in self.by_code.values() if n > 0)
+
+    @property
+    def ok(self) -> int:
+        return max(0, self.by_code.get(OK, 0))
+
+
+@dataclass(frozen=True)
+class Report:
+    """One StateReport as kept: received ``at`` (unix s), covering ``interval_s`` seconds."""
+
+    at: float
+    interval_s: float
+    upstreams: tuple[UpstreamSample, ...] = ()
+
+
+@dataclass(frozen=True)
+class TopologyInstance:
+    instance: str
+    address: str
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class TopologyService:
+    name: str
+    instances: tuple[TopologyInstance, ...]
+
+
+@dataclass(frozen=True)
+class Edge:
+    """Traffic from ``source``'s sidecars to ``destination`` within the window. ``rps`` in
+    calls per second, ``success_rate`` in 0..1 (OK / all), latencies in milliseconds."""
+
+    source: str
+    destination: str
+    requests: int
+    rps: float
+    success_rate: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True)
+class Topology:
+    services: tuple[TopologyService, ...]
+    edges: tuple[Edge, ...]
+    window_s: float
+
+
+def merge_histograms(hists: Iterable[Histogram]) -> Histogram | None:
+    """Sum the valid histograms that share the most common bounds (weighted by calls); the
+    others are left out (bounds are fixed per sidecar build, so a mix is rare and brief).
+    None when there is no valid histogram with calls."""
+    by_bounds: dict[tuple[float, ...], list[int]] = {}
+    for h in hists:
+        if not h.valid or h.total == 0:
+            continue
+        acc = by_bounds.setdefault(h.bounds_ms, [0] * len(h.counts))
+        for i, n in enumerate(h.counts):
+            acc[i] += n
+    if not by_bounds:
+        return None
+    bounds, counts = max(by_bounds.items(), key=lambda kv: (sum(kv[1]), kv[0]))
+    return Histogram(bounds, tuple(counts))
+
+
+def percentile_ms(hist: Histogram | None, q: float) -> float:
+    """The ``q`` quantile (0..1) of a histogram, in ms: linear within the bucket that holds it
+    (the first bucket starts at 0); a quantile above the last bound reports the last bound.
+    0.0 for None or an empty histogram."""
+    if hist is None or hist.total == 0:
+        return 0.0
+    q = min(1.0, max(0.0, q))
+    rank = q * hist.total
+    cum = 0
+    for i, n in enumerate(hist.counts):
+        if n == 0:
+            continue
+        if cum + n >= rank:
+            if i >= len(hist.bounds_ms):
+                return hist.bounds_ms[-1]
+            lower = hist.bounds_ms[i - 1] if i > 0 else 0.0
+            upper = hist.bounds_ms[i]
+            return lower + (upper - lower) * max(0.0, rank - cum) / n
+        cum += n
+    return hist.bounds_ms[-1]
+
+
+def instance_healthy(inst: Instance) -> bool:
+    """Healthy in the topology: its app is SERVING; an outbound-only sidecar without an app
+    (a client, a gateway) has nothing to be unhealthy and counts as healthy."""
+    return inst.serving or (inst.health == NO_APP and not inst.inbound)
+
+
+class Telemetry:
+    """Each sidecar's reports of the last ``window_s`` seconds (at most
+    ``MAX_REPORTS_PER_SIDECAR`` each)."""
+
+    def __init__(self, window_s: float) -> None:
+        if window_s <= 0:
+            raise ValueError("window_s must be > 0")
+        self.window_s = window_s
+        self._reports: dict[Key, deque[Report]] = {}
+
+    def add(self, key: Key, report: Report) -> None:
+        """Keep ``report`` of the sidecar ``key`` = ``(service, instance_id)``; its
+        ``interval_s`` is clamped to ``0..window_s`` (a first report may cover a long idle
+        time, which would dilute the rate)."""
+        interval_s = report.interval_s if math.isfinite(report.interval_s) else 0.0
+        interval_s = min(self.window_s, max(0.0, interval_s))
+        if interval_s != report.interval_s:
+            report = Report(report.at, interval_s, report.upstreams)
+        q = self._reports.setdefault(key, deque(maxlen=MAX_REPORTS_PER_SIDECAR))
+        q.append(report)
+        self._expire(key, report.at)
+
+    def forget(self, key: Key) -> None:
+        """Drop a sidecar's reports (its instance left the registry)."""
+        self._reports.pop(key, None)
+
+    def _expire(self, key: Key, now: float) -> None:
+        q = self._reports.get(key)
+        if q is None:
+            return
+        while q and q[0].at <= now - self.window_s:
+            q.popleft()
+        if not q:
+            del self._reports[key]
+
+    def reports(self, key: Key, now: float) -> list[Report]:
+        """The sidecar's reports received within the window ending at ``now``."""
+        return [r for r in self._reports.get(key, ()) if now - self.window_s < r.at <= now]
+
+    def edges(self, now: float) -> list[Edge]:
+        """The edges that carried calls in the window, by (source, destination).
+
+        Per reporting sidecar, rps = calls in the window / seconds its reports there cover (sum
+        of their ``interval_s``); an edge's rps sums its sidecars'. Percentiles come from the
+        merged histograms (``merge_histograms``)."""
+        for key in list(self._reports):
+            self._expire(key, now)
+        acc: dict[tuple[str, str], _EdgeAcc] = {}
+        for key in sorted(self._reports):
+            service = key[0]
+            reports = self.reports(key, now)
+            covered_s = sum(r.interval_s for r in reports)
+            per_dest: dict[str, int] = {}
+            for r in reports:
+                for up in r.upstreams:
+                    n = up.requests
+                    if n <= 0:
+                        continue
+                    e = acc.setdefault((service, up.service), _EdgeAcc())
+                    e.requests += n
+                    e.ok += min(up.ok, n)
+                    if up.latency is not None:
+                        e.hists.append(up.latency)
+                    per_dest[up.service] = per_dest.get(up.service, 0) + n
+            for dest, n in per_dest.items():
+                if covered_s > 0:
+                    acc[(service, dest)].rps += n / covered_s
+        out: list[Edge] = []
+        for (source, dest), e in sorted(acc.items()):
+            merged = merge_histograms(e.hists)
+            out.append(Edge(source, dest, e.requests, e.rps, e.ok / e.requests,
+                            percentile_ms(merged, 0.5), percentile_ms(merged, 0.99)))
+        return out
+
+    def topology(self, instances: Iterable[Instance], now: float) -> Topology:
+        """Services (by name) with their instances (by id) and the edges of ``edges(now)``."""
+        by_service: dict[str, list[TopologyInstance]] = {}
+        for inst in sorted(instances, key=lambda i: i.key):
+            by_service.setdefault(inst.service, []).append(
+                TopologyInstance(inst.instance_id, inst.inbound, instance_healthy(inst)))
+        services = tuple(TopologyService(name, tuple(insts))
+                         for name, insts in sorted(by_service.items()))
+        return Topology(services, tuple(self.edges(now)), self.window_s)
+
+
+class _EdgeAcc:
+    __slots__ = ("requests", "ok", "rps", "hists")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.ok = 0
+        self.rps = 0.0
+        self.hists: list[Histogram] = []
