@@ -75,10 +75,10 @@ class Mesh:
         return self.tokens[service]
 
     def start(self, service: str, instance: str, *, app: bool = True,
-              labels: tuple[str, ...] = ()) -> procs.Proc:
+              labels: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> procs.Proc:
         args = ["--service", service, "--instance-id", instance, "--token", self.token(service),
                 "--health-interval-s", "0.3", "--report-interval-s", str(REPORT_S),
-                "--max-backoff-s", "0.5"]
+                "--max-backoff-s", "0.5", *extra]
         if app:
             srv = procs.start([sys.executable, "-m", "tests.support.echo_server", "--port", "0",
                                "--server-id", instance], cwd=REPO_ROOT, log_dir=self.base)
@@ -353,3 +353,15 @@ def test_a_control_plane_outage_longer_than_grace_loses_no_call_and_no_instance(
             load.finish()
     assert load.failures == [], load.failures[:5]
     assert set(spread(mesh, "echo", 10)) == {"echo-1", "echo-2"}
+
+
+def test_a_sidecar_tries_the_control_planes_of_its_list_in_turn(mesh: Mesh) -> None:
+    dead = f"127.0.0.1:{procs.free_port()}"  # nothing listens there
+    mesh.start("store", "store-2", extra=("--control-plane", f"{dead},{mesh.cp.api}"))
+    procs.wait_for(lambda: mesh.status()["store-2"].state == "SYNCED", 15,
+                   what="store-2 SYNCED through the second address of its list")
+    procs.wait_for(lambda: "store-2" in mesh.endpoints("web-1", "store"), 10,
+                   what="store-2 in web's snapshot")
+    stats = admin_get(mesh.sidecars["store-2"], "/stats")[1]["discovery"]
+    assert stats["connected"] and stats["control_plane"] == mesh.cp.api, stats
+    assert stats["failures"] >= 1 and dead in stats["last_error"], stats  # the dead one first
