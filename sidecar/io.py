@@ -207,6 +207,11 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def pool_key(host: str, port: int, spiffe_id: str | None) -> str:
+    """How the connector names the pool of an endpoint (address and expected identity)."""
+    return f"{host}:{port}|{spiffe_id or 'h2c'}"
+
+
 class Connector:
     """Opens upstream connections for pools: mTLS with an identity check, or h2c."""
 
@@ -222,7 +227,7 @@ class Connector:
 
     def pool(self, host: str, port: int, *, spiffe_id: str | None, label: str) -> Pool:
         """The pool for an endpoint; TLS with ``spiffe_id`` verified when given, else h2c."""
-        key = f"{host}:{port}|{spiffe_id or 'h2c'}"
+        key = pool_key(host, port, spiffe_id)
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(key, label, self.limits.upstream_connections_per_endpoint,
@@ -273,6 +278,24 @@ class Connector:
             shown = ", ".join(ids) or "no SPIFFE ID"
             return f"endpoint presented {shown}, expected {expected}"
         return ""
+
+    def retain(self, keep: set[str]) -> list[str]:
+        """Retire the pools whose keys are not in ``keep`` (endpoints that left the snapshot):
+        their connections get GOAWAY and close once their streams are done; a pool with calls
+        waiting for a connection stays until the next retain. Returns the retired keys."""
+        retired = []
+        for key, pool in list(self.pools.items()):
+            if key in keep or pool.waiting:
+                continue
+            pool.closed = True
+            for conn in list(pool.conns):
+                conn.goaway()
+                conn.io.flush()  # type: ignore[attr-defined]
+                if not conn.active_streams:
+                    conn.io.close()  # type: ignore[attr-defined]
+            del self.pools[key]
+            retired.append(key)
+        return retired
 
     def close_all(self) -> None:
         for proto in list(self.protocols):

@@ -20,7 +20,7 @@ from mesh_common.spiffe import SpiffeError, SpiffeId, spiffe_ids_from_sans
 from .admin import AdminServer
 from .http2.connection import H2Connection
 from .http2.relay import Hooks, LocalReply, Relay
-from .io import Connector, Flusher, H2Protocol, PeerInfo
+from .io import Connector, Flusher, H2Protocol, PeerInfo, pool_key
 from .layers.stats import Stats, StatsReport
 from .stack import Stack, inbound_stack, outbound_stack
 from .tls import TlsFiles, TlsState
@@ -230,8 +230,16 @@ class Sidecar:
     def apply_snapshot(self, snapshot: Snapshot) -> None:
         """Route new calls on ``snapshot`` from now on. One assignment, so atomic: the route
         layer reads ``self.snapshot`` once per call, calls already routed keep what they got,
-        and connections to endpoints that stay are reused (pools are keyed by address)."""
+        and connections to endpoints that stay are reused (pools are keyed by address).
+        Connections to endpoints that left are closed once their calls are done."""
         self.snapshot = snapshot
+        connector = self.connectors.get("outbound")
+        if connector is not None:
+            keep = {pool_key(ep.host, ep.port, ep.spiffe_id)
+                    for c in snapshot.clusters for ep in c.endpoints}
+            for key in connector.retain(keep):
+                log.info("endpoint %s left the snapshot: its connections are closed",
+                         key.split("|")[0])
 
     def take_report(self) -> StatsReport:
         """The outbound side's call deltas since the previous call (``Stats.take_report``);

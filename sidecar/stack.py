@@ -58,7 +58,7 @@ def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
     def endpoint(call: Call) -> Decision:
         ep = call.endpoint
         hit = pools.get(id(ep))
-        if hit is None or hit[0] is not ep:
+        if hit is None or hit[0] is not ep or hit[1].closed:  # closed: retired by a snapshot
             if len(pools) >= 4096:  # endpoints of old snapshots
                 pools.clear()
             hit = pools[id(ep)] = (ep, endpoint_pool(ep, call.route))
