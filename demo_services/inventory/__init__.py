@@ -1,0 +1,1 @@
+"""inventory.Inventory: stock per SKU and reservations per order."""

@@ -1,0 +1,1 @@
+"""payment.Payment: customer balances, merchant takings and a ledger (cents)."""
