@@ -17,5 +17,9 @@ def outbound_channel(outbound: str, service: str) -> grpc.Channel:
         ("grpc.default_authority", service),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.enable_retries", 0),  # retries are the mesh's job
+        # The sidecar is on loopback: after it was away, try again within a second or two
+        # (grpc's default backoff grows to 120 s and would hold sagas up long after).
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ])
     return grpc.intercept_channel(channel, ClientTraceInterceptor())

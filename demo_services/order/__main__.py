@@ -1,0 +1,120 @@
+"""``python -m demo_services.order``:
+
+- ``serve --instance ID --db PATH --outbound HOST:PORT [--listen HOST:PORT]
+  [--control-listen HOST:PORT] [--lease-s 5] [--step-budget-s 10] [--call-timeout-s 2]
+  [--log-level info]``: run one order replica (the saga orchestrator). Prints the ready line
+  (see ``demo_services.common.server``) once serving; SIGTERM/SIGINT stop it with exit 0.
+- ``rebuild --db PATH [--json]``: replay every event into a fresh read model and compare it
+  with the live one: exit 0 if equal, 1 with the differences otherwise. Never writes.
+
+Bad flags: one line on stderr, exit 2; a database or listen failure: one line, exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from demo_services.common.server import basic_logging, serve, split_hostport
+
+from .events import rebuild_check
+from .service import OrderSettings, build_spec
+
+PROG = "python -m demo_services.order"
+_POSITIVE = click.FloatRange(min=0, min_open=True, max=3600)
+
+
+def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        split_hostport(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _non_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("must not be empty")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """The demo's order service: the saga orchestrator, event-sourced."""
+
+
+@cli.command("serve")
+@click.option("--instance", required=True, callback=_non_empty, help="This replica's id.")
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+              help="Order's SQLite file (events, read model, saga log; shared by the "
+                   "replicas; created on first start).")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, callback=_address,
+              help="gRPC listener (h2c, behind the sidecar).")
+@click.option("--control-listen", default="127.0.0.1:0", show_default=True,
+              callback=_address, help="HTTP control endpoint (sickness, GET /sagas).")
+@click.option("--outbound", required=True, callback=_address,
+              help="The replica's sidecar outbound port (HOST:PORT) for inventory/payment.")
+@click.option("--lease-s", type=_POSITIVE, default=5.0, show_default=True,
+              help="Saga lease: an expired one is resumed by any replica.")
+@click.option("--step-budget-s", type=_POSITIVE, default=10.0, show_default=True,
+              help="How long a forward step may fail transiently before it is compensated.")
+@click.option("--call-timeout-s", type=_POSITIVE, default=2.0, show_default=True,
+              help="Timeout of each participant call.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"],
+                                               case_sensitive=False),
+              default="info", show_default=True)
+def serve_cmd(instance: str, db_path: str, listen: str, control_listen: str, outbound: str,
+              lease_s: float, step_budget_s: float, call_timeout_s: float,
+              log_level: str) -> int:
+    """Serve order.Order until SIGTERM/SIGINT."""
+    basic_logging(log_level)
+    settings = OrderSettings(instance=instance, db_path=Path(db_path), outbound=outbound,
+                             lease_s=lease_s, step_budget_s=step_budget_s,
+                             call_timeout_s=call_timeout_s)
+    return serve(build_spec(settings), listen, control_listen)
+
+
+@cli.command("rebuild")
+@click.option("--db", "db_path", required=True,
+              type=click.Path(exists=True, dir_okay=False), help="Order's SQLite file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def rebuild_cmd(db_path: str, as_json: bool) -> int:
+    """Replay the events into a fresh read model; exit 0 iff it equals the live one."""
+    report = rebuild_check(db_path)
+    if as_json:
+        click.echo(json.dumps(report.to_doc()))
+    elif report.equal:
+        click.echo(f"read model equals a replay of {report.events} events "
+                   f"({report.orders} orders)")
+    else:
+        click.echo(f"read model differs from a replay of {report.events} events "
+                   f"({report.orders} orders):")
+        for line in report.differences:
+            click.echo(f"  {line}")
+    return 0 if report.equal else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Errors are one line on stderr: exit 2 for bad flags, 1 for anything else."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        click.echo(f"{PROG}: error: missing command (serve, rebuild; see --help)", err=True)
+        sys.exit(2)
+    try:
+        code = cli.main(args=args, prog_name=PROG, standalone_mode=False)
+    except click.ClickException as exc:
+        click.echo(f"{PROG}: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except Exception as exc:  # sqlite3.Error, OSError: still one line
+        click.echo(f"{PROG}: error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
