@@ -98,10 +98,17 @@ def test_calls_flow_and_certificates_renew_under_traffic(
                                options=[("grpc.default_authority", "echo")]) as ch:
         stub = echo_pb2_grpc.EchoStub(ch)
         assert stub.Unary(echo_pb2.EchoRequest(payload=b"hi"), timeout=5).server_id == "echo-dyn"
-        load = Load(stub, max_s=8.5)
+        load = Load(stub, max_s=30, max_calls=10**7)
         load.start()
-        load.join(timeout=20)
-        assert not load.is_alive(), "load thread hung"
+        try:
+            # Both renew (at about 4 s) while the calls flow, and calls keep flowing after.
+            procs.wait_for(lambda: all(admin_get(sc, "/stats")[1]["identity"]["renewals"] >= 1
+                                       for sc in (echo_sc, client_sc)), 20,
+                           interval_s=0.2, what="both sidecars renewed under load")
+            ok_then = load.ok
+            procs.wait_for(lambda: load.ok > ok_then + 50, 10, what="calls after the renewals")
+        finally:
+            load.finish()
     assert load.failures == [], load.failures[:5]
     assert load.ok > 50
 
