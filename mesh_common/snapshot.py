@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -62,12 +63,86 @@ class Cluster:
         object.__setattr__(self, "healthy", tuple(e for e in self.endpoints if e.healthy))
 
 
+MATCH_KINDS = ("exact", "prefix", "regex")
+LOAD_BALANCERS = ("round_robin",)
+"""Balancers a snapshot may name (the resilience layers add more)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """``kind`` exact, prefix or regex (Python ``re``, ``fullmatch``) against ``value``."""
+
+    kind: str
+    value: str
+
+    def to_doc(self) -> dict[str, str]:
+        return {self.kind: self.value}
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """A request header (lower-case name) whose value must match."""
+
+    name: str
+    match: StringMatch
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """What a call must carry to take a rule: a gRPC method (``/pkg.Service/Method``, exact or
+    prefix; None = any) and every header listed. An empty match takes every call."""
+
+    method: StringMatch | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A share (``weight``, percent) of a rule's calls, sent to the endpoints whose labels
+    include ``subset`` (sorted ``(key, value)`` pairs; empty = every endpoint)."""
+
+    subset: tuple[tuple[str, str], ...]
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One route rule: the first rule whose ``match`` takes the call decides its
+    destinations and timeout (ms; None = the route's default)."""
+
+    name: str
+    match: RouteMatch
+    destinations: tuple[Destination, ...]
+    timeout_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRule:
+    """Faults injected into calls to the service (for ``method``, exact or prefix; None =
+    every method): a delay of ``delay_ms`` for ``delay_percent`` of calls and an abort with
+    gRPC status ``abort_code`` for ``abort_percent`` of calls (percent 0..100)."""
+
+    name: str
+    method: StringMatch | None = None
+    delay_ms: int = 0
+    delay_percent: float = 0.0
+    abort_code: int = 0
+    abort_percent: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class RouteRule:
-    """Calls whose ``:authority`` names ``service`` go to cluster ``cluster``."""
+    """How calls whose ``:authority`` names ``service`` are routed: to cluster ``cluster``,
+    by ``rules`` (first match wins; no match, or no rules: every endpoint of the cluster),
+    with a default timeout (ms, None = only the caller's deadline), a load balancer and
+    the faults to inject."""
 
     service: str
     cluster: str
+    rules: tuple[Rule, ...] = ()
+    timeout_ms: int | None = None
+    load_balancer: str = "round_robin"
+    faults: tuple[FaultRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,8 +154,10 @@ class Snapshot:
     clusters: tuple[Cluster, ...] = ()
     routes: tuple[RouteRule, ...] = ()
     _by_name: Mapping[str, Cluster] = field(init=False, repr=False, compare=False)
+    _routes: Mapping[str, RouteRule] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_routes", MappingProxyType({r.service: r for r in self.routes}))
         by_cluster = {c.name: c for c in self.clusters}
         by_service = dict(by_cluster)
         for r in self.routes:  # explicit routes win over same-name clusters
@@ -92,6 +169,10 @@ class Snapshot:
         """The cluster a call to ``service`` goes to, or None."""
         return self._by_name.get(service)
 
+    def route(self, service: str) -> RouteRule | None:
+        """The route of ``service`` when the snapshot has one (else: same-name cluster)."""
+        return self._routes.get(service)
+
     def content_hash(self) -> str:
         """A stable hash of the content (not the version), hex, 16 chars."""
         return content_hash(self.to_doc())
@@ -101,12 +182,34 @@ class Snapshot:
         return {"version": self.version,
                 "clusters": [{"name": c.name, "endpoints": [_endpoint_doc(e) for e in c.endpoints]}
                              for c in self.clusters],
-                "routes": [{"service": r.service, "cluster": r.cluster} for r in self.routes]}
+                "routes": [_route_doc(r) for r in self.routes]}
 
 
 def _endpoint_doc(e: Endpoint) -> dict[str, Any]:
     return {"address": e.address, "spiffe_id": e.spiffe_id, "instance": e.instance,
             "labels": dict(e.labels), "healthy": e.healthy}
+
+
+def _method_doc(m: StringMatch | None) -> dict[str, str] | None:
+    return None if m is None else m.to_doc()
+
+
+def _route_doc(r: RouteRule) -> dict[str, Any]:
+    return {
+        "service": r.service, "cluster": r.cluster, "timeout_ms": r.timeout_ms,
+        "load_balancer": r.load_balancer,
+        "rules": [{"name": x.name,
+                   "match": {"method": _method_doc(x.match.method),
+                             "headers": {h.name: h.match.to_doc() for h in x.match.headers}},
+                   "destinations": [{"subset": dict(d.subset), "weight": d.weight}
+                                    for d in x.destinations],
+                   "timeout_ms": x.timeout_ms} for x in r.rules],
+        "faults": [{"name": f.name, "method": _method_doc(f.method),
+                    "delay": {"ms": f.delay_ms, "percent": f.delay_percent} if f.delay_percent
+                    else None,
+                    "abort": {"code": f.abort_code, "percent": f.abort_percent} if f.abort_percent
+                    else None} for f in r.faults],
+    }
 
 
 def content_hash(doc: Mapping[str, Any]) -> str:
@@ -229,15 +332,13 @@ def from_doc(doc: Any, trust_domain: str | None = None) -> Snapshot:
     routes: list[RouteRule] = []
     services: set[str] = set()
     for i, r in enumerate(routes_doc):
-        where = f"routes[{i}]"
-        _expect(isinstance(r, dict), where, "expected a mapping")
-        _known(r, {"service", "cluster"}, f"{where}.")
-        service = _name(r.get("service"), f"{where}.service", trust_domain)
-        _expect(service not in services, f"{where}.service", f"duplicate route for {service!r}")
-        services.add(service)
-        target = _name(r.get("cluster"), f"{where}.cluster", trust_domain)
-        _expect(target in seen, f"{where}.cluster", f"no cluster named {target!r}")
-        routes.append(RouteRule(service, target))
+        route = parse_route(r, f"routes[{i}]", trust_domain)
+        _expect(route.service not in services, f"routes[{i}].service",
+                f"duplicate route for {route.service!r}")
+        services.add(route.service)
+        _expect(route.cluster in seen, f"routes[{i}].cluster",
+                f"no cluster named {route.cluster!r}")
+        routes.append(route)
     return Snapshot(version=version, clusters=tuple(clusters), routes=tuple(routes))
 
 
@@ -250,3 +351,149 @@ def from_json(text: str | bytes, trust_domain: str | None = None) -> Snapshot:
     except (ValueError, UnicodeDecodeError) as exc:
         raise SnapshotError(f"snapshot: not valid JSON: {exc}") from None
     return from_doc(doc, trust_domain)
+
+
+# ---------------------------------------------------------------------- routes
+_GRPC_CODES = 17
+
+
+def _timeout_ms(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    _expect(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 3_600_000,
+            where, "milliseconds, an integer from 1 to 3600000")
+    return value
+
+
+def _percent(value: Any, where: str) -> float:
+    _expect(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100,
+            where, "a percentage from 0 to 100")
+    return float(value)
+
+
+def parse_string_match(value: Any, where: str, kinds: tuple[str, ...] = MATCH_KINDS
+                       ) -> StringMatch:
+    """``{exact: v}``, ``{prefix: v}`` or ``{regex: v}`` (one key)."""
+    _expect(isinstance(value, dict) and len(value) == 1, where,
+            f"expected one of {', '.join(kinds)} with a string")
+    ((kind, text),) = value.items()
+    _expect(kind in kinds, where, f"unknown match kind {kind!r} (known: {', '.join(kinds)})")
+    _expect(isinstance(text, str) and len(text) <= 1024, f"{where}.{kind}",
+            "a string of at most 1024 characters")
+    if kind == "regex":
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise SnapshotError(f"{where}.regex: not a valid regular expression: {exc}") from None
+    return StringMatch(kind, text)
+
+
+def parse_method_match(value: Any, where: str) -> StringMatch | None:
+    """A gRPC method: exact ``/pkg.Service/Method`` or a prefix of one (``/pkg.Service/``)."""
+    if value is None:
+        return None
+    m = parse_string_match(value, where, ("exact", "prefix"))
+    _expect(m.value.startswith("/"), f"{where}.{m.kind}",
+            f"a gRPC path starts with '/' (like /package.Service/Method), got {m.value!r}")
+    if m.kind == "exact":
+        _expect(m.value.count("/") == 2 and not m.value.endswith("/"), f"{where}.exact",
+                f"an exact method is /package.Service/Method, got {m.value!r}")
+    return m
+
+
+def _code(value: Any, where: str) -> int:
+    names = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3,
+             "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5, "ALREADY_EXISTS": 6,
+             "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9,
+             "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13,
+             "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16}
+    if isinstance(value, str) and value.upper() in names:
+        value = names[value.upper()]
+    _expect(isinstance(value, int) and not isinstance(value, bool) and 1 <= value < _GRPC_CODES,
+            where, f"a gRPC status other than OK, by name or number 1-16, got {value!r}")
+    return value
+
+
+def parse_route(r: Any, where: str, trust_domain: str | None = None) -> RouteRule:
+    """One route document (the snapshot's form); raises ``SnapshotError``."""
+    _expect(isinstance(r, dict), where, "expected a mapping")
+    _known(r, {"service", "cluster", "rules", "timeout_ms", "load_balancer", "faults"}, f"{where}.")
+    service = _name(r.get("service"), f"{where}.service", trust_domain)
+    cluster = _name(r.get("cluster", service), f"{where}.cluster", trust_domain)
+    lb = r.get("load_balancer") or "round_robin"
+    _expect(lb in LOAD_BALANCERS, f"{where}.load_balancer",
+            f"unknown load balancer {lb!r} (known: {', '.join(LOAD_BALANCERS)})")
+    rules_doc = r.get("rules") or []
+    _expect(isinstance(rules_doc, list), f"{where}.rules", "expected a list")
+    rules = tuple(_parse_rule(x, f"{where}.rules[{j}]", f"{service}#{j}")
+                  for j, x in enumerate(rules_doc))
+    faults_doc = r.get("faults") or []
+    _expect(isinstance(faults_doc, list), f"{where}.faults", "expected a list")
+    faults = tuple(_parse_fault(x, f"{where}.faults[{j}]", f"{service}#fault{j}")
+                   for j, x in enumerate(faults_doc))
+    return RouteRule(service, cluster, rules, _timeout_ms(r.get("timeout_ms"),
+                                                          f"{where}.timeout_ms"), lb, faults)
+
+
+def _parse_rule(x: Any, where: str, default_name: str) -> Rule:
+    _expect(isinstance(x, dict), where, "expected a mapping")
+    _known(x, {"name", "match", "destinations", "timeout_ms"}, f"{where}.")
+    name = x.get("name") or default_name
+    _expect(isinstance(name, str) and len(name) <= 253, f"{where}.name", "a string")
+    match_doc = x.get("match") or {}
+    _expect(isinstance(match_doc, dict), f"{where}.match", "expected a mapping")
+    _known(match_doc, {"method", "headers"}, f"{where}.match.")
+    method = parse_method_match(match_doc.get("method"), f"{where}.match.method")
+    headers_doc = match_doc.get("headers") or {}
+    _expect(isinstance(headers_doc, dict), f"{where}.match.headers",
+            "expected a mapping of header name to match")
+    headers = []
+    for hname, hm in headers_doc.items():
+        _expect(isinstance(hname, str) and hname and hname == hname.lower()
+                and not hname.startswith(":") and len(hname) <= 256,
+                f"{where}.match.headers", f"header names are lower-case, not pseudo-headers: "
+                f"{hname!r}")
+        headers.append(HeaderMatch(hname, parse_string_match(hm, f"{where}.match.headers.{hname}")))
+    dests_doc = x.get("destinations")
+    if dests_doc is None:
+        dests_doc = [{"weight": 100}]
+    _expect(isinstance(dests_doc, list) and len(dests_doc) >= 1, f"{where}.destinations",
+            "a non-empty list")
+    dests = []
+    for k, d in enumerate(dests_doc):
+        dw = f"{where}.destinations[{k}]"
+        _expect(isinstance(d, dict), dw, "expected a mapping")
+        _known(d, {"subset", "weight"}, f"{dw}.")
+        weight = d.get("weight", 100 if len(dests_doc) == 1 else None)
+        _expect(isinstance(weight, int) and not isinstance(weight, bool) and 0 <= weight <= 100,
+                f"{dw}.weight", "an integer percentage from 0 to 100")
+        dests.append(Destination(_labels(d.get("subset"), f"{dw}.subset"), weight))
+    total = sum(d.weight for d in dests)
+    _expect(total == 100, f"{where}.destinations", f"weights must sum to 100, they sum to {total}")
+    return Rule(name, RouteMatch(method, tuple(headers)), tuple(dests),
+                _timeout_ms(x.get("timeout_ms"), f"{where}.timeout_ms"))
+
+
+def _parse_fault(x: Any, where: str, default_name: str) -> FaultRule:
+    _expect(isinstance(x, dict), where, "expected a mapping")
+    _known(x, {"name", "method", "delay", "abort"}, f"{where}.")
+    name = x.get("name") or default_name
+    _expect(isinstance(name, str) and len(name) <= 253, f"{where}.name", "a string")
+    method = parse_method_match(x.get("method"), f"{where}.method")
+    delay, abort = x.get("delay"), x.get("abort")
+    _expect(delay is not None or abort is not None, where, "a fault needs a delay or an abort")
+    delay_ms, delay_pct, code, abort_pct = 0, 0.0, 0, 0.0
+    if delay is not None:
+        _expect(isinstance(delay, dict), f"{where}.delay", "expected a mapping (ms, percent)")
+        _known(delay, {"ms", "percent"}, f"{where}.delay.")
+        delay_ms = delay.get("ms")
+        _expect(isinstance(delay_ms, int) and not isinstance(delay_ms, bool)
+                and 1 <= delay_ms <= 600_000, f"{where}.delay.ms",
+                "milliseconds, an integer from 1 to 600000")
+        delay_pct = _percent(delay.get("percent", 100), f"{where}.delay.percent")
+    if abort is not None:
+        _expect(isinstance(abort, dict), f"{where}.abort", "expected a mapping (code, percent)")
+        _known(abort, {"code", "percent"}, f"{where}.abort.")
+        code = _code(abort.get("code"), f"{where}.abort.code")
+        abort_pct = _percent(abort.get("percent", 100), f"{where}.abort.percent")
+    return FaultRule(name, method, delay_ms, delay_pct, code, abort_pct)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from mesh_common.snapshot import Endpoint, Snapshot
 
 from .http2.pool import Pool
-from .http2.relay import Call, LocalReply
+from .http2.relay import Call
 from .layers.balance import RoundRobin
 from .layers.base import Decision, Layer
 from .layers.route import Route
@@ -30,7 +30,7 @@ class Stack:
         for layer in reversed(self.layers):
             if type(layer).on_request is not Layer.on_request:
                 fn = _bind(layer, fn)
-        self.on_request: Callable[[Call], Pool | LocalReply] = fn
+        self.on_request: Callable[[Call], Decision] = fn
         # Only the layers that implement a hook are called for it.
         self._on_response = tuple(x.on_response for x in self.layers
                                   if type(x).on_response is not Layer.on_response)

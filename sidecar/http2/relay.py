@@ -6,13 +6,15 @@ two sides, maps stream ids, returns flow-control credit only once bytes have lef
 other side (so memory per stream is bounded by the window we advertised), and runs the
 mesh's policy only at stream events through ``Hooks``:
 
-* request headers: ``hooks.on_request(call)`` returns a ``Pool`` to forward to, or a
-  ``LocalReply`` (the call is answered here: unknown route, denied, fast-failed);
+* request headers: ``hooks.on_request(call)`` returns a ``Pool`` to forward to, a
+  ``LocalReply`` (the call is answered here: unknown route, denied, fast-failed, an injected
+  abort), or ``Delayed`` (either of those after a pause: an injected delay);
 * response headers and trailers: ``hooks.on_response(call)``;
 * stream end: ``hooks.on_end(call)`` with the outcome in the call.
 
-gRPC rules it enforces: ``grpc-timeout`` (DEADLINE_EXCEEDED at expiry, the upstream stream
-reset, the remaining time sent on), the message size limit both ways (RESOURCE_EXHAUSTED for
+gRPC rules it enforces: ``grpc-timeout`` and a layer's ``call.route_timeout_s`` counted from
+dispatch, whichever ends first (DEADLINE_EXCEEDED at expiry, the upstream stream reset, the
+remaining time sent on), the message size limit both ways (RESOURCE_EXHAUSTED for
 that call only), and an upstream that fails gives the caller UNAVAILABLE naming the endpoint.
 A stream that an upstream refused or never processed (GOAWAY) is sent again on another
 connection while its request still fits the replay buffer and no response has started.
@@ -61,6 +63,20 @@ class LocalReply:
         return f"LocalReply({self.status}, {self.message!r})"
 
 
+class Delayed:
+    """Act on ``then`` (a Pool or a LocalReply) after ``seconds``; request bytes that arrive
+    meanwhile wait, and the caller's deadline keeps running."""
+
+    __slots__ = ("seconds", "then")
+
+    def __init__(self, seconds: float, then: Any) -> None:
+        self.seconds = seconds
+        self.then = then
+
+    def __repr__(self) -> str:
+        return f"Delayed({self.seconds:.3f}s, {self.then!r})"
+
+
 class Call:
     """One relayed stream, as the layers see it. Fields are filled in as events arrive."""
 
@@ -71,7 +87,7 @@ class Call:
         "resp_credited", "request_ended", "request_trailers",
         "committed", "response_started", "grpc_status", "grpc_message", "finished",
         "down_open", "ended", "req_meter", "resp_meter", "local_reply", "route", "endpoint",
-        "upstream_label", "cluster",
+        "upstream_label", "cluster", "route_timeout_s", "rule", "subset", "notes",
     )
 
     def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
@@ -118,10 +134,20 @@ class Call:
         self.endpoint: Any = None
         """The endpoint picked for the current attempt (``mesh_common.snapshot.Endpoint``)."""
         self.upstream_label = ""
+        self.route_timeout_s: float | None = None
+        """A layer's timeout for the call (s), counted from dispatch; the sooner of it and
+        the caller's deadline wins."""
+        self.rule: Any = None
+        """The route rule that took the call (``mesh_common.snapshot.Rule``), if any."""
+        self.subset: Any = None
+        """The endpoints the balancer picks from (the rule's destination), if not the
+        cluster's healthy ones."""
+        self.notes: list[str] | None = None
+        """What the layers decided about the call and why, for explanations."""
 
 
 class Hooks(Protocol):
-    def on_request(self, call: Call) -> Pool | LocalReply: ...
+    def on_request(self, call: Call) -> Pool | LocalReply | Delayed: ...
 
     def on_response(self, call: Call) -> None: ...
 
@@ -295,12 +321,38 @@ class Relay:
         except Exception as exc:  # a faulty layer fails its call, not the connection
             log.exception("layer error on %s", call.path)
             decision = LocalReply(G.INTERNAL, f"sidecar error: {type(exc).__name__}")
+        if isinstance(decision, Delayed):
+            self.stats["delayed"] += 1
+            self.call_later(decision.seconds, lambda: self._after_delay(call, decision.then))
+            return
+        self._decided(call, decision)
+
+    def _decided(self, call: Call, decision: Pool | LocalReply) -> None:
         if isinstance(decision, LocalReply):
             self._reply(call, decision.status, decision.message)
             return
         call.pool = decision
         call.upstream_label = decision.label
+        if call.route_timeout_s is not None:
+            self._arm_route_timeout(call)
         self._dispatch(call)
+
+    def _after_delay(self, call: Call, decision: Pool | LocalReply) -> None:
+        if call.finished or not call.down_open:
+            return
+        self._decided(call, decision)
+        self._pump()
+
+    def _arm_route_timeout(self, call: Call) -> None:
+        """The route's timeout runs from now; it replaces the caller's deadline if sooner."""
+        assert call.route_timeout_s is not None
+        deadline = self.clock() + call.route_timeout_s
+        if call.deadline_s is not None and call.deadline_s <= deadline:
+            return
+        call.deadline_s = deadline
+        if call.timer is not None:
+            call.timer.cancel()
+        call.timer = self.call_later(call.route_timeout_s, lambda: self._timer_fired(call))
 
     def _request_data(self, call: Call, data: bytes, end: bool) -> None:
         call.req_received += len(data)

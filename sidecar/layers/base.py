@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sidecar.http2.pool import Pool
-from sidecar.http2.relay import Call, LocalReply
+from sidecar.http2.relay import Call, Delayed, LocalReply
 
-Decision = Pool | LocalReply
+Decision = Pool | LocalReply | Delayed
 Next = Callable[[Call], Decision]
 
 
