@@ -2,13 +2,15 @@
 
 Three parts:
 
-* ``build_snapshot`` (pure): the registry's instances -> the one ``Snapshot`` every sidecar
-  gets: a cluster per service with at least one inbound address, its endpoints sorted by
-  instance id (``healthy`` = the app reports SERVING), an identity route per cluster.
+* ``build_snapshot`` (pure): the registry's instances and the config objects -> the one
+  ``Snapshot`` every sidecar gets: a cluster per service with at least one inbound address,
+  its endpoints sorted by instance id (``healthy`` = the app reports SERVING), an empty
+  cluster per service the config names that has none, and a route per service compiled from
+  the config (``mesh_common.config.compile_routes``; identity routes without config).
 * ``Publisher``: a registry change publishes at once (leading edge); further changes within
-  ``push_window_s`` are coalesced into one publish at the end of the window. The version (a
-  decimal integer, monotonic across restarts through the ``Store``) is bumped only when the
-  content hash changes.
+  ``push_window_s`` are coalesced into one publish at the end of the window; a config change
+  publishes at once (``publish_now``). The version (a decimal integer, monotonic across
+  restarts through the ``Store``) is bumped only when the content hash changes.
 * ``Session`` / ``SessionHub``: per sidecar stream, what was sent and when, what was ACKed or
   NACKed and when, and the queue of messages to send. ``sync_state`` (pure) names the state:
   SYNCED, SYNCING, NACKED or STALE.
@@ -27,10 +29,10 @@ from dataclasses import dataclass
 
 from control_plane.registry import Instance, Key, Registry
 from control_plane.store import Store
+from mesh_common.config import ConfigObject, compile_routes
 from mesh_common.snapshot import (
     Cluster,
     Endpoint,
-    RouteRule,
     Snapshot,
     SnapshotError,
     content_hash,
@@ -80,15 +82,21 @@ def _preferred(inst: Instance) -> tuple[bool, float, str]:
     return (inst.connected, inst.registered_at, inst.instance_id)
 
 
-def build_snapshot(instances: Iterable[Instance], version: str) -> Snapshot:
-    """The snapshot every sidecar gets, for ``instances``.
+def build_snapshot(instances: Iterable[Instance], version: str,
+                   config: Iterable[ConfigObject] = ()) -> Snapshot:
+    """The snapshot every sidecar gets, for ``instances`` and the ``config`` objects (a valid
+    set, as the config state keeps it).
 
     One cluster per service that has an instance with an inbound address (outbound-only
-    instances are left out), named after the service, endpoints sorted by instance id; one
-    identity route per cluster. When two instances of a service share an address (a replica
-    restarted under a new id while the old one is in its grace period) the connected, then
-    most recently registered, one is kept. An unparsable inbound address is left out (the
-    server validates addresses at registration, so this does not happen). Pure.
+    instances are left out), named after the service, endpoints sorted by instance id, plus
+    an empty cluster per service the config names without one (its calls fail "no
+    endpoints", not "no route"); clusters sorted by name. One route per cluster, compiled
+    from the config (``compile_routes``: without config, an identity route). When two
+    instances of a service share an address (a replica restarted under a new id while the
+    old one is in its grace period) the connected, then most recently registered, one is
+    kept. An unparsable inbound address is left out (the server validates addresses at
+    registration, so this does not happen). Raises ``ConfigError`` for an invalid config
+    set. Pure.
     """
     by_service: dict[str, dict[str, tuple[Instance, Endpoint]]] = {}
     for inst in instances:
@@ -99,11 +107,13 @@ def build_snapshot(instances: Iterable[Instance], version: str) -> Snapshot:
         held = eps.get(ep.address)
         if held is None or _preferred(inst) > _preferred(held[0]):
             eps[ep.address] = (inst, ep)
-    clusters = tuple(
+    registered = [
         Cluster(name, tuple(sorted((ep for _, ep in eps.values()),
                                    key=lambda e: (e.instance, e.address))))
-        for name, eps in sorted(by_service.items()))
-    routes = tuple(RouteRule(c.name, c.name) for c in clusters)
+        for name, eps in by_service.items()]
+    routes, empty = compile_routes(config, (c.name for c in registered))
+    clusters = tuple(sorted(registered + [Cluster(name, ()) for name in empty],
+                            key=lambda c: c.name))
     return Snapshot(version=version, clusters=clusters, routes=routes)
 
 
@@ -133,14 +143,18 @@ def raw_published(version: str, text: str) -> Published:
 
 # ---------------------------------------------------------------------- the publisher
 class Publisher:
-    """Publishes the registry's snapshot: at once on a change after a quiet window, and once
-    at the end of a window for all changes within it. Subscribers (``subscribe``) get each new
-    ``Published``; an unchanged content hash publishes nothing."""
+    """Publishes the snapshot of the registry and the config (``config()`` returns the current
+    objects): at once on a registry change after a quiet window, and once at the end of a
+    window for all changes within it. Subscribers (``subscribe``) get each new ``Published``;
+    an unchanged content hash publishes nothing. Publishes never overlap."""
 
     def __init__(self, registry: Registry, store: Store | None, push_window_s: float,
                  trust_domain: str | None = None,
-                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+                 config: Callable[[], Iterable[ConfigObject]] = tuple) -> None:
         self._registry = registry
+        self._config = config
+        self._lock = asyncio.Lock()
         self._store = store
         self.push_window_s = push_window_s
         self._trust_domain = trust_domain
@@ -195,32 +209,40 @@ class Publisher:
                 log.exception("could not publish a snapshot (the last one stays)")
             await self._sleep(self.push_window_s)  # what changes meanwhile waits for the end
 
-    async def publish_now(self) -> Published:
-        """Build the registry's snapshot and publish it when its content changed; returns the
-        latest ``Published``. Raises ``SnapshotError`` if the build does not validate (a bug:
-        nothing is published then) or the store's error."""
-        snap = build_snapshot(self._registry.instances(), "0")
+    async def publish_now(self, *, force: bool = False) -> Published:
+        """Build the snapshot of the registry and the config and publish it when its content
+        changed, or with ``force`` (a stored config change: every one gets a new version, even
+        when it compiles to the same content); returns the latest ``Published``. Raises ``SnapshotError`` or ``ConfigError``
+        if the build does not validate (a bug: nothing is published then) or the store's
+        error."""
+        async with self._lock:
+            return await self._publish(force)
+
+    async def _publish(self, force: bool = False) -> Published:
+        snap = build_snapshot(self._registry.instances(), "0", self._config())
         doc = snap.to_doc()
         digest = content_hash(doc)
-        if self.latest is not None and digest == self.latest.hash:
+        if self.latest is not None and digest == self.latest.hash and not force:
             return self.latest
         from_doc(doc, self._trust_domain)  # what every sidecar will check, checked first
-        version = str(await self._version_for(digest))
+        version = str(await self._version_for(digest, force))
         doc["version"] = version
         published = Published(version, digest, json.dumps(doc, separators=(",", ":")))
         self.latest = published
         self.publishes += 1
-        log.info("snapshot version %s (%s): %d cluster(s), %d endpoint(s)", version, digest,
-                 len(snap.clusters), sum(len(c.endpoints) for c in snap.clusters))
+        log.info("snapshot version %s (%s): %d cluster(s), %d endpoint(s), %d route rule(s)",
+                 version, digest, len(snap.clusters),
+                 sum(len(c.endpoints) for c in snap.clusters),
+                 sum(len(r.rules) for r in snap.routes))
         for fn in list(self._subscribers):
             fn(published)
         return published
 
-    async def _version_for(self, digest: str) -> int:
+    async def _version_for(self, digest: str, force: bool = False) -> int:
         if self._store is None:
             self._counter += 1
             return self._counter
-        return await asyncio.to_thread(self._store.publish_snapshot, digest)
+        return await asyncio.to_thread(self._store.publish_snapshot, digest, force)
 
     async def take_version(self) -> str:
         """Consume the next version number without publishing (test hooks)."""

@@ -79,7 +79,7 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
 @click.option("--ca-key", type=click.Path(dir_okay=False), default=None,
               help="The intermediate's private key (with --ca-cert).")
 @click.option("--data-dir", default=".mesh/control-plane", show_default=True,
-              type=click.Path(file_okay=False), help="State (SQLite): tokens, issued certificates, the registry.")
+              type=click.Path(file_okay=False), help="State (SQLite): tokens, issued certificates, the registry, config revisions.")
 @click.option("--cert-ttl", type=click.IntRange(5, 30 * 24 * 3600), default=3600,
               show_default=True, help="Lifetime of workload certificates, in seconds.")
 @click.option("--grace-period-s", type=click.FloatRange(0, 24 * 3600), default=10.0,

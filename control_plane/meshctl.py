@@ -5,6 +5,11 @@ control plane.
     meshctl token list | meshctl token delete ID
     meshctl certs [renew [--service S]]
     meshctl status | meshctl topology | meshctl config INSTANCE
+    meshctl apply -f FILE|DIR|- [--dry-run]     # Route, TrafficPolicy, Fault documents
+    meshctl get KIND [NAME] [-o yaml|json] [--revision N]
+    meshctl delete KIND NAME | meshctl diff -f FILE|DIR|-
+    meshctl fault inject SERVICE [--method M] (--abort CODE | --delay MS) --percent P
+    meshctl fault clear SERVICE
 
 Tables by default, ``-o json|yaml`` for scripts; errors are one line on stderr and a
 non-zero exit.
@@ -13,6 +18,7 @@ non-zero exit.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
 import re
 import sys
@@ -21,7 +27,9 @@ from typing import Any
 
 import click
 import grpc
+import yaml
 
+from mesh_common.config import UNCHANGED, ConfigError, check_name, kind_of, to_yaml
 from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 
@@ -36,6 +44,14 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 class MeshctlError(Exception):
     """One line for stderr."""
+
+
+class RpcFailed(MeshctlError):
+    """A call the control plane answered with an error (``code``)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def parse_duration(text: str) -> int:
@@ -68,7 +84,10 @@ class Client:
         self.channel = grpc.secure_channel(address, creds)
         self.admin = pb_grpc.AdminStub(self.channel)
 
-    def call(self, rpc: str, request: Any) -> Any:
+    def call(self, rpc: str, request: Any,
+             bare: tuple[grpc.StatusCode, ...] = ()) -> Any:
+        """Call ``Admin.<rpc>``; raises ``RpcFailed`` with ``CODE: details`` (the details
+        alone for a code in ``bare``), or ``MeshctlError`` when unreachable."""
         try:
             return getattr(self.admin, rpc)(request, timeout=RPC_TIMEOUT_S)
         except grpc.RpcError as exc:
@@ -78,7 +97,8 @@ class Client:
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise MeshctlError(f"cannot reach the control plane at {self.address} "
                                    f"({code.name}: {first})") from None
-            raise MeshctlError(f"{code.name}: {first}") from None
+            raise RpcFailed(first if code in bare and first else f"{code.name}: {first}",
+                            code) from None
 
     def close(self) -> None:
         self.channel.close()
@@ -292,6 +312,270 @@ def config(ctx: click.Context, instance: str, output: str) -> None:
     doc = {"service": resp.service, "instance": resp.instance, "version": resp.version,
            **(held if isinstance(held, dict) else {"snapshot": held})}
     _emit(ctx, output, doc, [], [])
+
+
+# ---------------------------------------------------------------------- declarative config
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last one,
+    silently)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False
+                    ) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable: construct_mapping says so
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                    key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return " ".join(f"{exc.problem}{where}".split())
+    return " ".join(str(exc).split())
+
+
+def load_documents(source: str, text: str) -> list[pb.ConfigDocument]:
+    """The YAML documents of ``text`` (``---`` separated) as ``ConfigDocument`` (JSON), each
+    with ``source`` and its position in it (from 1; empty documents count but are left out).
+    Raises ``MeshctlError`` ``<source>: document <n>: invalid YAML: <problem> (line L,
+    column C)``. Parsing only: the control plane validates."""
+    out: list[pb.ConfigDocument] = []
+    index = 0
+    try:
+        for body in yaml.load_all(text, Loader=_StrictLoader):
+            index += 1
+            if body is not None:
+                out.append(pb.ConfigDocument(source=source, index=index,
+                                             json=json.dumps(body, default=str)))
+    except yaml.YAMLError as exc:
+        raise MeshctlError(f"{source}: document {index + 1}: invalid YAML: "
+                           f"{_yaml_reason(exc)}") from None
+    return out
+
+
+def read_documents(paths: tuple[str, ...]) -> list[pb.ConfigDocument]:
+    """The documents of every ``-f`` path: a file, a directory (its ``*.yaml`` and ``*.yml``
+    files, sorted by name) or ``-`` (stdin); raises ``MeshctlError`` for an unreadable path,
+    invalid YAML or no documents at all."""
+    files: list[tuple[str, str]] = []
+    for p in paths:
+        try:
+            if p == "-":
+                files.append(("<stdin>", sys.stdin.read()))
+            elif Path(p).is_dir():
+                found = sorted(f for f in Path(p).iterdir()
+                               if f.suffix in (".yaml", ".yml") and f.is_file())
+                if not found:
+                    raise MeshctlError(f"{p}: no *.yaml or *.yml files in the directory")
+                files += [(str(f), f.read_text()) for f in found]
+            else:
+                files.append((p, Path(p).read_text()))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise MeshctlError(f"cannot read {p}: {reason}") from None
+    docs = [d for source, text in files for d in load_documents(source, text)]
+    if not docs:
+        raise MeshctlError(f"no documents in {', '.join(paths)}")
+    return docs
+
+
+def _kind(text: str) -> str:
+    try:
+        return kind_of(text)
+    except ConfigError as exc:
+        raise MeshctlError(str(exc)) from None
+
+
+def _label(kind: str, name: str) -> str:
+    return f"{kind.lower()}/{name}"
+
+
+_files = click.option("-f", "--filename", "paths", multiple=True, required=True,
+                      metavar="FILE|DIR|-",
+                      help="YAML documents: a file, a directory (*.yaml, *.yml) or - (stdin); "
+                           "repeatable.")
+
+
+@cli.command("apply")
+@_files
+@click.option("--dry-run", is_flag=True, default=False,
+              help="Validate and say what would change; store nothing.")
+@click.pass_context
+def apply(ctx: click.Context, paths: tuple[str, ...], dry_run: bool) -> None:
+    """Apply Route, TrafficPolicy and Fault documents: validated whole (with what is stored)
+    before any of it is stored; one line per object."""
+    docs = read_documents(paths)
+    resp = _client(ctx).call("ApplyConfig", pb.ApplyConfigRequest(documents=docs,
+                                                                   dry_run=dry_run),
+                             bare=(grpc.StatusCode.INVALID_ARGUMENT,))
+    for r in resp.results:
+        click.echo(f"{_label(r.kind, r.name)} {r.action} (revision {r.revision}"
+                   f"{', dry run' if dry_run else ''})")
+
+
+@cli.command("get")
+@click.argument("kind")
+@click.argument("name", required=False, default="")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table",
+              show_default=True,
+              help="Output format (yaml: documents that apply -f takes back).")
+@click.option("--revision", type=click.IntRange(min=1), default=None,
+              help="That revision of NAME instead of the current one.")
+@click.pass_context
+def get(ctx: click.Context, kind: str, name: str, output: str, revision: int | None) -> None:
+    """Config objects of KIND (route, trafficpolicy, fault; plural too), or NAME's. ``-o
+    yaml``: documents that ``apply -f`` takes back (a revision's restores it); ``-o json``: an
+    object for NAME, else a list, each with revision, applied_at and deleted."""
+    kind = _kind(kind)
+    if revision is not None and not name:
+        raise click.UsageError("--revision needs a NAME")
+    resp = _client(ctx).call("GetConfig", pb.GetConfigRequest(kind=kind, name=name,
+                                                               revision=revision or 0))
+    objs = [(o, json.loads(o.json)) for o in resp.objects]
+    if output == "yaml":
+        texts = []
+        for o, doc in objs:
+            note = ("; deleted at this revision (apply restores it)" if o.deleted else "")
+            texts.append(f"# {_label(o.kind, o.name)} revision {o.revision}, applied "
+                         f"{_iso(int(o.applied_at_unix))}{note}\n"
+                         f"{to_yaml(doc)}")
+        click.echo("---\n".join(texts), nl=False)
+        return
+    rows = [{**doc, "revision": o.revision, "applied_at": _iso(int(o.applied_at_unix)),
+             "deleted": o.deleted} for o, doc in objs]
+    if output == "json":
+        click.echo(json.dumps(rows[0] if name and rows else rows, indent=2))
+        return
+    _emit(ctx, output, rows, ["KIND", "NAME", "SERVICE", "REVISION", "APPLIED"],
+          [[r["kind"], r["name"], str(r["spec"].get("service", "")),
+            f"{r['revision']}{' (deleted)' if r['deleted'] else ''}", r["applied_at"]]
+           for r in rows])
+
+
+@cli.command("delete")
+@click.argument("kind")
+@click.argument("name")
+@click.pass_context
+def delete(ctx: click.Context, kind: str, name: str) -> None:
+    """Delete the config object KIND NAME (its revisions stay: get --revision)."""
+    resp = _client(ctx).call("DeleteConfig", pb.DeleteConfigRequest(kind=_kind(kind),
+                                                                     name=name))
+    r = resp.result
+    click.echo(f"{_label(r.kind, r.name)} deleted (revision {r.revision})")
+
+
+@cli.command("diff")
+@_files
+@click.pass_context
+def diff(ctx: click.Context, paths: tuple[str, ...]) -> None:
+    """What applying the documents would change: a unified diff of the canonical YAML per
+    object ("no changes" when none). Validated like apply; exits 0 unless it fails."""
+    docs = read_documents(paths)
+    resp = _client(ctx).call("DiffConfig", pb.DiffConfigRequest(documents=docs),
+                             bare=(grpc.StatusCode.INVALID_ARGUMENT,))
+    changed = False
+    for d in resp.diffs:
+        if d.action == UNCHANGED:
+            continue
+        changed = True
+        label = _label(d.kind, d.name)
+        before = f"{label} (revision {d.current_revision})" if d.current_yaml else "/dev/null"
+        click.echo("".join(difflib.unified_diff(
+            d.current_yaml.splitlines(keepends=True), d.proposed_yaml.splitlines(keepends=True),
+            before, f"{label} (proposed)")), nl=False)
+    if not changed:
+        click.echo("no changes")
+
+
+@cli.group("fault")
+def fault() -> None:
+    """Inject faults into calls to a service, and clear them (Fault objects named after the
+    service)."""
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+@fault.command("inject")
+@click.argument("service")
+@click.option("--method", default=None, metavar="M",
+              help="Only this gRPC method: /pkg.Service/Method (exact) or a prefix ending in "
+                   "'/' (default: every method).")
+@click.option("--abort", "abort_code", default=None, metavar="CODE",
+              help="Abort with this gRPC status (name like UNAVAILABLE, or number).")
+@click.option("--delay", "delay_ms", type=click.IntRange(1, 600_000), default=None,
+              metavar="MS", help="Delay calls by this many milliseconds.")
+@click.option("--percent", type=click.FloatRange(0, 100), default=None, metavar="P",
+              help="Share of calls (percent) for the abort and the delay.")
+@click.option("--abort-percent", type=click.FloatRange(0, 100), default=None, metavar="P",
+              help="Share of calls for the abort (instead of --percent).")
+@click.option("--delay-percent", type=click.FloatRange(0, 100), default=None, metavar="P",
+              help="Share of calls for the delay (instead of --percent).")
+@click.pass_context
+def fault_inject(ctx: click.Context, service: str, method: str | None, abort_code: str | None,
+                 delay_ms: int | None, percent: float | None, abort_percent: float | None,
+                 delay_percent: float | None) -> None:
+    """Write the Fault named SERVICE (replacing it): an abort and/or a delay for a share of
+    the calls to SERVICE."""
+    if abort_code is None and delay_ms is None:
+        raise click.UsageError("give --abort CODE and/or --delay MS, with --percent P")
+    try:
+        check_name(service)
+    except ConfigError as exc:
+        raise MeshctlError(f"cannot name a Fault after service {service!r} ({exc}): apply a "
+                           "Fault document with another name instead") from None
+    spec: dict[str, Any] = {"service": service}
+    if method:
+        spec["method"] = {"prefix": method} if method.endswith("/") else {"exact": method}
+    for key, given, own in (("delay", delay_ms, delay_percent), ("abort", abort_code,
+                                                                 abort_percent)):
+        if given is None:
+            continue
+        share = own if own is not None else percent
+        if share is None:
+            raise click.UsageError(f"--{key} needs --percent P (or --{key}-percent P)")
+        value: Any = given
+        if key == "abort":
+            value = int(given) if given.isdigit() else given.upper()
+        spec[key] = {"ms" if key == "delay" else "code": value, "percent": _number(share)}
+    doc = {"kind": "Fault", "name": service, "spec": spec}
+    resp = _client(ctx).call("ApplyConfig", pb.ApplyConfigRequest(documents=[
+        pb.ConfigDocument(source="fault inject", json=json.dumps(doc))]),
+        bare=(grpc.StatusCode.INVALID_ARGUMENT,))
+    for r in resp.results:
+        click.echo(f"{_label(r.kind, r.name)} {r.action} (revision {r.revision})")
+
+
+@fault.command("clear")
+@click.argument("service")
+@click.pass_context
+def fault_clear(ctx: click.Context, service: str) -> None:
+    """Delete the Fault named SERVICE (what ``fault inject SERVICE`` wrote)."""
+    try:
+        resp = _client(ctx).call("DeleteConfig", pb.DeleteConfigRequest(kind="Fault",
+                                                                         name=service))
+    except RpcFailed as exc:
+        if exc.code == grpc.StatusCode.NOT_FOUND:
+            raise MeshctlError(f"no fault injected into {service} (no Fault named "
+                               f"{service!r})") from None
+        raise
+    r = resp.result
+    click.echo(f"{_label(r.kind, r.name)} deleted (revision {r.revision})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,8 @@
   ``mesh.v1.Identity`` (workloads renew their own identity), ``mesh.v1.Discovery`` (one
   long-lived stream per sidecar: registration, snapshots and ACK/NACK, live state, queries and
   commands; workload identities only, and the service registered is always the certificate's)
-  and ``mesh.v1.Admin`` (admin identities only: ``spiffe://<td>/admin/<name>``).
+  and ``mesh.v1.Admin`` (admin identities only: ``spiffe://<td>/admin/<name>``), which also
+  serves the declarative config (apply, get, delete, diff; ``config_store``).
 
 The join proof (``mesh_common.jointoken``) is HMAC-SHA256 of the CSR keyed by the SHA-256 of the
 token's secret, which is what the store keeps (never the secret, never the token string).
@@ -25,7 +26,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -33,6 +34,7 @@ import grpc
 from cryptography import x509
 
 from control_plane.ca import CertificateAuthority, CsrError
+from control_plane.config_store import ConfigNotFound, ConfigState, ConfigStore, Outcome
 from control_plane.discovery import (
     STALE,
     DiscoverySettings,
@@ -40,12 +42,24 @@ from control_plane.discovery import (
     QueryFailed,
     Session,
     SessionHub,
+    build_snapshot,
     raw_published,
 )
 from control_plane.registry import HEALTH_VALUES, Instance, Registry, normalize_health, sort_labels
 from control_plane.registry.embedded import EmbeddedRegistry
 from control_plane.store import Store, UseResult
 from control_plane.telemetry import Histogram, Report, Telemetry, UpstreamSample
+from mesh_common.config import (
+    UNCHANGED,
+    ApplyPlan,
+    ConfigError,
+    ConfigObject,
+    Document,
+    describe,
+    kind_of,
+    to_doc,
+    to_yaml,
+)
 from mesh_common.jointoken import check_join_proof, new_token, secret_digest
 from mesh_common.snapshot import MAX_SNAPSHOT_BYTES, SnapshotError, from_doc, parse_address
 from mesh_common.spiffe import SpiffeError, SpiffeId
@@ -64,6 +78,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # snapshots (up to MAX_SNAPSHOT_BYTES) and
 MAX_REASON_CHARS = 1024       # NACK reasons and query errors are cut to this
 MAX_UPSTREAMS_PER_REPORT = 256
 MAX_HISTOGRAM_BOUNDS = 64
+MAX_CONFIG_DOCUMENTS = 1000   # per apply or diff
+MAX_CONFIG_DOCUMENT_BYTES = 1024 * 1024
+MAX_CONFIG_SOURCE_CHARS = 1024
 API_SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -127,7 +144,8 @@ class ControlPlane:
 
     ``registry`` defaults to the embedded one loaded from ``store`` (blocking I/O: build the
     control plane before serving). ``start``/``stop`` run the background tasks (publisher,
-    registry persistence, pruning)."""
+    registry persistence, pruning). The config objects are loaded from ``store`` too; changes
+    to them hold ``config_lock`` from validation to publish."""
 
     def __init__(self, ca: CertificateAuthority, store: Store, cert_ttl: dt.timedelta,
                  clock: Callable[[], float] = time.time,
@@ -142,8 +160,12 @@ class ControlPlane:
         self.settings = settings or DiscoverySettings()
         self.registry = registry if registry is not None else EmbeddedRegistry.load(
             store, self.settings.grace_period_s, clock())
+        self.config = ConfigState(ConfigStore(store))
+        for problem in self.config.load():
+            log.error("a stored config object no longer validates and is left out: %s", problem)
+        self.config_lock = asyncio.Lock()
         self.publisher = Publisher(self.registry, store, self.settings.push_window_s,
-                                   ca.trust_domain)
+                                   ca.trust_domain, config=self.config.objects)
         self.hub = SessionHub()
         self.publisher.subscribe(self.hub.broadcast)
         self.telemetry = Telemetry(self.settings.report_window_s)
@@ -450,6 +472,163 @@ class AdminServicer(pb_grpc.AdminServicer):
                  f" of {request.service}" if request.service else "")
         return pb.RenewCertificatesResponse(instances=told)
 
+    # ------------------------------------------------------------------ declarative config
+    async def _documents(self, context: grpc.aio.ServicerContext,
+                         docs: Sequence[pb.ConfigDocument]) -> list[Document]:
+        """The request's documents, parsed from JSON; aborts INVALID_ARGUMENT (one line naming
+        the document) when there are none, too many, or one is too large or not JSON."""
+        if not docs:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "no documents")
+        if len(docs) > MAX_CONFIG_DOCUMENTS:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{len(docs)} documents: at most {MAX_CONFIG_DOCUMENTS} at once")
+        out: list[Document] = []
+        for d in docs:
+            source = _one_line(d.source)[:MAX_CONFIG_SOURCE_CHARS]
+            where = describe(source, max(0, d.index))
+            if len(d.json) > MAX_CONFIG_DOCUMENT_BYTES:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{where}: larger than {MAX_CONFIG_DOCUMENT_BYTES} bytes")
+            try:
+                body = json.loads(d.json)
+            except ValueError as exc:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{where}: not valid JSON: {exc}")
+            out.append(Document(source, max(0, d.index), body))
+        return out
+
+    async def _plan(self, context: grpc.aio.ServicerContext, documents: list[Document]) -> ApplyPlan:
+        """The plan of an apply of ``documents`` over the stored set, checked to compile;
+        aborts INVALID_ARGUMENT with the one-line error. Call under ``config_lock``."""
+        try:
+            plan = self.cp.config.plan(documents)
+            self._check_compiles(plan.objects)
+        except ConfigError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _one_line(str(exc)))
+        return plan
+
+    def _check_compiles(self, objects: Sequence[ConfigObject]) -> None:
+        """Raise ``ConfigError`` unless the snapshot ``objects`` make with the registry's
+        instances passes the checks every sidecar will make (never expected to: the objects
+        are valid; this keeps a bug from storing config that cannot be published)."""
+        cp = self.cp
+        doc = build_snapshot(cp.registry.instances(), "0", objects).to_doc()
+        if len(json.dumps(doc, separators=(",", ":"))) > MAX_SNAPSHOT_BYTES:
+            raise ConfigError(f"the snapshot would be larger than {MAX_SNAPSHOT_BYTES} bytes")
+        try:
+            from_doc(doc, cp.ca.trust_domain)
+        except SnapshotError as exc:
+            raise ConfigError(f"the snapshot it makes does not validate: {exc}") from None
+
+    async def _publish_config(self, context: grpc.aio.ServicerContext) -> str:
+        """Publish the snapshot after a stored config change; its version. Aborts INTERNAL
+        when it cannot be built (the change is stored; the previous snapshot stays)."""
+        try:
+            return (await self.cp.publisher.publish_now(force=True)).version
+        except Exception as exc:
+            log.exception("config stored, but its snapshot could not be published")
+            await _abort(context, grpc.StatusCode.INTERNAL,
+                         f"stored, but the snapshot could not be published: {_one_line(str(exc))}")
+
+    def _latest_version(self) -> str:
+        latest = self.cp.publisher.latest
+        return latest.version if latest else ""
+
+    async def ApplyConfig(self, request: pb.ApplyConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ApplyConfigResponse:
+        caller = await self._require_admin(context, "ApplyConfig")
+        cp = self.cp
+        documents = await self._documents(context, request.documents)
+        async with cp.config_lock:
+            plan = await self._plan(context, documents)
+            if request.dry_run or all(c.action == UNCHANGED for c in plan.changes):
+                outcomes = cp.config.outcomes(plan)
+                version = self._latest_version()
+            else:
+                outcomes = await asyncio.to_thread(cp.config.apply, plan, cp.clock())
+                version = await self._publish_config(context)
+        if not request.dry_run:
+            for o in outcomes:
+                if o.action != UNCHANGED:
+                    log.info("%s %s %s %s (revision %d)", caller.uri, o.action, o.kind, o.name,
+                             o.revision)
+        return pb.ApplyConfigResponse(results=[_result(o) for o in outcomes], version=version)
+
+    async def _kind(self, context: grpc.aio.ServicerContext, text: str) -> str:
+        try:
+            return kind_of(text)
+        except ConfigError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def GetConfig(self, request: pb.GetConfigRequest,
+                        context: grpc.aio.ServicerContext) -> pb.GetConfigResponse:
+        await self._require_admin(context, "GetConfig")
+        cp = self.cp
+        kind = await self._kind(context, request.kind) if request.kind else None
+        if request.name and kind is None:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a name needs a kind")
+        if request.revision < 0:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "revision: 0 (the current one) or a revision number")
+        if request.revision:
+            if kind is None or not request.name:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             "a revision needs a kind and a name")
+            try:
+                rev = await asyncio.to_thread(cp.config.revision, kind, request.name,
+                                              request.revision)
+            except ConfigNotFound as exc:
+                await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+            return pb.GetConfigResponse(objects=[pb.StoredConfig(
+                kind=rev.kind, name=rev.name, revision=rev.revision,
+                applied_at_unix=rev.applied_at, json=json.dumps(rev.doc()),
+                deleted=rev.deleted)])
+        if request.name:
+            assert kind is not None
+            held = cp.config.get(kind, request.name)
+            if held is None:
+                await _abort(context, grpc.StatusCode.NOT_FOUND,
+                             f"no {kind} named {request.name!r}")
+            current = [held]
+        else:
+            current = cp.config.current(kind)
+        return pb.GetConfigResponse(objects=[pb.StoredConfig(
+            kind=c.obj.kind, name=c.obj.name, revision=c.revision,
+            applied_at_unix=c.applied_at, json=json.dumps(to_doc(c.obj))) for c in current])
+
+    async def DeleteConfig(self, request: pb.DeleteConfigRequest,
+                           context: grpc.aio.ServicerContext) -> pb.DeleteConfigResponse:
+        caller = await self._require_admin(context, "DeleteConfig")
+        cp = self.cp
+        kind = await self._kind(context, request.kind)
+        async with cp.config_lock:
+            try:
+                outcome = await asyncio.to_thread(cp.config.delete, kind, request.name,
+                                                  cp.clock())
+            except ConfigNotFound as exc:
+                await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+            version = await self._publish_config(context)
+        log.info("%s deleted %s %s (revision %d)", caller.uri, kind, request.name,
+                 outcome.revision)
+        return pb.DeleteConfigResponse(result=_result(outcome), version=version)
+
+    async def DiffConfig(self, request: pb.DiffConfigRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DiffConfigResponse:
+        await self._require_admin(context, "DiffConfig")
+        cp = self.cp
+        documents = await self._documents(context, request.documents)
+        async with cp.config_lock:
+            plan = await self._plan(context, documents)
+            diffs = []
+            for c in plan.changes:
+                held = cp.config.get(c.obj.kind, c.obj.name)
+                diffs.append(pb.ConfigDiff(
+                    kind=c.obj.kind, name=c.obj.name, action=c.action,
+                    current_revision=held.revision if held else 0,
+                    current_yaml=to_yaml(to_doc(c.previous)) if c.previous else "",
+                    proposed_yaml=to_yaml(to_doc(c.obj))))
+        return pb.DiffConfigResponse(diffs=diffs)
+
     async def TestPushRawSnapshot(self, request: pb.TestPushRawSnapshotRequest,
                                   context: grpc.aio.ServicerContext
                                   ) -> pb.TestPushRawSnapshotResponse:
@@ -467,6 +646,10 @@ class AdminServicer(pb_grpc.AdminServicer):
                     "instance %s", caller.uri, version, session.instance.service,
                     session.instance.instance_id)
         return pb.TestPushRawSnapshotResponse(version=version)
+
+
+def _result(o: Outcome) -> pb.ConfigResult:
+    return pb.ConfigResult(kind=o.kind, name=o.name, action=o.action, revision=o.revision)
 
 
 # ---------------------------------------------------------------------- discovery

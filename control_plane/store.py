@@ -1,5 +1,6 @@
 """The control plane's durable state in SQLite (WAL): join tokens, issued certificates, the
-registry's instances and the snapshot version counter.
+registry's instances and the snapshot version counter (``config_store`` keeps the config
+objects' revisions in the same file, through ``transaction``).
 
 One file under the data dir; every method is one transaction on its own short-lived
 connection, so the class is safe to call from worker threads. Only a digest of each token's
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -132,6 +133,12 @@ class Store:
             db.execute("COMMIT")
         finally:
             db.close()
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction on a short-lived connection to the same file,
+        committed when the block ends, rolled back when it raises (for the modules that keep
+        their own tables here, like ``config_store``)."""
+        return self._tx()
 
     # ------------------------------------------------------------------ tokens
     def add_token(self, token_id: str, service: str, secret_digest: str, expires_at: float,
@@ -254,12 +261,13 @@ class Store:
             digest = self._meta(db, _PUBLISHED_HASH)
         return (int(version), digest or "") if version else (0, "")
 
-    def publish_snapshot(self, content_hash: str) -> int:
+    def publish_snapshot(self, content_hash: str, force: bool = False) -> int:
         """The version of a snapshot with ``content_hash``: the latest published one's when the
-        hash is the same, else the next number of the counter (recorded as the latest)."""
+        hash is the same (unless ``force``), else the next number of the counter (recorded as
+        the latest)."""
         with self._tx() as db:
             version = self._meta(db, _PUBLISHED_VERSION)
-            if version and self._meta(db, _PUBLISHED_HASH) == content_hash:
+            if version and self._meta(db, _PUBLISHED_HASH) == content_hash and not force:
                 return int(version)
             n = self._take(db)
             self._set_meta(db, _PUBLISHED_VERSION, str(n))

@@ -474,6 +474,13 @@ def _parse_rule(x: Any, where: str, default_name: str) -> Rule:
                 _timeout_ms(x.get("timeout_ms"), f"{where}.timeout_ms"))
 
 
+def parse_fault(x: Any, where: str, default_name: str) -> FaultRule:
+    """One fault document (``name``, ``method``, ``delay: {ms, percent}``, ``abort: {code,
+    percent}``; percent defaults to 100, the code is a name or number other than OK);
+    raises ``SnapshotError``."""
+    return _parse_fault(x, where, default_name)
+
+
 def _parse_fault(x: Any, where: str, default_name: str) -> FaultRule:
     _expect(isinstance(x, dict), where, "expected a mapping")
     _known(x, {"name", "method", "delay", "abort"}, f"{where}.")

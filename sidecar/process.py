@@ -155,6 +155,7 @@ class Sidecar:
         self.relays: dict[str, Relay] = {}
         self.connectors: dict[str, Connector] = {}
         self.stats: dict[str, Stats] = {}
+        self.stacks: dict[str, Stack] = {}
         self.tls_failures: dict[str, int] = {}
 
     def _relay(self, name: str, hooks_for: Callable[[Connector, Stats], Hooks],
@@ -164,6 +165,8 @@ class Sidecar:
                       lambda conn: conn.io.close())  # type: ignore[attr-defined]
         connector = Connector(relay, flusher, self.limits, lambda: self.tls.client)
         relay.hooks = hooks_for(connector, stats)  # the stack needs the relay's connector
+        if isinstance(relay.hooks, Stack):
+            self.stacks[name] = relay.hooks
         self.relays[name] = relay
         self.connectors[name] = connector
         self.stats[name] = stats
@@ -228,8 +231,9 @@ class Sidecar:
 
     # ------------------------------------------------------------- configuration
     def apply_snapshot(self, snapshot: Snapshot) -> None:
-        """Route new calls on ``snapshot`` from now on. One assignment, so atomic: the route
-        layer reads ``self.snapshot`` once per call, calls already routed keep what they got,
+        """Route new calls on ``snapshot`` from now on. One assignment, so atomic: the
+        layers read ``self.snapshot`` once per call each (within one synchronous decision, so
+        the same one), calls already routed keep what they got,
         and connections to endpoints that stay are reused (pools are keyed by address).
         Connections to endpoints that left are closed once their calls are done."""
         self.snapshot = snapshot
@@ -286,6 +290,10 @@ class Sidecar:
                 "upstream_connections": len(connector.protocols),
                 "refused_connections": dict(listener.rejected) if listener else {},
             }
+            stack = self.stacks.get(name)
+            counted = stack.counters() if stack is not None else {}
+            if counted:  # the outbound side: per-rule matches, redistributions, faults
+                body[name]["routing"] = counted
         return 200, body
 
     def _reload_certs(self) -> tuple[int, object]:

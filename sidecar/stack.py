@@ -1,15 +1,19 @@
 """The one place that orders the layers of the inbound and outbound request paths.
 
-outbound:  stats → route → balance → endpoint pool (mTLS to the endpoint's inbound)
+outbound:  stats → route → fault → timeout → balance → endpoint pool (mTLS to the endpoint's
+           inbound)
 inbound:   stats → local app pool (h2c over loopback)
 
-Later layers (metrics, tracing, fault, timeout, retry, breaker, authorize) slot into these
-lists; nothing else needs to know the order.
+Fault comes right after routing and before timeouts, retries and the balancer, as in Envoy:
+an injected abort never reaches an endpoint. Later layers (metrics, tracing, retry, breaker,
+authorize) slot into these lists; nothing else needs to know the order.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from mesh_common.snapshot import Endpoint, Snapshot
 
@@ -17,8 +21,10 @@ from .http2.pool import Pool
 from .http2.relay import Call
 from .layers.balance import RoundRobin
 from .layers.base import Decision, Layer
+from .layers.fault import Fault
 from .layers.route import Route
 from .layers.stats import Stats
+from .layers.timeout import Timeout
 
 
 class Stack:
@@ -44,15 +50,27 @@ class Stack:
         for hook in self._on_end:
             hook(call)
 
+    def counters(self) -> dict[str, Any]:
+        """Every layer's ``/stats`` sections, merged (computed now, not per call)."""
+        out: dict[str, Any] = {}
+        for layer in self.layers:
+            out.update(layer.counters())
+        return out
+
 
 def _bind(layer: Layer, next_fn: Callable[[Call], Decision]) -> Callable[[Call], Decision]:
+    on_request = layer.on_request  # bound once, not per call
+
     def run(call: Call) -> Decision:
-        return layer.on_request(call, next_fn)
+        return on_request(call, next_fn)
     return run
 
 
 def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
-                   endpoint_pool: Callable[[Endpoint, str], Pool]) -> Stack:
+                   endpoint_pool: Callable[[Endpoint, str], Pool],
+                   rng: random.Random | None = None) -> Stack:
+    """The outbound path; ``snapshot`` returns the snapshot in force (read once per call by
+    each layer that needs it), ``rng`` drives the weighted splits and fault rolls."""
     pools: dict[int, tuple[Endpoint, Pool]] = {}
 
     def endpoint(call: Call) -> Decision:
@@ -63,7 +81,9 @@ def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
                 pools.clear()
             hit = pools[id(ep)] = (ep, endpoint_pool(ep, call.route))
         return hit[1]
-    return Stack([stats, Route(snapshot), RoundRobin()], endpoint)
+    rng = rng or random.Random()
+    return Stack([stats, Route(snapshot, rng), Fault(snapshot, rng), Timeout(snapshot),
+                  RoundRobin()], endpoint)
 
 
 def inbound_stack(stats: Stats, app_pool: Pool) -> Stack:

@@ -46,7 +46,8 @@ class HeaderListTooLarge(Exception):
 class HeaderBlock:
     """One received header block: the bytes to forward and the fields the relay looks at."""
 
-    __slots__ = ("block", "fields", "list_bytes", "timeout_span", "strip_spans", "decoded")
+    __slots__ = ("block", "fields", "list_bytes", "timeout_span", "strip_spans", "decoded",
+                 "_others")
 
     def __init__(self, block: bytes, fields: dict[str, str], list_bytes: int,
                  timeout_span: tuple[int, int] | None, strip_spans: list[tuple[int, int]],
@@ -57,9 +58,23 @@ class HeaderBlock:
         self.timeout_span = timeout_span
         self.strip_spans = strip_spans
         self.decoded = decoded
+        self._others: dict[str, str] | None = None
 
     def get(self, name: str) -> str | None:
         return self.fields.get(name)
+
+    def lookup(self, name: str) -> str | None:
+        """The value of field ``name`` (lower-case), any field, not only those in ``fields``:
+        the first occurrence, or None. The first lookup of a field outside ``WANTED`` reads
+        the whole block once (it references only the static table, so it reads without HPACK
+        state) and keeps the result on the block, which equal blocks share; never raises for
+        a block the reader accepted."""
+        if name in WANTED:
+            return self.fields.get(name)
+        others = self._others
+        if others is None:
+            others = self._others = _other_fields(self.block)
+        return others.get(name)
 
     def forwardable(self, grpc_timeout: str | None = None) -> bytes:
         """The block to send on: hop-by-hop fields removed, ``grpc-timeout`` replaced by
@@ -320,6 +335,37 @@ class HeaderReader:
             out.append(enc)
             pos += len(enc)
         return HeaderBlock(b"".join(out), fields, size, timeout_span, [], True)
+
+
+def _other_fields(buf: bytes) -> dict[str, str]:
+    """The first value of every field of a forwardable block (static-table references and
+    literals only, as ``HeaderReader`` leaves them) whose name is not in ``WANTED``."""
+    out: dict[str, str] = {}
+    pos, n = 0, len(buf)
+    while pos < n:
+        b = buf[pos]
+        if b & 0x80:  # indexed: a static entry
+            idx, pos = _int(buf, pos, 7)
+            name_b, value_b = STATIC_TABLE[idx - 1]
+            name = STATIC_NAMES[idx - 1]
+            if name not in WANTED and name not in out:
+                out[name] = value_b.decode("latin-1")
+            continue
+        if b & 0xE0 == 0x20:  # table size update (to 0)
+            _, pos = _int(buf, pos, 5)
+            continue
+        idx, pos = _int(buf, pos, 6 if b & 0xC0 == 0x40 else 4)
+        if idx:
+            name = STATIC_NAMES[idx - 1]
+        else:
+            ns, ne, nh = _string(buf, pos)
+            pos = ne
+            name = _text(buf, ns, ne, nh)
+        vs, ve, vh = _string(buf, pos)
+        pos = ve
+        if name not in WANTED and name not in out:
+            out[name] = _text(buf, vs, ve, vh)
+    return out
 
 
 class _NeedsDecoder(Exception):

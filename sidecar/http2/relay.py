@@ -340,7 +340,12 @@ class Relay:
     def _after_delay(self, call: Call, decision: Pool | LocalReply) -> None:
         if call.finished or not call.down_open:
             return
-        self._decided(call, decision)
+        if isinstance(decision, Pool) and decision.closed:
+            # Its endpoint left the snapshot during the delay: the pool would never connect.
+            self._reply(call, G.UNAVAILABLE, f"upstream {decision.label} left the mesh while "
+                        "the call was delayed")
+        else:
+            self._decided(call, decision)
         self._pump()
 
     def _arm_route_timeout(self, call: Call) -> None:
@@ -352,7 +357,8 @@ class Relay:
         call.deadline_s = deadline
         if call.timer is not None:
             call.timer.cancel()
-        call.timer = self.call_later(call.route_timeout_s, lambda: self._timer_fired(call))
+        call.timer = self.call_later(call.route_timeout_s,
+                                     lambda: self._timer_fired(call, route_timeout=True))
 
     def _request_data(self, call: Call, data: bytes, end: bool) -> None:
         call.req_received += len(data)
@@ -643,18 +649,24 @@ class Relay:
             self._response_done(call)
 
     # ================================================================ endings
-    def _timer_fired(self, call: Call) -> None:
-        self._deadline(call)
+    def _timer_fired(self, call: Call, route_timeout: bool = False) -> None:
+        self._deadline(call, route_timeout)
         self._pump()
 
-    def _deadline(self, call: Call) -> None:
+    def _deadline(self, call: Call, route_timeout: bool = False) -> None:
+        """DEADLINE_EXCEEDED for the call; ``route_timeout``: the route's timeout fired (it
+        was sooner than the caller's deadline), which the message says."""
         call.timer = None
         if call.finished:
             return
         self.stats["deadlines_exceeded"] += 1
         elapsed_ms = (self.clock() - call.started_s) * 1e3
+        why = ""
+        if route_timeout and call.route_timeout_s is not None:
+            self.stats["route_timeouts"] += 1
+            why = f" (the route's timeout of {call.route_timeout_s * 1e3:.0f} ms)"
         self._reply(call, G.DEADLINE_EXCEEDED,
-                    f"deadline exceeded at the sidecar after {elapsed_ms:.0f} ms")
+                    f"deadline exceeded at the sidecar after {elapsed_ms:.0f} ms{why}")
 
     def _abandon_upstream(self, call: Call) -> None:
         """Cancel whatever upstream work the call has (reset the stream or leave the queue)."""

@@ -23,7 +23,13 @@ from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 from protos.meshtest import echo_pb2, echo_pb2_grpc
 from tests.integration.test_cert_rotation import Load
-from tests.integration.test_control_plane import ControlPlaneProc, create_token, meshctl, start_cp
+from tests.integration.test_control_plane import (
+    ControlPlaneProc,
+    admin_channel,
+    create_token,
+    meshctl,
+    start_cp,
+)
 from tests.integration.test_dynamic_sidecar import admin_get, sidecar_cmd
 from tests.support import procs
 from tests.support.sidecar import REPO_ROOT
@@ -61,12 +67,7 @@ class Mesh:
 
     def admin(self) -> pb_grpc.AdminStub:
         if self._channel is None:
-            d = self.cp.ca_dir
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=(d / "ca.pem").read_bytes(),
-                private_key=(d / "admin-key.pem").read_bytes(),
-                certificate_chain=(d / "admin.pem").read_bytes())
-            self._channel = grpc.secure_channel(self.cp.api, creds)
+            self._channel = admin_channel(self.cp)
         return pb_grpc.AdminStub(self._channel)
 
     def token(self, service: str) -> str:

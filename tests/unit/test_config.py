@@ -1,0 +1,454 @@
+"""Declarative config without sockets: documents validated into objects with errors that name
+the file, document, field and reason; a whole apply checked with what is stored; the
+canonical form; compiling into the snapshot's routes; the control plane's revision store."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from control_plane.config_store import ConfigNotFound, ConfigState, ConfigStore
+from control_plane.discovery import build_snapshot
+from control_plane.meshctl import MeshctlError, load_documents
+from control_plane.registry import SERVING, Instance
+from control_plane.store import Store
+from mesh_common.config import (
+    CONFIGURED,
+    CREATED,
+    UNCHANGED,
+    ConfigError,
+    ConfigObject,
+    Document,
+    FaultSpec,
+    RouteSpec,
+    compile_routes,
+    kind_of,
+    parse_object,
+    plan_apply,
+    to_doc,
+    to_yaml,
+)
+from mesh_common.snapshot import Cluster, Snapshot, from_doc
+
+FAST = settings(deadline=None, max_examples=80)
+TD = "mesh.local"
+
+SCHEMA_EXAMPLE = """\
+kind: Route                      # how calls to one upstream service are routed
+name: echo-canary
+spec:
+  service: echo
+  timeout_ms: 2000
+  rules:
+    - name: canary-header
+      match:
+        method: {prefix: /meshtest.Echo/}
+        headers:
+          x-canary: {exact: "yes"}
+      destinations:
+        - subset: {version: v2}
+          weight: 100
+      timeout_ms: 500
+    - destinations:
+        - {subset: {version: v1}, weight: 90}
+        - {subset: {version: v2}, weight: 10}
+---
+kind: TrafficPolicy
+name: echo
+spec:
+  service: echo
+  load_balancer: round_robin
+  timeout_ms: 1000
+---
+kind: Fault
+name: echo
+spec:
+  service: echo
+  method: {prefix: /meshtest.Echo/}
+  delay: {ms: 200, percent: 50}
+  abort: {code: UNAVAILABLE, percent: 10}
+"""
+
+
+def docs_of(text: str, source: str = "routes.yaml") -> list[Document]:
+    return [Document(source, i, body) for i, body in enumerate(yaml.safe_load_all(text), 1)]
+
+
+def objects(text: str) -> tuple[ConfigObject, ...]:
+    return plan_apply((), docs_of(text)).objects
+
+
+def route(service: str = "echo", name: str = "echo", **spec: Any) -> dict[str, Any]:
+    return {"kind": "Route", "name": name, "spec": {"service": service, **spec}}
+
+
+def split(*weights: int | None) -> dict[str, Any]:
+    return {"destinations": [{"subset": {"version": f"v{i}"}} | ({} if w is None else
+                                                                  {"weight": w})
+                             for i, w in enumerate(weights, 1)]}
+
+
+def error_of(*bodies: Any, stored: tuple[ConfigObject, ...] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        plan_apply(stored, [Document("routes.yaml", i, b) for i, b in enumerate(bodies, 1)])
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------- documents
+def test_the_schema_example_parses_into_typed_objects() -> None:
+    route_obj, policy, fault = plan_apply((), docs_of(SCHEMA_EXAMPLE)).changes
+    assert (route_obj.obj.kind, route_obj.obj.name, route_obj.action) == ("Route", "echo-canary",
+                                                                           CREATED)
+    spec = route_obj.obj.spec
+    assert isinstance(spec, RouteSpec) and spec.service == "echo" and spec.timeout_ms == 2000
+    first, second = spec.rules
+    assert (first.name, first.timeout_ms) == ("canary-header", 500)
+    assert first.match.headers[0].name == "x-canary"
+    assert [(d.subset, d.weight) for d in first.destinations] == [((("version", "v2"),), 100)]
+    assert second.name == "echo-canary#1"  # the default: <route name>#<index>
+    assert [d.weight for d in second.destinations] == [90, 10]
+    assert policy.obj.spec.timeout_ms == 1000
+    assert fault.obj.spec == FaultSpec("echo", fault.obj.spec.method, 200, 50.0, 14, 10.0)
+
+
+ERRORS: dict[str, tuple[Any, list[str]]] = {
+    "unknown kind": ({"kind": "Gateway", "name": "x", "spec": {}},
+                     ["routes.yaml: document 2: kind: unknown kind 'Gateway'"]),
+    "no kind": ({"name": "x", "spec": {}}, ["routes.yaml: document 2: kind: required"]),
+    "not a mapping": (["kind", "Route"], ["routes.yaml: document 2: expected a mapping"]),
+    "unknown top-level key": (route() | {"metadata": {}},
+                              ["document 2 (Route echo): metadata: unknown key"]),
+    "unknown field": (route(rules=[split(100)], retries=3),
+                      ["document 2 (Route echo): spec.retries: unknown key"]),
+    "unknown nested field": (route(rules=[split(100) | {"retry": 1}]),
+                             ["(Route echo): spec.rules[0].retry: unknown key"]),
+    "field of another kind": ({"kind": "Fault", "name": "f", "spec": {
+        "service": "echo", "abort": {"code": 14}, "rules": []}},
+        ["document 2 (Fault f): spec.rules: unknown key"]),
+    "weights": (route(rules=[split(100), split(90, 5)]),
+                ["document 2 (Route echo): spec.rules[1].destinations: weights must sum to 100, "
+                 "they sum to 95"]),
+    "two weights omitted": (route(rules=[split(50, None, None)]),
+                            ["spec.rules[0].destinations[2].weight: only one destination may "
+                             "omit its weight"]),
+    "given weights over 100": (route(rules=[split(80, 30, None)]),
+                               ["spec.rules[0].destinations: weights must sum to 100"]),
+    "bad regex": (route(rules=[{"match": {"headers": {"x-user": {"regex": "(a"}}}}]),
+                  ["(Route echo): spec.rules[0].match.headers.x-user.regex: not a valid regular "
+                   "expression"]),
+    "upper-case header": (route(rules=[{"match": {"headers": {"X-User": {"exact": "a"}}}}]),
+                          ["spec.rules[0].match.headers: header names are lower-case"]),
+    "bad method": (route(rules=[{"match": {"method": {"exact": "Unary"}}}]),
+                   ["spec.rules[0].match.method.exact: a gRPC path starts with '/'"]),
+    "bad code": ({"kind": "Fault", "name": "echo", "spec": {
+        "service": "echo", "abort": {"code": "NOPE", "percent": 5}}},
+        ["document 2 (Fault echo): spec.abort.code: a gRPC status other than OK"]),
+    "abort with OK": ({"kind": "Fault", "name": "echo", "spec": {
+        "service": "echo", "abort": {"code": "OK"}}}, ["spec.abort.code"]),
+    "percent over 100": ({"kind": "Fault", "name": "echo", "spec": {
+        "service": "echo", "delay": {"ms": 5, "percent": 101}}},
+        ["spec.delay.percent: a percentage from 0 to 100"]),
+    "fault without a fault": ({"kind": "Fault", "name": "echo", "spec": {"service": "echo"}},
+                              ["(Fault echo): spec: a fault needs a delay or an abort"]),
+    "bad name": (route(name="Echo_1"), ["document 2 (Route): name: a name is 1-63 of [a-z0-9-]"]),
+    "no name": ({"kind": "Route", "spec": {"service": "echo"}},
+                ["document 2 (Route): name: required"]),
+    "no spec": ({"kind": "Route", "name": "x"}, ["document 2 (Route x): spec: required mapping"]),
+    "bad service": (route(service="no such/service"), ["spec.service: invalid service name"]),
+    "bad balancer": ({"kind": "TrafficPolicy", "name": "p", "spec": {
+        "service": "echo", "load_balancer": "fastest"}},
+        ["(TrafficPolicy p): spec.load_balancer: unknown load balancer 'fastest'"]),
+    "bad timeout": ({"kind": "TrafficPolicy", "name": "p", "spec": {
+        "service": "echo", "timeout_ms": 0}}, ["spec.timeout_ms: milliseconds"]),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS.values(), ids=ERRORS.keys())
+def test_each_invalid_document_is_named_with_its_field_and_reason(
+        case: tuple[Any, list[str]]) -> None:
+    bad, expected = case
+    good = {"kind": "TrafficPolicy", "name": "ok", "spec": {"service": "order"}}
+    message = error_of(good, bad)
+    assert message.startswith("routes.yaml: document 2"), message
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_one_route_and_one_policy_per_service_in_an_apply_and_with_what_is_stored() -> None:
+    message = error_of(route(name="a"), route(name="b"))
+    assert message == ("routes.yaml: document 2 (Route b): spec.service: service 'echo' already "
+                       "has Route a (routes.yaml: document 1); one Route per service")
+    stored = objects(yaml.safe_dump(route(name="a")))
+    message = error_of(route(name="b"), stored=stored)
+    assert message.startswith("routes.yaml: document 1 (Route b): spec.service: service 'echo' "
+                              "already has Route a (stored)")
+    policy = {"kind": "TrafficPolicy", "name": "p", "spec": {"service": "echo"}}
+    assert "one TrafficPolicy per service" in error_of(policy, policy | {"name": "q"})
+    # Several Faults for a service are fine; moving Route a away frees its service for b.
+    faults = [{"kind": "Fault", "name": n, "spec": {"service": "echo", "abort": {"code": 14}}}
+              for n in ("f1", "f2")]
+    plan = plan_apply(stored, [Document("x.yaml", i, b) for i, b in enumerate(
+        [route(service="order", name="a"), route(name="b"), *faults], 1)])
+    assert [(o.kind, o.name, o.service) for o in plan.objects] == [
+        ("Fault", "f1", "echo"), ("Fault", "f2", "echo"), ("Route", "a", "order"),
+        ("Route", "b", "echo")]
+
+
+def test_an_object_given_twice_in_one_apply_is_refused() -> None:
+    assert error_of(route(), route()) == (
+        "routes.yaml: document 2 (Route echo): name: Route echo is given twice (also "
+        "routes.yaml: document 1)")
+
+
+def test_an_apply_says_created_configured_or_unchanged() -> None:
+    stored = objects(yaml.safe_dump_all([route(rules=[split(100)]), route("order", "o")]))
+    plan = plan_apply(stored, [Document("", 1, route(rules=[split(50, 50)])),
+                               Document("", 2, route("order", "o")),
+                               Document("", 3, route("payment", "p"))])
+    assert [c.action for c in plan.changes] == [CONFIGURED, UNCHANGED, CREATED]
+    assert plan.changes[0].previous == stored[0]
+
+
+def test_one_destination_may_omit_its_weight_and_takes_the_rest() -> None:
+    (obj,) = objects(yaml.safe_dump(route(rules=[split(None, 10, 5), split(None)])))
+    assert isinstance(obj.spec, RouteSpec)
+    assert [[d.weight for d in r.destinations] for r in obj.spec.rules] == [[85, 10, 5], [100]]
+
+
+def test_kinds_for_commands_are_case_insensitive_singular_or_plural() -> None:
+    assert [kind_of(k) for k in ("route", "Routes", "TRAFFICPOLICY", "trafficpolicies",
+                                 "fault", "Faults")] == [
+        "Route", "Route", "TrafficPolicy", "TrafficPolicy", "Fault", "Fault"]
+    with pytest.raises(ConfigError, match="unknown kind 'gateway'"):
+        kind_of("gateway")
+
+
+# ---------------------------------------------------------------------- YAML (meshctl)
+def test_bad_yaml_names_the_file_and_the_document() -> None:
+    text = "kind: TrafficPolicy\nname: p\nspec: {service: echo}\n---\nkind: Route\nname: [x\n"
+    with pytest.raises(MeshctlError) as info:
+        load_documents("routes.yaml", text)
+    assert str(info.value).startswith("routes.yaml: document 2: invalid YAML: ")
+    assert "line 7" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(MeshctlError, match=r"^a.yaml: document 1: invalid YAML: duplicate key "
+                                           r"'name' \(line 3, column 1\)$"):
+        load_documents("a.yaml", "kind: Route\nname: a\nname: b\n")
+
+
+def test_empty_documents_count_but_are_left_out() -> None:
+    docs = load_documents("a.yaml", "---\n---\nkind: Route\n---\n# nothing\n---\nkind: Fault\n")
+    assert [(d.source, d.index, d.json) for d in docs] == [
+        ("a.yaml", 2, '{"kind": "Route"}'), ("a.yaml", 4, '{"kind": "Fault"}')]
+
+
+# ---------------------------------------------------------------------- canonical form
+def test_canonical_documents_round_trip_and_leave_defaults_out() -> None:
+    for obj in objects(SCHEMA_EXAMPLE):
+        doc = to_doc(obj)
+        assert parse_object(copy.deepcopy(doc)) == obj
+        assert parse_object(yaml.safe_load(to_yaml(doc))) == obj
+    (obj,) = objects(yaml.safe_dump(route(rules=[{"match": {}}])))
+    assert to_doc(obj) == {"kind": "Route", "name": "echo", "spec": {
+        "service": "echo", "rules": [{"destinations": [{"weight": 100}]}]}}
+    fault = parse_object({"kind": "Fault", "name": "f", "spec": {"service": "echo",
+                                                                 "abort": {"code": 14}}})
+    assert to_doc(fault)["spec"] == {"service": "echo", "abort": {"code": "UNAVAILABLE",
+                                                                  "percent": 100}}
+
+
+def test_header_order_does_not_make_a_different_object() -> None:
+    a = parse_object(route(rules=[{"match": {"headers": {"x-a": {"exact": "1"},
+                                                          "x-b": {"prefix": "2"}}}}]))
+    b = parse_object(route(rules=[{"match": {"headers": {"x-b": {"prefix": "2"},
+                                                          "x-a": {"exact": "1"}}}}]))
+    assert a == b and to_doc(a) == to_doc(b)
+
+
+# ---------------------------------------------------------------------- compiling
+def test_timeouts_rule_over_route_over_policy_and_the_policy_balancer() -> None:
+    objs = objects(yaml.safe_dump_all([
+        route(timeout_ms=2000, rules=[{"timeout_ms": 500}, {}]),
+        {"kind": "TrafficPolicy", "name": "echo", "spec": {"service": "echo",
+                                                           "timeout_ms": 1000}},
+        {"kind": "TrafficPolicy", "name": "order", "spec": {"service": "order",
+                                                            "timeout_ms": 700}},
+        route("payment", "payment", rules=[{"timeout_ms": 50}]),
+    ]))
+    routes, empty = compile_routes(objs, ["echo", "order", "inventory"])
+    by = {r.service: r for r in routes}
+    assert [r.service for r in routes] == ["echo", "inventory", "order", "payment"]
+    assert empty == ("payment",)  # named by config, no cluster: an empty one
+    assert [x.timeout_ms for x in by["echo"].rules] == [500, None]
+    assert by["echo"].timeout_ms == 2000          # the Route's, over the policy's 1000
+    assert by["order"].timeout_ms == 700 and by["order"].rules == ()  # the policy's
+    assert by["payment"].timeout_ms is None and by["payment"].rules[0].timeout_ms == 50
+    assert by["inventory"] == type(by["inventory"])("inventory", "inventory")  # identity
+    assert all(r.cluster == r.service and r.load_balancer == "round_robin" for r in routes)
+
+
+def test_faults_come_from_every_fault_of_the_service_by_name() -> None:
+    def fault(name: str, **spec: Any) -> dict[str, Any]:
+        return {"kind": "Fault", "name": name, "spec": {"service": "echo", **spec}}
+
+    objs = objects(yaml.safe_dump_all([
+        fault("zz", delay={"ms": 100, "percent": 20}),
+        fault("aa", method={"exact": "/meshtest.Echo/Unary"}, abort={"code": "INTERNAL",
+                                                                     "percent": 5}),
+        fault("off", abort={"code": 14, "percent": 0}),  # injects nothing: left out
+        fault("half", abort={"code": 14, "percent": 50}, delay={"ms": 9, "percent": 0}),
+    ]))
+    (echo,), empty = compile_routes(objs, ["echo"])
+    assert empty == ()
+    assert [(f.name, f.method and f.method.value, f.delay_ms, f.delay_percent, f.abort_code,
+             f.abort_percent) for f in echo.faults] == [
+        ("aa", "/meshtest.Echo/Unary", 0, 0.0, 13, 5.0),
+        ("half", None, 0, 0.0, 14, 50.0),
+        ("zz", None, 100, 20.0, 0, 0.0)]
+
+
+def test_the_snapshot_has_an_empty_cluster_for_a_configured_service_without_instances(
+) -> None:
+    inst = Instance("echo", "e-1", f"spiffe://{TD}/service/echo", inbound="127.0.0.1:20001",
+                    labels=(("version", "v1"),), health=SERVING)
+    snap = build_snapshot([inst], "3", objects(yaml.safe_dump_all([
+        route(rules=[split(90, 10)]), route("payment", "payment")])))
+    assert [(c.name, len(c.endpoints)) for c in snap.clusters] == [("echo", 1), ("payment", 0)]
+    assert [r.service for r in snap.routes] == ["echo", "payment"]
+    assert from_doc(snap.to_doc(), TD).to_doc() == snap.to_doc()
+
+
+# ---------------------------------------------------------------------- property
+_services = st.sampled_from(["echo", "order", "payment", "inventory"])
+_text = st.text(alphabet="abcxyz019-", min_size=0, max_size=6)
+_string_match = st.one_of(
+    st.builds(lambda v: {"exact": v}, _text), st.builds(lambda v: {"prefix": v}, _text),
+    st.builds(lambda v: {"regex": v}, st.sampled_from(["v[0-9]+", ".*", "a|b", "(x)?y"])))
+_method = st.one_of(st.builds(lambda m: {"exact": f"/pkg.Svc/{m}"}, st.sampled_from(["A", "B"])),
+                    st.builds(lambda p: {"prefix": p}, st.sampled_from(["/", "/pkg.", "/pkg.Svc/"])))
+_timeout = st.integers(1, 3_600_000)
+_percent = st.one_of(st.integers(0, 100), st.floats(0, 100, allow_nan=False))
+
+
+@st.composite
+def _destinations(draw: st.DrawFn) -> list[dict[str, Any]]:
+    n = draw(st.integers(1, 4))
+    cuts = sorted(draw(st.lists(st.integers(0, 100), min_size=n - 1, max_size=n - 1)))
+    weights = [b - a for a, b in zip([0, *cuts], [*cuts, 100], strict=True)]
+    dests = []
+    for w in weights:
+        d: dict[str, Any] = {"weight": w}
+        subset = draw(st.dictionaries(st.sampled_from(["version", "zone"]),
+                                      st.sampled_from(["v1", "v2", "a"]), max_size=2))
+        if subset:
+            d["subset"] = subset
+        dests.append(d)
+    if draw(st.booleans()):
+        del dests[draw(st.integers(0, n - 1))]["weight"]  # one may omit its weight
+    return dests
+
+
+@st.composite
+def _rule(draw: st.DrawFn) -> dict[str, Any]:
+    rule: dict[str, Any] = {}
+    if draw(st.booleans()):
+        rule["name"] = draw(st.from_regex(r"[a-z][a-z0-9#-]{0,12}", fullmatch=True))
+    match: dict[str, Any] = {}
+    if draw(st.booleans()):
+        match["method"] = draw(_method)
+    headers = draw(st.dictionaries(st.sampled_from(["x-canary", "x-user", "x-b"]), _string_match,
+                                   max_size=2))
+    if headers:
+        match["headers"] = headers
+    if match or draw(st.booleans()):
+        rule["match"] = match
+    if draw(st.booleans()):
+        rule["destinations"] = draw(_destinations())
+    if draw(st.booleans()):
+        rule["timeout_ms"] = draw(_timeout)
+    return rule
+
+
+@st.composite
+def _config(draw: st.DrawFn) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    names = st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True)
+    for service in draw(st.sets(_services)):
+        spec: dict[str, Any] = {"service": service, "rules": draw(st.lists(_rule(), max_size=3))}
+        if draw(st.booleans()):
+            spec["timeout_ms"] = draw(_timeout)
+        docs.append({"kind": "Route", "name": f"r-{service}", "spec": spec})
+    for service in draw(st.sets(_services)):
+        spec = {"service": service}
+        if draw(st.booleans()):
+            spec["load_balancer"] = "round_robin"
+        if draw(st.booleans()):
+            spec["timeout_ms"] = draw(_timeout)
+        docs.append({"kind": "TrafficPolicy", "name": f"p-{service}", "spec": spec})
+    for name in draw(st.sets(names, max_size=4)):
+        spec = {"service": draw(_services)}
+        if draw(st.booleans()):
+            spec["method"] = draw(_method)
+        kinds = draw(st.sampled_from([("delay",), ("abort",), ("delay", "abort")]))
+        if "delay" in kinds:
+            spec["delay"] = {"ms": draw(st.integers(1, 600_000)), "percent": draw(_percent)}
+        if "abort" in kinds:
+            spec["abort"] = {"code": draw(st.one_of(st.integers(1, 16), st.sampled_from(
+                ["UNAVAILABLE", "internal", "Deadline_Exceeded"]))), "percent": draw(_percent)}
+        docs.append({"kind": "Fault", "name": name, "spec": spec})
+    return draw(st.permutations(docs))
+
+
+@FAST
+@given(docs=_config(), clusters=st.sets(_services))
+def test_any_valid_config_compiles_into_routes_every_sidecar_accepts(
+        docs: list[dict[str, Any]], clusters: set[str]) -> None:
+    plan = plan_apply((), [Document("gen.yaml", i, d) for i, d in enumerate(docs, 1)])
+    for obj in plan.objects:  # the canonical form parses back into the same object
+        assert parse_object(yaml.safe_load(to_yaml(to_doc(obj)))) == obj
+    routes, empty = compile_routes(plan.objects, clusters)
+    assert set(empty) == {o.service for o in plan.objects} - clusters
+    snap = Snapshot("1", tuple(Cluster(n, ()) for n in sorted(clusters | set(empty))), routes)
+    doc = snap.to_doc()
+    back = from_doc(doc, TD)
+    assert back.routes == routes and back.to_doc() == doc
+    assert {r.service for r in routes} == clusters | {o.service for o in plan.objects}
+
+
+# ---------------------------------------------------------------------- revisions (SQLite)
+def test_revisions_are_stored_per_object_and_survive_a_reload(tmp_path: Path) -> None:
+    state = ConfigState(ConfigStore(Store(tmp_path)))
+    assert state.load() == []
+    first = state.apply(state.plan(docs_of(yaml.safe_dump(route(rules=[split(100)])))), 100.0)
+    assert [(o.action, o.revision) for o in first] == [(CREATED, 1)]
+    again = state.apply(state.plan(docs_of(yaml.safe_dump(route(rules=[split(100)])))), 101.0)
+    assert [(o.action, o.revision) for o in again] == [(UNCHANGED, 1)]
+    second = state.apply(state.plan(docs_of(yaml.safe_dump(route(rules=[split(50, 50)])))), 102.0)
+    assert [(o.action, o.revision) for o in second] == [(CONFIGURED, 2)]
+    gone = state.delete("Route", "echo", 103.0)
+    assert (gone.action, gone.revision) == ("deleted", 3)
+    with pytest.raises(ConfigNotFound, match="no Route named 'echo'"):
+        state.delete("Route", "echo", 104.0)
+
+    reloaded = ConfigState(ConfigStore(Store(tmp_path)))
+    assert reloaded.load() == [] and reloaded.objects() == ()
+    old = reloaded.revision("Route", "echo", 1)
+    assert (old.applied_at, old.deleted) == (100.0, False)
+    assert parse_object(old.doc()) == state.plan(docs_of(yaml.safe_dump(
+        route(rules=[split(100)])))).changes[0].obj
+    assert reloaded.revision("Route", "echo", 3).deleted
+    with pytest.raises(ConfigNotFound, match=r"Route echo has no revision 9 \(it has 1-3\)"):
+        reloaded.revision("Route", "echo", 9)
+    restored = reloaded.apply(reloaded.plan([Document("", 1, old.doc())]), 105.0)
+    assert [(o.action, o.revision) for o in restored] == [(CREATED, 4)]
+    fresh = ConfigState(ConfigStore(Store(tmp_path)))
+    fresh.load()
+    assert [(c.obj.name, c.revision, c.applied_at) for c in fresh.current()] == [
+        ("echo", 4, 105.0)]
