@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .snapshot import (
+    DEFAULT_LOAD_BALANCER,
     Destination,
     FaultRule,
     RouteRule,
@@ -94,7 +95,7 @@ class TrafficPolicySpec:
     the Route's rule nor the Route sets one for (None = only the caller's deadline)."""
 
     service: str
-    load_balancer: str = "round_robin"
+    load_balancer: str = DEFAULT_LOAD_BALANCER
     timeout_ms: int | None = None
 
 
@@ -356,7 +357,7 @@ def compile_routes(objects: Iterable[ConfigObject], cluster_names: Iterable[str]
     One ``RouteRule(service, cluster=service)`` per service that has a cluster or is named by
     an object, sorted by service: the Route's rules; the default timeout (ms) the Route's,
     else the TrafficPolicy's (a rule's own timeout wins over both); the TrafficPolicy's load
-    balancer (round_robin without one); the faults of every Fault of the service, by name (a
+    balancer (the default, peak_ewma, without one); the faults of every Fault of the service, by name (a
     fault that injects nothing, every percentage 0, is left out). Also returns the services
     named by objects that have no cluster, sorted: they get an empty cluster so their calls
     fail with "no endpoints" rather than "no route". Raises ``ConfigError`` for an invalid
@@ -382,7 +383,7 @@ def compile_routes(objects: Iterable[ConfigObject], cluster_names: Iterable[str]
         timeout = route.timeout_ms if route and route.timeout_ms is not None else (
             policy.timeout_ms if policy else None)
         routes.append(RouteRule(service, service, route.rules if route else (), timeout,
-                                policy.load_balancer if policy else "round_robin",
+                                policy.load_balancer if policy else DEFAULT_LOAD_BALANCER,
                                 tuple(faults_by.get(service, ()))))
     return tuple(routes), tuple(sorted(named - clusters))
 

@@ -64,8 +64,12 @@ class Cluster:
 
 
 MATCH_KINDS = ("exact", "prefix", "regex")
-LOAD_BALANCERS = ("round_robin",)
-"""Balancers a snapshot may name (the resilience layers add more)."""
+LOAD_BALANCERS = ("peak_ewma", "round_robin", "random", "least_request")
+"""Balancers a snapshot may name; the first is the default (as in Linkerd)."""
+DEFAULT_LOAD_BALANCER = LOAD_BALANCERS[0]
+SICK_CODES = (14, 13, 2, 4, 15)
+"""UNAVAILABLE, INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS: what outlier detection counts
+by default (never business answers such as FAILED_PRECONDITION or NOT_FOUND)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,18 +135,76 @@ class FaultRule:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """gRPC retries done by the mesh (gRFC A6): at most ``max_attempts`` in all (1 = never
+    retry), on the status codes ``retry_on`` (plus refused streams and GOAWAY for unprocessed
+    ones), each try limited to ``per_try_timeout_ms`` (None = only the call's deadline),
+    exponential backoff with full jitter from ``backoff_base_ms`` up to ``backoff_max_ms``
+    (a server's ``grpc-retry-pushback-ms`` wins), only while the request's bytes fit
+    ``max_request_bytes``, never for methods in ``non_idempotent``; a budget caps retries at
+    ``budget_percent`` of the requests plus ``budget_min_per_s`` per second over
+    ``budget_window_s``."""
+
+    max_attempts: int = 3
+    retry_on: tuple[int, ...] = (14,)
+    per_try_timeout_ms: int | None = None
+    backoff_base_ms: int = 25
+    backoff_max_ms: int = 250
+    max_request_bytes: int = 1 << 20
+    non_idempotent: tuple[StringMatch, ...] = ()
+    budget_percent: float = 20.0
+    budget_min_per_s: float = 10.0
+    budget_window_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitLimits:
+    """Per upstream service, per sidecar: connections, calls waiting for a connection,
+    calls in flight and retries in flight; over a limit a call fails fast with UNAVAILABLE
+    naming the limit (and is not retried)."""
+
+    max_connections: int = 1024
+    max_pending: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    """Per endpoint: ``consecutive_errors`` calls ending with one of ``error_codes`` (0 =
+    off) eject it, as does a success rate below ``success_rate_threshold`` (0..1) over its
+    last ``success_rate_min_requests`` calls (0 = off). Ejected for ``base_ejection_ms`` ×
+    times ejected (at most ``max_ejection_ms``), then HALF_OPEN lets ``half_open_probes``
+    calls through: all OK closes it, a failure opens it again. At most
+    ``max_ejection_percent`` of a cluster's endpoints are ejected (at least one may be),
+    never the last healthy one."""
+
+    consecutive_errors: int = 5
+    error_codes: tuple[int, ...] = SICK_CODES
+    base_ejection_ms: int = 30_000
+    max_ejection_ms: int = 300_000
+    max_ejection_percent: float = 50.0
+    half_open_probes: int = 1
+    success_rate_min_requests: int = 0
+    success_rate_threshold: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class RouteRule:
     """How calls whose ``:authority`` names ``service`` are routed: to cluster ``cluster``,
     by ``rules`` (first match wins; no match, or no rules: every endpoint of the cluster),
-    with a default timeout (ms, None = only the caller's deadline), a load balancer and
-    the faults to inject."""
+    with a default timeout (ms, None = only the caller's deadline), a load balancer, the
+    faults to inject, and the resilience settings (retries, limits, outlier detection)."""
 
     service: str
     cluster: str
     rules: tuple[Rule, ...] = ()
     timeout_ms: int | None = None
-    load_balancer: str = "round_robin"
+    load_balancer: str = DEFAULT_LOAD_BALANCER
     faults: tuple[FaultRule, ...] = ()
+    retries: RetryPolicy = RetryPolicy()
+    limits: CircuitLimits = CircuitLimits()
+    outlier: OutlierPolicy = OutlierPolicy()
 
 
 @dataclass(frozen=True)
@@ -209,7 +271,30 @@ def _route_doc(r: RouteRule) -> dict[str, Any]:
                     else None,
                     "abort": {"code": f.abort_code, "percent": f.abort_percent} if f.abort_percent
                     else None} for f in r.faults],
+        "retries": retry_doc(r.retries),
+        "limits": {"max_connections": r.limits.max_connections,
+                   "max_pending": r.limits.max_pending, "max_requests": r.limits.max_requests,
+                   "max_retries": r.limits.max_retries},
+        "outlier_detection": outlier_doc(r.outlier),
     }
+
+
+def retry_doc(p: RetryPolicy) -> dict[str, Any]:
+    return {"max_attempts": p.max_attempts, "retry_on": list(p.retry_on),
+            "per_try_timeout_ms": p.per_try_timeout_ms, "backoff_base_ms": p.backoff_base_ms,
+            "backoff_max_ms": p.backoff_max_ms, "max_request_bytes": p.max_request_bytes,
+            "non_idempotent": [m.to_doc() for m in p.non_idempotent],
+            "budget_percent": p.budget_percent, "budget_min_per_s": p.budget_min_per_s,
+            "budget_window_s": p.budget_window_s}
+
+
+def outlier_doc(p: OutlierPolicy) -> dict[str, Any]:
+    return {"consecutive_errors": p.consecutive_errors, "error_codes": list(p.error_codes),
+            "base_ejection_ms": p.base_ejection_ms, "max_ejection_ms": p.max_ejection_ms,
+            "max_ejection_percent": p.max_ejection_percent,
+            "half_open_probes": p.half_open_probes,
+            "success_rate_min_requests": p.success_rate_min_requests,
+            "success_rate_threshold": p.success_rate_threshold}
 
 
 def content_hash(doc: Mapping[str, Any]) -> str:
@@ -417,10 +502,11 @@ def _code(value: Any, where: str) -> int:
 def parse_route(r: Any, where: str, trust_domain: str | None = None) -> RouteRule:
     """One route document (the snapshot's form); raises ``SnapshotError``."""
     _expect(isinstance(r, dict), where, "expected a mapping")
-    _known(r, {"service", "cluster", "rules", "timeout_ms", "load_balancer", "faults"}, f"{where}.")
+    _known(r, {"service", "cluster", "rules", "timeout_ms", "load_balancer", "faults", "retries",
+               "limits", "outlier_detection"}, f"{where}.")
     service = _name(r.get("service"), f"{where}.service", trust_domain)
     cluster = _name(r.get("cluster", service), f"{where}.cluster", trust_domain)
-    lb = r.get("load_balancer") or "round_robin"
+    lb = r.get("load_balancer") or DEFAULT_LOAD_BALANCER
     _expect(lb in LOAD_BALANCERS, f"{where}.load_balancer",
             f"unknown load balancer {lb!r} (known: {', '.join(LOAD_BALANCERS)})")
     rules_doc = r.get("rules") or []
@@ -431,8 +517,11 @@ def parse_route(r: Any, where: str, trust_domain: str | None = None) -> RouteRul
     _expect(isinstance(faults_doc, list), f"{where}.faults", "expected a list")
     faults = tuple(_parse_fault(x, f"{where}.faults[{j}]", f"{service}#fault{j}")
                    for j, x in enumerate(faults_doc))
-    return RouteRule(service, cluster, rules, _timeout_ms(r.get("timeout_ms"),
-                                                          f"{where}.timeout_ms"), lb, faults)
+    return RouteRule(service, cluster, rules,
+                     _timeout_ms(r.get("timeout_ms"), f"{where}.timeout_ms"), lb, faults,
+                     parse_retries(r.get("retries"), f"{where}.retries"),
+                     parse_limits(r.get("limits"), f"{where}.limits"),
+                     parse_outlier(r.get("outlier_detection"), f"{where}.outlier_detection"))
 
 
 def _parse_rule(x: Any, where: str, default_name: str) -> Rule:
@@ -504,3 +593,96 @@ def _parse_fault(x: Any, where: str, default_name: str) -> FaultRule:
         code = _code(abort.get("code"), f"{where}.abort.code")
         abort_pct = _percent(abort.get("percent", 100), f"{where}.abort.percent")
     return FaultRule(name, method, delay_ms, delay_pct, code, abort_pct)
+
+
+# ---------------------------------------------------------------------- resilience
+def _int_in(doc: dict[str, Any], key: str, where: str, lo: int, hi: int, default: Any) -> Any:
+    value = doc.get(key, default)
+    if value is None and default is None:
+        return None
+    _expect(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+            f"{where}.{key}", f"an integer from {lo} to {hi}")
+    return value
+
+
+def _num_in(doc: dict[str, Any], key: str, where: str, lo: float, hi: float,
+            default: float) -> float:
+    value = doc.get(key, default)
+    _expect(isinstance(value, int | float) and not isinstance(value, bool) and lo <= value <= hi,
+            f"{where}.{key}", f"a number from {lo:g} to {hi:g}")
+    return float(value)
+
+
+def _codes(value: Any, where: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    if value is None:
+        return default
+    _expect(isinstance(value, list), where, "a list of gRPC status codes (names or numbers)")
+    return tuple(dict.fromkeys(_code(c, f"{where}[{i}]") for i, c in enumerate(value)))
+
+
+def parse_retries(doc: Any, where: str) -> RetryPolicy:
+    """A retry policy document (every field optional; defaults as ``RetryPolicy``)."""
+    if doc is None:
+        return RetryPolicy()
+    _expect(isinstance(doc, dict), where, "expected a mapping")
+    d = RetryPolicy()
+    _known(doc, {"max_attempts", "retry_on", "per_try_timeout_ms", "backoff_base_ms",
+                 "backoff_max_ms", "max_request_bytes", "non_idempotent", "budget_percent",
+                 "budget_min_per_s", "budget_window_s"}, f"{where}.")
+    base = _int_in(doc, "backoff_base_ms", where, 1, 60_000, d.backoff_base_ms)
+    cap = _int_in(doc, "backoff_max_ms", where, 1, 600_000, d.backoff_max_ms)
+    _expect(cap >= base, f"{where}.backoff_max_ms", "must be at least backoff_base_ms")
+    non_idem = doc.get("non_idempotent") or []
+    _expect(isinstance(non_idem, list), f"{where}.non_idempotent",
+            "a list of methods ({exact: /pkg.Service/Method} or {prefix: ...})")
+    return RetryPolicy(
+        max_attempts=_int_in(doc, "max_attempts", where, 1, 10, d.max_attempts),
+        retry_on=_codes(doc.get("retry_on"), f"{where}.retry_on", d.retry_on),
+        per_try_timeout_ms=_int_in(doc, "per_try_timeout_ms", where, 1, 3_600_000, None),
+        backoff_base_ms=base, backoff_max_ms=cap,
+        max_request_bytes=_int_in(doc, "max_request_bytes", where, 0, 64 << 20,
+                                  d.max_request_bytes),
+        non_idempotent=tuple(parse_method_match(m, f"{where}.non_idempotent[{i}]")  # type: ignore[misc]
+                             for i, m in enumerate(non_idem)),
+        budget_percent=_num_in(doc, "budget_percent", where, 0, 100, d.budget_percent),
+        budget_min_per_s=_num_in(doc, "budget_min_per_s", where, 0, 100_000, d.budget_min_per_s),
+        budget_window_s=_num_in(doc, "budget_window_s", where, 1, 3600, d.budget_window_s))
+
+
+def parse_limits(doc: Any, where: str) -> CircuitLimits:
+    """A limits document (every field optional; defaults as ``CircuitLimits``)."""
+    if doc is None:
+        return CircuitLimits()
+    _expect(isinstance(doc, dict), where, "expected a mapping")
+    _known(doc, {"max_connections", "max_pending", "max_requests", "max_retries"}, f"{where}.")
+    d = CircuitLimits()
+    return CircuitLimits(*(_int_in(doc, k, where, 0 if k == "max_retries" else 1, 1_000_000,
+                                   getattr(d, k))
+                           for k in ("max_connections", "max_pending", "max_requests",
+                                     "max_retries")))
+
+
+def parse_outlier(doc: Any, where: str) -> OutlierPolicy:
+    """An outlier detection document (every field optional; defaults as ``OutlierPolicy``)."""
+    if doc is None:
+        return OutlierPolicy()
+    _expect(isinstance(doc, dict), where, "expected a mapping")
+    _known(doc, {"consecutive_errors", "error_codes", "base_ejection_ms", "max_ejection_ms",
+                 "max_ejection_percent", "half_open_probes", "success_rate_min_requests",
+                 "success_rate_threshold"}, f"{where}.")
+    d = OutlierPolicy()
+    base = _int_in(doc, "base_ejection_ms", where, 1, 3_600_000, d.base_ejection_ms)
+    cap = _int_in(doc, "max_ejection_ms", where, 1, 86_400_000, max(d.max_ejection_ms, base))
+    _expect(cap >= base, f"{where}.max_ejection_ms", "must be at least base_ejection_ms")
+    return OutlierPolicy(
+        consecutive_errors=_int_in(doc, "consecutive_errors", where, 0, 1000,
+                                   d.consecutive_errors),
+        error_codes=_codes(doc.get("error_codes"), f"{where}.error_codes", d.error_codes),
+        base_ejection_ms=base, max_ejection_ms=cap,
+        max_ejection_percent=_num_in(doc, "max_ejection_percent", where, 0, 100,
+                                     d.max_ejection_percent),
+        half_open_probes=_int_in(doc, "half_open_probes", where, 1, 1000, d.half_open_probes),
+        success_rate_min_requests=_int_in(doc, "success_rate_min_requests", where, 0, 100_000,
+                                          d.success_rate_min_requests),
+        success_rate_threshold=_num_in(doc, "success_rate_threshold", where, 0, 1,
+                                       d.success_rate_threshold))

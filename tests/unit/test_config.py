@@ -291,7 +291,7 @@ def test_timeouts_rule_over_route_over_policy_and_the_policy_balancer() -> None:
     assert by["order"].timeout_ms == 700 and by["order"].rules == ()  # the policy's
     assert by["payment"].timeout_ms is None and by["payment"].rules[0].timeout_ms == 50
     assert by["inventory"] == type(by["inventory"])("inventory", "inventory")  # identity
-    assert all(r.cluster == r.service and r.load_balancer == "round_robin" for r in routes)
+    assert all(r.cluster == r.service and r.load_balancer == "peak_ewma" for r in routes)
 
 
 def test_faults_come_from_every_fault_of_the_service_by_name() -> None:
