@@ -88,6 +88,7 @@ class Call:
         "committed", "response_started", "grpc_status", "grpc_message", "finished",
         "down_open", "ended", "req_meter", "resp_meter", "local_reply", "route", "endpoint",
         "upstream_label", "cluster", "route_timeout_s", "rule", "subset", "notes",
+        "upstream", "retry", "tried", "fast_fail",
     )
 
     def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
@@ -144,6 +145,15 @@ class Call:
         cluster's healthy ones."""
         self.notes: list[str] | None = None
         """What the layers decided about the call and why, for explanations."""
+        self.upstream: Any = None
+        """Per-upstream shared state for this call's service (limits' counters), set by the
+        limits layer."""
+        self.retry: Any = None
+        """The retry layer's state for this call (policy, how to try again, attempts)."""
+        self.tried: tuple[Any, ...] = ()
+        """Endpoints earlier attempts went to (the balancers prefer another)."""
+        self.fast_fail = False
+        """Answered locally by a limit: never retried, never counted against an endpoint."""
 
 
 class Hooks(Protocol):
