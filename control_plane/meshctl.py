@@ -5,6 +5,7 @@ control plane.
     meshctl token list | meshctl token delete ID
     meshctl certs [renew [--service S]]
     meshctl status | meshctl topology | meshctl config INSTANCE
+    meshctl breakers [--service S]              # outlier detection and limits, as reported
     meshctl apply -f FILE|DIR|- [--dry-run]     # Route, TrafficPolicy, Fault documents
     meshctl get KIND [NAME] [-o yaml|json] [--revision N]
     meshctl delete KIND NAME | meshctl diff -f FILE|DIR|-
@@ -295,6 +296,61 @@ def topology(ctx: click.Context, output: str) -> None:
              for e in doc["edges"]]
     _emit(ctx, output, doc, ["SOURCE", "", "DESTINATION", "RPS", "SUCCESS", "P50 MS", "P99 MS"],
           edges, title=f"edges (last {resp.window_s:.0f}s)")
+
+
+_LIMIT_COLUMNS = (("max_connections", "CONNECTIONS"), ("max_pending", "PENDING"),
+                  ("max_requests", "REQUESTS"), ("max_retries", "RETRIES"))
+
+
+@cli.command("breakers")
+@click.option("--service", default="", metavar="S",
+              help="Only the rows whose calling sidecar or upstream is service S.")
+@_output
+@click.pass_context
+def breakers(ctx: click.Context, service: str, output: str) -> None:
+    """Circuit breakers as the sidecars last reported them: one row per sidecar instance x
+    upstream x endpoint (state, consecutive errors, ejections, seconds until HALF_OPEN), then
+    per sidecar and upstream the limits in use against their maximum."""
+    resp = _client(ctx).call("ListBreakers", pb.ListBreakersRequest(service=service))
+    doc = {"endpoints": [{"instance": e.instance, "service": e.service, "upstream": e.upstream,
+                          "endpoint": e.endpoint, "endpoint_instance": e.endpoint_instance,
+                          "state": e.state, "consecutive_errors": e.consecutive_errors,
+                          "ejections": e.ejections,
+                          "half_open_in_s": round(e.half_open_in_s, 3),
+                          "last_transition": (_iso(int(e.last_transition_unix))
+                                              if e.last_transition_unix else None)}
+                         for e in resp.endpoints],
+           "limits": [{"instance": x.instance, "service": x.service, "upstream": x.upstream,
+                       "limit": x.limit, "in_use": x.in_use, "max": x.max,
+                       "fast_fails": x.fast_fails}
+                      for x in resp.limits]}
+    if output != "table":
+        _emit(ctx, output, doc, [], [])
+        return
+    rows = [[e["instance"], e["upstream"],
+             f"{e['endpoint_instance']} ({e['endpoint']})" if e["endpoint_instance"]
+             else e["endpoint"], e["state"] or "-", str(e["consecutive_errors"]),
+             str(e["ejections"]),
+             f"{e['half_open_in_s']:.1f}s" if e["state"] == "OPEN" else "-",
+             f"{_age(raw.last_transition_unix)} ago" if raw.last_transition_unix else "-"]
+            for e, raw in zip(doc["endpoints"], resp.endpoints, strict=True)]
+    _emit(ctx, output, doc, ["INSTANCE", "UPSTREAM", "ENDPOINT", "STATE", "CONSECUTIVE ERRORS",
+                             "EJECTIONS", "HALF-OPEN IN", "LAST CHANGE"], rows,
+          title="endpoints" + (f" (service {service})" if service else ""))
+    per: dict[tuple[str, str], dict[str, str]] = {}
+    refused: dict[tuple[str, str], int] = {}
+    for x in doc["limits"]:
+        key = (x["instance"], x["upstream"])
+        per.setdefault(key, {})[x["limit"]] = f"{x['in_use']}/{x['max']}"
+        refused[key] = refused.get(key, 0) + x["fast_fails"]
+    known = {name for name, _ in _LIMIT_COLUMNS}
+    others = sorted({x["limit"] for x in doc["limits"]} - known)
+    columns = [*_LIMIT_COLUMNS, *((n, n.upper()) for n in others)]
+    limit_rows = [[inst, up, *(cells.get(name, "-") for name, _ in columns),
+                   str(refused[(inst, up)])]
+                  for (inst, up), cells in per.items()]
+    _emit(ctx, output, doc, ["INSTANCE", "UPSTREAM", *(title for _, title in columns),
+                             "FAST-FAILS"], limit_rows, title="limits (in use/max)")
 
 
 @cli.command("config")

@@ -48,7 +48,14 @@ from control_plane.discovery import (
 from control_plane.registry import HEALTH_VALUES, Instance, Registry, normalize_health, sort_labels
 from control_plane.registry.embedded import EmbeddedRegistry
 from control_plane.store import Store, UseResult
-from control_plane.telemetry import Histogram, Report, Telemetry, UpstreamSample
+from control_plane.telemetry import (
+    EndpointBreaker,
+    Histogram,
+    LimitUse,
+    Report,
+    Telemetry,
+    UpstreamSample,
+)
 from mesh_common.config import (
     UNCHANGED,
     ApplyPlan,
@@ -77,6 +84,9 @@ QUERY_TIMEOUT_S = 5.0         # how long an admin RPC waits for a sidecar's answ
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # snapshots (up to MAX_SNAPSHOT_BYTES) and answers
 MAX_REASON_CHARS = 1024       # NACK reasons and query errors are cut to this
 MAX_UPSTREAMS_PER_REPORT = 256
+MAX_ENDPOINTS_PER_REPORT = 4096
+MAX_LIMITS_PER_REPORT = 4 * MAX_UPSTREAMS_PER_REPORT
+MAX_NAME_CHARS = 253          # names and addresses in reports are cut to this
 MAX_HISTOGRAM_BOUNDS = 64
 MAX_CONFIG_DOCUMENTS = 1000   # per apply or diff
 MAX_CONFIG_DOCUMENT_BYTES = 1024 * 1024
@@ -389,6 +399,24 @@ class AdminServicer(pb_grpc.AdminServicer):
                                    p99_ms=e.p99_ms, requests=e.requests) for e in topo.edges],
             window_s=topo.window_s)
 
+    async def ListBreakers(self, request: pb.ListBreakersRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListBreakersResponse:
+        await self._require_admin(context, "ListBreakers")
+        b = self.cp.telemetry.breakers(self.cp.clock(), request.service)
+        return pb.ListBreakersResponse(
+            endpoints=[pb.BreakerEndpoint(
+                instance=r.instance, service=r.service, upstream=r.endpoint.upstream,
+                endpoint=r.endpoint.address, endpoint_instance=r.endpoint.instance,
+                state=r.endpoint.state, consecutive_errors=r.endpoint.consecutive_errors,
+                ejections=r.endpoint.ejections, half_open_in_s=r.endpoint.half_open_in_s,
+                reported_at_unix=r.reported_at,
+                last_transition_unix=r.endpoint.last_transition_unix) for r in b.endpoints],
+            limits=[pb.BreakerLimit(
+                instance=r.instance, service=r.service, upstream=r.limit.upstream,
+                limit=r.limit.limit, in_use=r.limit.in_use, max=r.limit.max,
+                reported_at_unix=r.reported_at, fast_fails=r.limit.fast_fails)
+                for r in b.limits])
+
     async def _connected_session(self, context: grpc.aio.ServicerContext,
                                  name: str) -> Session:
         """The connected session named by ``name``: an instance id, ``service/instance``, or
@@ -684,16 +712,30 @@ def instance_from_register(reg: pb.Register, caller: Caller, trust_domain: str,
                     sort_labels(labels), normalize_health(reg.health), registered_at=now)
 
 
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
 def report_from_pb(r: pb.StateReport, now: float) -> Report:
-    """A StateReport as telemetry keeps it (received at ``now``); bounded in size."""
+    """A StateReport as telemetry keeps it (received at ``now``); bounded in size. Endpoints
+    without a breaker state (a sidecar without outlier detection) carry no breaker."""
     ups: list[UpstreamSample] = []
     for u in r.upstreams[:MAX_UPSTREAMS_PER_REPORT]:
         hist = None
         if u.HasField("latency") and len(u.latency.bounds_ms) <= MAX_HISTOGRAM_BOUNDS:
             hist = Histogram(tuple(u.latency.bounds_ms), tuple(u.latency.counts))
         ups.append(UpstreamSample(u.service, dict(u.by_code), hist))
-    interval = r.interval_s if math.isfinite(r.interval_s) else 0.0
-    return Report(now, interval, tuple(ups))
+    breakers = tuple(
+        EndpointBreaker(e.service[:MAX_NAME_CHARS], e.address[:MAX_NAME_CHARS],
+                        e.instance[:MAX_NAME_CHARS], e.breaker[:MAX_NAME_CHARS],
+                        max(0, e.consecutive_errors), max(0, e.ejections),
+                        max(0.0, _finite(e.half_open_in_s)),
+                        max(0.0, _finite(e.last_transition_unix)))
+        for e in r.endpoints[:MAX_ENDPOINTS_PER_REPORT] if e.breaker)
+    limits = tuple(LimitUse(x.upstream[:MAX_NAME_CHARS], x.limit[:MAX_NAME_CHARS],
+                            max(0, x.in_use), max(0, x.max), max(0, x.fast_fails))
+                   for x in r.limits[:MAX_LIMITS_PER_REPORT])
+    return Report(now, _finite(r.interval_s), tuple(ups), breakers, limits)
 
 
 def _one_line(text: str) -> str:

@@ -1,9 +1,12 @@
 """Live state the sidecars report, kept for a short window, and the topology computed from it.
 
 Each sidecar sends a ``StateReport`` every few seconds: per upstream service, the calls by
-gRPC status and a latency histogram since its previous report. ``Telemetry`` keeps each
-sidecar's reports for ``window_s`` seconds and computes the topology: services with their
-instances, and the edges (caller service -> upstream service) that carried traffic.
+gRPC status and a latency histogram since its previous report, and its circuit breakers' live
+state (per upstream endpoint: outlier detection's state; per upstream: the limits in use).
+``Telemetry`` keeps each sidecar's reports for ``window_s`` seconds and computes the topology:
+services with their instances, and the edges (caller service -> upstream service) that
+carried traffic; and each sidecar's latest breaker state (``breakers``), for as long as the
+sidecar is in the registry.
 
 Pure: values in, values out, the clock passed in (``now``, unix seconds); no I/O.
 """
@@ -13,12 +16,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from control_plane.registry import NO_APP, Instance, Key
 
 OK = "OK"
 MAX_REPORTS_PER_SIDECAR = 512  # the oldest go first; rates stay right (over covered time)
+LIMITS = ("max_connections", "max_pending", "max_requests", "max_retries")
+_LIMIT_ORDER = {name: i for i, name in enumerate(LIMITS)}
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,69 @@ class UpstreamSample:
 
 
 @dataclass(frozen=True)
+class EndpointBreaker:
+    """Outlier detection's state of one upstream endpoint as one sidecar sees it: ``state``
+    CLOSED, OPEN or HALF_OPEN ("" = the sidecar reports none), sick answers in a row, times
+    ejected, and seconds from the report until an OPEN endpoint goes HALF_OPEN."""
+
+    upstream: str
+    address: str
+    instance: str = ""
+    state: str = ""
+    consecutive_errors: int = 0
+    ejections: int = 0
+    half_open_in_s: float = 0.0
+    last_transition_unix: float = 0.0
+    """When the state last changed (unix s); 0 = never."""
+
+
+@dataclass(frozen=True)
+class LimitUse:
+    """One circuit limit of one sidecar towards ``upstream``: ``in_use`` against ``max``, and
+    the calls it refused since the sidecar started."""
+
+    upstream: str
+    limit: str
+    in_use: int
+    max: int
+    fast_fails: int = 0
+
+
+@dataclass(frozen=True)
 class Report:
-    """One StateReport as kept: received ``at`` (unix s), covering ``interval_s`` seconds."""
+    """One StateReport as kept: received ``at`` (unix s), covering ``interval_s`` seconds,
+    with the sidecar's breakers and limits at that time."""
 
     at: float
     interval_s: float
     upstreams: tuple[UpstreamSample, ...] = ()
+    breakers: tuple[EndpointBreaker, ...] = ()
+    limits: tuple[LimitUse, ...] = ()
+
+
+@dataclass(frozen=True)
+class BreakerRow:
+    """One row of ``breakers``: sidecar ``service``/``instance`` x its upstream endpoint;
+    ``half_open_in_s`` counted down to ``now``; ``reported_at`` when the sidecar said so."""
+
+    service: str
+    instance: str
+    endpoint: EndpointBreaker
+    reported_at: float
+
+
+@dataclass(frozen=True)
+class LimitRow:
+    service: str
+    instance: str
+    limit: LimitUse
+    reported_at: float
+
+
+@dataclass(frozen=True)
+class Breakers:
+    endpoints: tuple[BreakerRow, ...]
+    limits: tuple[LimitRow, ...]
 
 
 @dataclass(frozen=True)
@@ -156,6 +218,7 @@ class Telemetry:
             raise ValueError("window_s must be > 0")
         self.window_s = window_s
         self._reports: dict[Key, deque[Report]] = {}
+        self._live: dict[Key, Report] = {}  # each sidecar's latest report (breakers, limits)
 
     def add(self, key: Key, report: Report) -> None:
         """Keep ``report`` of the sidecar ``key`` = ``(service, instance_id)``; its
@@ -164,14 +227,43 @@ class Telemetry:
         interval_s = report.interval_s if math.isfinite(report.interval_s) else 0.0
         interval_s = min(self.window_s, max(0.0, interval_s))
         if interval_s != report.interval_s:
-            report = Report(report.at, interval_s, report.upstreams)
+            report = replace(report, interval_s=interval_s)
+        self._live[key] = Report(report.at, report.interval_s, (), report.breakers,
+                                 report.limits)
+        if report.breakers or report.limits:  # the window needs only the call counts
+            report = replace(report, breakers=(), limits=())
         q = self._reports.setdefault(key, deque(maxlen=MAX_REPORTS_PER_SIDECAR))
         q.append(report)
         self._expire(key, report.at)
 
     def forget(self, key: Key) -> None:
-        """Drop a sidecar's reports (its instance left the registry)."""
+        """Drop a sidecar's reports and live state (its instance left the registry)."""
         self._reports.pop(key, None)
+        self._live.pop(key, None)
+
+    def breakers(self, now: float, service: str = "") -> Breakers:
+        """Each sidecar's latest reported breakers and limits (however old: a sidecar whose
+        stream is down keeps its last ones until it leaves the registry), sorted by sidecar,
+        upstream, then endpoint or limit; with ``service``, only the rows whose sidecar or
+        upstream is that service. ``half_open_in_s`` is counted down from the report to
+        ``now`` (at least 0)."""
+        eps: list[BreakerRow] = []
+        lims: list[LimitRow] = []
+        for key in sorted(self._live):
+            svc, iid = key
+            live = self._live[key]
+            elapsed = max(0.0, now - live.at)
+            for b in sorted(live.breakers, key=lambda b: (b.upstream, b.instance, b.address)):
+                if service and service not in (svc, b.upstream):
+                    continue
+                left = max(0.0, b.half_open_in_s - elapsed) if b.half_open_in_s > 0 else 0.0
+                eps.append(BreakerRow(svc, iid, replace(b, half_open_in_s=left), live.at))
+            for lim in sorted(live.limits, key=lambda x: (x.upstream, _LIMIT_ORDER.get(
+                    x.limit, len(_LIMIT_ORDER)), x.limit)):
+                if service and service not in (svc, lim.upstream):
+                    continue
+                lims.append(LimitRow(svc, iid, lim, live.at))
+        return Breakers(tuple(eps), tuple(lims))
 
     def _expire(self, key: Key, now: float) -> None:
         q = self._reports.get(key)

@@ -22,8 +22,11 @@ from typing import Any
 
 from .snapshot import (
     DEFAULT_LOAD_BALANCER,
+    CircuitLimits,
     Destination,
     FaultRule,
+    OutlierPolicy,
+    RetryPolicy,
     RouteRule,
     Rule,
     SnapshotError,
@@ -41,7 +44,8 @@ _KIND_ALIASES = {"route": "Route", "routes": "Route",
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _TOP_KEYS = ("kind", "name", "spec")
 _SPEC_KEYS = {"Route": ("service", "timeout_ms", "rules"),
-              "TrafficPolicy": ("service", "load_balancer", "timeout_ms"),
+              "TrafficPolicy": ("service", "load_balancer", "timeout_ms", "retries", "limits",
+                                "outlier_detection"),
               "Fault": ("service", "method", "delay", "abort")}
 GRPC_CODE_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
                    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
@@ -91,12 +95,18 @@ class RouteSpec:
 
 @dataclass(frozen=True)
 class TrafficPolicySpec:
-    """Per upstream ``service``: its load balancer and the timeout (ms) of calls that neither
-    the Route's rule nor the Route sets one for (None = only the caller's deadline)."""
+    """Per upstream ``service``: its load balancer, the timeout (ms) of calls that neither
+    the Route's rule nor the Route sets one for (None = only the caller's deadline), and the
+    resilience settings the callers' sidecars apply to it: retries (``spec.retries``), circuit
+    limits (``spec.limits``) and outlier detection (``spec.outlier_detection``), each parsed by
+    the snapshot's own parser (every field optional, defaults as the snapshot's)."""
 
     service: str
     load_balancer: str = DEFAULT_LOAD_BALANCER
     timeout_ms: int | None = None
+    retries: RetryPolicy = RetryPolicy()
+    limits: CircuitLimits = CircuitLimits()
+    outlier: OutlierPolicy = OutlierPolicy()
 
 
 @dataclass(frozen=True)
@@ -248,7 +258,8 @@ def _route_spec(spec: dict[str, Any], name: str) -> RouteSpec:
 
 def _policy_spec(spec: dict[str, Any]) -> TrafficPolicySpec:
     route = parse_route(dict(spec), "spec")
-    return TrafficPolicySpec(route.service, route.load_balancer, route.timeout_ms)
+    return TrafficPolicySpec(route.service, route.load_balancer, route.timeout_ms,
+                             route.retries, route.limits, route.outlier)
 
 
 def _fault_spec(spec: dict[str, Any], name: str) -> FaultSpec:
@@ -357,8 +368,9 @@ def compile_routes(objects: Iterable[ConfigObject], cluster_names: Iterable[str]
     One ``RouteRule(service, cluster=service)`` per service that has a cluster or is named by
     an object, sorted by service: the Route's rules; the default timeout (ms) the Route's,
     else the TrafficPolicy's (a rule's own timeout wins over both); the TrafficPolicy's load
-    balancer (the default, peak_ewma, without one); the faults of every Fault of the service, by name (a
-    fault that injects nothing, every percentage 0, is left out). Also returns the services
+    balancer (the default, peak_ewma, without one), retries, limits and outlier detection
+    (the defaults without one); the faults of every Fault of the service, by name (a fault
+    that injects nothing, every percentage 0, is left out). Also returns the services
     named by objects that have no cluster, sorted: they get an empty cluster so their calls
     fail with "no endpoints" rather than "no route". Raises ``ConfigError`` for an invalid
     set (``validate_set``).
@@ -382,9 +394,11 @@ def compile_routes(objects: Iterable[ConfigObject], cluster_names: Iterable[str]
         route, policy = routes_by.get(service), policies_by.get(service)
         timeout = route.timeout_ms if route and route.timeout_ms is not None else (
             policy.timeout_ms if policy else None)
+        if policy is None:
+            policy = TrafficPolicySpec(service)
         routes.append(RouteRule(service, service, route.rules if route else (), timeout,
-                                policy.load_balancer if policy else DEFAULT_LOAD_BALANCER,
-                                tuple(faults_by.get(service, ()))))
+                                policy.load_balancer, tuple(faults_by.get(service, ())),
+                                policy.retries, policy.limits, policy.outlier))
     return tuple(routes), tuple(sorted(named - clusters))
 
 
@@ -414,10 +428,48 @@ def _destination_doc(d: Destination) -> dict[str, Any]:
     return ({"subset": dict(d.subset)} if d.subset else {}) | {"weight": d.weight}
 
 
+def _number(value: int | float) -> int | float:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _changed(value: Any, default: Any, fields: Iterable[str]) -> dict[str, Any]:
+    """The ``fields`` of ``value`` that differ from ``default``'s, as document values (status
+    codes by name, method matches as documents, whole floats as integers)."""
+    out: dict[str, Any] = {}
+    for name in fields:
+        v = getattr(value, name)
+        if v == getattr(default, name):
+            continue
+        if name in ("retry_on", "error_codes"):
+            out[name] = [GRPC_CODE_NAMES[c] for c in v]
+        elif name == "non_idempotent":
+            out[name] = [m.to_doc() for m in v]
+        else:
+            out[name] = _number(v)
+    return out
+
+
+_RETRY_FIELDS = ("max_attempts", "retry_on", "per_try_timeout_ms", "backoff_base_ms",
+                 "backoff_max_ms", "max_request_bytes", "non_idempotent", "budget_percent",
+                 "budget_min_per_s", "budget_window_s")
+_LIMIT_FIELDS = ("max_connections", "max_pending", "max_requests", "max_retries")
+_OUTLIER_FIELDS = ("consecutive_errors", "error_codes", "base_ejection_ms", "max_ejection_ms",
+                   "max_ejection_percent", "half_open_probes", "success_rate_min_requests",
+                   "success_rate_threshold")
+
+
+def _outlier_doc(p: OutlierPolicy) -> dict[str, Any]:
+    # max_ejection_ms defaults to the larger of its default and base_ejection_ms
+    default = replace(OutlierPolicy(), max_ejection_ms=max(OutlierPolicy().max_ejection_ms,
+                                                           p.base_ejection_ms))
+    return _changed(p, default, _OUTLIER_FIELDS)
+
+
 def to_doc(obj: ConfigObject) -> dict[str, Any]:
     """The canonical document of ``obj``: ``{kind, name, spec}`` with defaults left out
-    (a rule's default name, an empty match or subset, unset timeouts) and an abort's code by
-    name. ``parse_object(to_doc(obj)) == obj``. JSON-able."""
+    (a rule's default name, an empty match or subset, unset timeouts, every retry, limit and
+    outlier detection field at its default, and such a section when all are) and status
+    codes by name. ``parse_object(to_doc(obj)) == obj``. JSON-able."""
     s = obj.spec
     spec: dict[str, Any] = {"service": s.service}
     if isinstance(s, RouteSpec):
@@ -429,6 +481,11 @@ def to_doc(obj: ConfigObject) -> dict[str, Any]:
         spec["load_balancer"] = s.load_balancer
         if s.timeout_ms is not None:
             spec["timeout_ms"] = s.timeout_ms
+        for key, section in (("retries", _changed(s.retries, RetryPolicy(), _RETRY_FIELDS)),
+                             ("limits", _changed(s.limits, CircuitLimits(), _LIMIT_FIELDS)),
+                             ("outlier_detection", _outlier_doc(s.outlier))):
+            if section:
+                spec[key] = section
     else:
         if s.method is not None:
             spec["method"] = s.method.to_doc()

@@ -10,8 +10,8 @@ The sidecar registers (``Register`` first, on every new stream: a resync), then 
 * answers ``Query`` (kind ``config``: the snapshot in force and its version) and obeys
   ``RenewCertificate`` (the identity renews now);
 * sends a ``StateReport`` every ``report_interval_s`` (calls per upstream by status, a latency
-  histogram, per endpoint its health and requests/failures) and a ``HealthChange`` as soon as
-  the local app's health changes.
+  histogram, per endpoint its health, requests/failures and breaker, per upstream its limits
+  in use) and a ``HealthChange`` as soon as the local app's health changes.
 
 When the stream fails or the control plane goes away the data plane keeps serving on its last
 snapshot, and the client reconnects with capped exponential backoff and full jitter, trying
@@ -41,6 +41,7 @@ from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 
 from .layers.stats import StatsReport
+from .upstream import ResilienceReport
 
 if TYPE_CHECKING:
     from .dynamic import DynamicIdentity
@@ -96,10 +97,13 @@ def register_message(reg: Registration, *, health: str, version: str, hash: str,
 
 
 def report_message(report: StatsReport, snapshot: Snapshot, *, health: str,
-                   cert_not_after_unix: int) -> pb.SidecarMessage:
+                   cert_not_after_unix: int,
+                   resilience: ResilienceReport | None = None) -> pb.SidecarMessage:
     """A ``StateReport``: the upstreams that carried calls in ``report``, and every endpoint of
-    ``snapshot``'s clusters (an address once, under its first cluster) with its health and
-    requests/failures in ``report`` (0 when none)."""
+    ``snapshot``'s clusters (an address once, under its first cluster) with its health,
+    requests/failures in ``report`` (0 when none) and, from ``resilience``, its breaker
+    (state "" when it has none) and every limit of every upstream."""
+    breakers = resilience.breakers if resilience is not None else {}
     upstreams = [pb.UpstreamStats(service=name, by_code=up.by_code,
                                   latency=pb.Histogram(bounds_ms=report.bounds_ms,
                                                        counts=up.latency_counts))
@@ -113,13 +117,22 @@ def report_message(report: StatsReport, snapshot: Snapshot, *, health: str,
                 continue
             seen.add(address)
             counts = report.endpoints.get(address)
+            b = breakers.get(address)
             endpoints.append(pb.EndpointState(
                 service=cluster.name, address=address, instance=ep.instance, healthy=ep.healthy,
                 requests=counts.requests if counts else 0,
-                failures=counts.failures if counts else 0))
+                failures=counts.failures if counts else 0,
+                breaker=b.state if b else "",
+                consecutive_errors=b.consecutive_errors if b else 0,
+                ejections=b.ejections if b else 0,
+                half_open_in_s=b.half_open_in_s if b else 0.0,
+                last_transition_unix=b.last_transition_unix if b else 0.0))
+    limits = [pb.LimitState(upstream=v.upstream, limit=v.limit, in_use=v.in_use, max=v.max,
+                            fast_fails=v.fast_fails)
+              for v in (resilience.limits if resilience is not None else ())]
     return pb.SidecarMessage(report=pb.StateReport(
         interval_s=report.interval_s, upstreams=upstreams, endpoints=endpoints,
-        cert_not_after_unix=cert_not_after_unix, health=health))
+        cert_not_after_unix=cert_not_after_unix, health=health, limits=limits))
 
 
 # ---------------------------------------------------------------------- state (pure)
@@ -228,7 +241,8 @@ def mtls_channels(identity: DynamicIdentity) -> ChannelFactory:
 class DiscoveryClient:
     """Keeps one ``Discovery/Stream`` open (``run``), reconnecting as long as it runs.
 
-    ``take_report()`` gives the call deltas for the next ``StateReport``; ``health()`` the
+    ``take_report()`` gives the call deltas for the next ``StateReport``, ``resilience()``
+    (when given) the breakers and limits it carries; ``health()`` the
     app's health ("" = no app); ``cert_not_after_unix()`` the certificate's expiry;
     ``first_health``, when given, is awaited (at most ``FIRST_HEALTH_WAIT_S``) before the
     first registration so it carries a checked health.
@@ -240,7 +254,8 @@ class DiscoveryClient:
                  cert_not_after_unix: Callable[[], int],
                  first_health: Callable[[], Awaitable[object]] | None = None,
                  report_interval_s: float = 5.0, max_backoff_s: float = 5.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 resilience: Callable[[], ResilienceReport] | None = None) -> None:
         if not addresses:
             raise ValueError("at least one control plane address is needed")
         self.state = state
@@ -248,6 +263,7 @@ class DiscoveryClient:
         self.addresses = list(addresses)
         self._channel = channel
         self._take_report = take_report
+        self._resilience = resilience
         self._health = health
         self._cert_not_after_unix = cert_not_after_unix
         self._first_health = first_health
@@ -390,7 +406,8 @@ class DiscoveryClient:
                 continue
             self._send(outbox, report_message(
                 self._take_report(), self.state.current(), health=self.health(),
-                cert_not_after_unix=self._cert_not_after_unix()))
+                cert_not_after_unix=self._cert_not_after_unix(),
+                resilience=self._resilience() if self._resilience is not None else None))
             self.reports += 1
 
     def _send(self, outbox: asyncio.Queue[pb.SidecarMessage], msg: pb.SidecarMessage) -> None:
@@ -432,7 +449,8 @@ def for_dynamic_sidecar(sidecar: Sidecar, identity: DynamicIdentity, health: App
         health=(lambda: health.status) if health is not None else (lambda: ""),
         cert_not_after_unix=lambda: identity.cert_not_after_unix,
         first_health=health.first_check if health is not None else None,
-        report_interval_s=report_interval_s, max_backoff_s=max_backoff_s)
+        report_interval_s=report_interval_s, max_backoff_s=max_backoff_s,
+        resilience=sidecar.resilience_report)
     if health is not None:
         health.on_change = client.notify_health
     sidecar.on_drain.append(client.draining)

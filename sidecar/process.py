@@ -21,9 +21,12 @@ from .admin import AdminServer
 from .http2.connection import H2Connection
 from .http2.relay import Hooks, LocalReply, Relay
 from .io import Connector, Flusher, H2Protocol, PeerInfo, pool_key
+from .layers.limits import UpstreamLimits
+from .layers.outlier import OutlierDetection
 from .layers.stats import Stats, StatsReport
 from .stack import Stack, inbound_stack, outbound_stack
 from .tls import TlsFiles, TlsState
+from .upstream import ResilienceReport
 
 log = logging.getLogger("mesh.sidecar")
 
@@ -251,6 +254,16 @@ class Sidecar:
         stats = self.stats.get("outbound")
         return stats.take_report() if stats is not None else StatsReport(0.0, {}, {})
 
+    def resilience_report(self) -> ResilienceReport:
+        """The outbound side's breakers (every endpoint address of the snapshot in force)
+        and limits (every limit of every upstream service) now; empty without an outbound
+        listener."""
+        stack = self.stacks.get("outbound")
+        outlier = stack.layer(OutlierDetection) if stack is not None else None
+        limits = stack.layer(UpstreamLimits) if stack is not None else None
+        return ResilienceReport(outlier.breaker_views() if outlier is not None else {},
+                                limits.limit_views() if limits is not None else ())
+
     # ------------------------------------------------------------- admin handlers
     def _ready(self) -> tuple[int, object]:
         if self.draining:
@@ -292,6 +305,9 @@ class Sidecar:
             }
             stack = self.stacks.get(name)
             counted = stack.counters() if stack is not None else {}
+            for key in _OWN_SECTIONS:  # the outbound side's resilience, on its own
+                if key in counted:
+                    body[name][key] = counted.pop(key)
             if counted:  # the outbound side: per-rule matches, redistributions, faults
                 body[name]["routing"] = counted
         return 200, body
@@ -348,3 +364,6 @@ class Sidecar:
 
 
 _NO_HOOKS: Hooks = Stack([], lambda call: LocalReply(14, "sidecar starting"))
+_OWN_SECTIONS = ("breakers", "limits", "balancers")
+"""Sections of the outbound stack's counters that ``/stats`` shows next to ``routing``
+(per upstream x endpoint: outlier detection; per upstream: limits; the balancers' state)."""

@@ -1,11 +1,15 @@
 """The one place that orders the layers of the inbound and outbound request paths.
 
-outbound:  stats → route → fault → timeout → balance → endpoint pool (mTLS to the endpoint's
-           inbound)
+outbound:  stats → route → fault → limits → retry → timeout → balance → endpoint pool (mTLS
+           to the endpoint's inbound); outlier detection is fed by the balancer
 inbound:   stats → local app pool (h2c over loopback)
 
 Fault comes right after routing and before timeouts, retries and the balancer, as in Envoy:
-an injected abort never reaches an endpoint. Later layers (metrics, tracing, retry, breaker,
+an injected abort never reaches an endpoint. Limits come before retry, so a call they refuse
+is answered at once and never retried; the retry layer runs timeout and balance again for
+each attempt. Outlier detection sits on no call's path: the balancer reports every ended
+attempt to it (``on_outcome``) and skips the endpoints it holds out; both share the
+per-endpoint and per-upstream state of one ``Upstreams``. Later layers (metrics, tracing,
 authorize) slot into these lists; nothing else needs to know the order.
 """
 
@@ -13,18 +17,24 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from mesh_common.snapshot import Endpoint, Snapshot
 
 from .http2.pool import Pool
 from .http2.relay import Call
-from .layers.balance import RoundRobin
+from .layers.balance import Balance
 from .layers.base import Decision, Layer
 from .layers.fault import Fault
+from .layers.limits import UpstreamLimits
+from .layers.outlier import OutlierDetection
+from .layers.retry import Retry
 from .layers.route import Route
 from .layers.stats import Stats
 from .layers.timeout import Timeout
+from .upstream import Upstreams
+
+L = TypeVar("L", bound=Layer)
 
 
 class Stack:
@@ -50,6 +60,13 @@ class Stack:
         for hook in self._on_end:
             hook(call)
 
+    def layer(self, kind: type[L]) -> L | None:
+        """The first layer of type ``kind``, or None."""
+        for layer in self.layers:
+            if isinstance(layer, kind):
+                return layer
+        return None
+
     def counters(self) -> dict[str, Any]:
         """Every layer's ``/stats`` sections, merged (computed now, not per call)."""
         out: dict[str, Any] = {}
@@ -68,9 +85,14 @@ def _bind(layer: Layer, next_fn: Callable[[Call], Decision]) -> Callable[[Call],
 
 def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
                    endpoint_pool: Callable[[Endpoint, str], Pool],
-                   rng: random.Random | None = None) -> Stack:
+                   rng: random.Random | None = None, *,
+                   clock: Callable[[], float] | None = None,
+                   upstreams: Upstreams | None = None) -> Stack:
     """The outbound path; ``snapshot`` returns the snapshot in force (read once per call by
-    each layer that needs it), ``rng`` drives the weighted splits and fault rolls."""
+    each layer that needs it), ``rng`` drives the weighted splits and fault rolls (the
+    balancers draw from a generator seeded from it, so a seeded stack is reproducible),
+    ``clock`` is the relay's (default: the stats layer's), ``upstreams`` the shared
+    per-endpoint and per-upstream state (default: a new one)."""
     pools: dict[int, tuple[Endpoint, Pool]] = {}
 
     def endpoint(call: Call) -> Decision:
@@ -82,8 +104,20 @@ def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
             hit = pools[id(ep)] = (ep, endpoint_pool(ep, call.route))
         return hit[1]
     rng = rng or random.Random()
-    return Stack([stats, Route(snapshot, rng), Fault(snapshot, rng), Timeout(snapshot),
-                  RoundRobin()], endpoint)
+    clock = clock or stats.clock
+    upstreams = upstreams if upstreams is not None else Upstreams()
+    # Seeded from rng's state without drawing from it: the route and fault draws stay as
+    # they were, and the balancers' draws are not the same numbers as theirs.
+    balance_rng = random.Random(hash(rng.getstate()))
+    outlier = OutlierDetection(snapshot, upstreams, clock)
+    return Stack([stats,
+                  Route(snapshot, rng),
+                  Fault(snapshot, rng),
+                  UpstreamLimits(snapshot, upstreams),
+                  Retry(snapshot, random.Random(hash(rng.getstate()) ^ 1), clock),
+                  Timeout(snapshot),
+                  Balance(snapshot, upstreams, clock, balance_rng, on_outcome=outlier.observe),
+                  outlier], endpoint)
 
 
 def inbound_stack(stats: Stats, app_pool: Pool) -> Stack:

@@ -16,8 +16,18 @@ gRPC rules it enforces: ``grpc-timeout`` and a layer's ``call.route_timeout_s`` 
 dispatch, whichever ends first (DEADLINE_EXCEEDED at expiry, the upstream stream reset, the
 remaining time sent on), the message size limit both ways (RESOURCE_EXHAUSTED for
 that call only), and an upstream that fails gives the caller UNAVAILABLE naming the endpoint.
-A stream that an upstream refused or never processed (GOAWAY) is sent again on another
-connection while its request still fits the replay buffer and no response has started.
+Retries (gRFC A6). A call is committed once the first response headers that are not
+trailers-only arrive; until then the relay keeps the request's bytes (``call.replay``) and may
+send them again. A call with a retry policy (``call.retry``, set by the retry layer) asks it
+after each failed attempt: a trailers-only answer with a non-OK status, a refused or
+unprocessed (GOAWAY) stream, a failed connect, a lost connection, a per-try timeout
+(``call.retry.per_try_timeout_s``, armed at each dispatch). The policy answers with the next
+attempt's decision (usually ``Delayed`` by a backoff) or None, and then the caller gets the
+failed attempt's answer; after commit it is never asked. The replay buffer is capped by
+``call.retry.max_request_bytes`` (a call that outgrew it after bytes were sent is not sent
+again, and never sent truncated). A call without a retry policy (inbound) only has a stream
+that an upstream refused or never processed sent again, while its request fits
+``limits.replay_buffer_bytes`` and no response has started.
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ from .headers import HeaderBlock
 from .pool import Pool
 
 MAX_ATTEMPTS = 5
+"""Attempts of a call without a retry policy when its streams are refused (``call.retry``
+None; with a policy, its ``max_attempts`` counts them)."""
 log = logging.getLogger("mesh.sidecar.relay")
 
 
@@ -88,7 +100,7 @@ class Call:
         "committed", "response_started", "grpc_status", "grpc_message", "finished",
         "down_open", "ended", "req_meter", "resp_meter", "local_reply", "route", "endpoint",
         "upstream_label", "cluster", "route_timeout_s", "rule", "subset", "notes",
-        "upstream", "retry", "tried", "fast_fail",
+        "upstream", "retry", "tried", "fast_fail", "try_timer",
     )
 
     def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
@@ -154,6 +166,21 @@ class Call:
         """Endpoints earlier attempts went to (the balancers prefer another)."""
         self.fast_fail = False
         """Answered locally by a limit: never retried, never counted against an endpoint."""
+        self.try_timer: Any = None
+        """The current attempt's per-try timer (``call.retry.per_try_timeout_s``), if armed."""
+
+
+class RetryHook(Protocol):
+    """What the relay needs from ``call.retry`` (the retry layer's per-call view)."""
+
+    max_request_bytes: int
+    """Request bytes kept for another attempt; a request that outgrows it is not sent again."""
+    per_try_timeout_s: float | None
+
+    def again(self, call: Call, reason: str, status: int | None,
+              answer: HeaderBlock | None = None) -> Pool | LocalReply | Delayed | None:
+        """The attempt failed for ``reason`` (``answer``: the trailers-only response, for its
+        ``grpc-retry-pushback-ms``): the next attempt's decision, or None (no retry)."""
 
 
 class Hooks(Protocol):
@@ -230,7 +257,9 @@ class Relay:
             waiting = list(pool.waiting)
             pool.waiting.clear()
             for call in waiting:
-                self._reply(call, G.UNAVAILABLE, f"upstream {pool.label}: {reason}")
+                if not self._try_again(call, "connect_failure", G.UNAVAILABLE):
+                    self._reply(call, G.UNAVAILABLE, f"upstream {pool.label}: {reason}"
+                                f"{_after(call)}")
         self._pump()
 
     def _pump(self) -> None:
@@ -345,6 +374,9 @@ class Relay:
         call.upstream_label = decision.label
         if call.route_timeout_s is not None:
             self._arm_route_timeout(call)
+        retry = call.retry
+        if retry is not None and retry.per_try_timeout_s is not None:
+            self._arm_try_timeout(call, retry.per_try_timeout_s)
         self._dispatch(call)
 
     def _after_delay(self, call: Call, decision: Pool | LocalReply) -> None:
@@ -370,6 +402,69 @@ class Relay:
         call.timer = self.call_later(call.route_timeout_s,
                                      lambda: self._timer_fired(call, route_timeout=True))
 
+    def _arm_try_timeout(self, call: Call, seconds: float) -> None:
+        """This attempt may take ``seconds`` until its response commits."""
+        if call.try_timer is not None:
+            call.try_timer.cancel()
+        call.try_timer = self.call_later(seconds, lambda: self._try_timed_out(call, seconds))
+
+    def _try_timed_out(self, call: Call, seconds: float) -> None:
+        call.try_timer = None
+        if call.finished or call.committed:
+            return
+        self.stats["per_try_timeouts"] += 1
+        call.grpc_status = G.DEADLINE_EXCEEDED
+        if not self._try_again(call, "per_try_timeout", G.DEADLINE_EXCEEDED):
+            self._reply(call, G.DEADLINE_EXCEEDED, f"per-try timeout of {seconds * 1e3:.0f} ms "
+                        f"at the sidecar (upstream {call.upstream_label}){_after(call)}")
+        self._pump()
+
+    def _try_again(self, call: Call, reason: str, status: int | None,
+                   answer: HeaderBlock | None = None) -> bool:
+        """The current attempt failed for ``reason`` before commit: ask the call's retry
+        policy. True when another attempt is under way or scheduled (the failed one is then
+        detached); False when the caller is to get the failed attempt's answer."""
+        retry = call.retry
+        if retry is None or call.committed or call.finished or not call.down_open:
+            return False
+        try:
+            decision = retry.again(call, reason, status, answer)
+        except Exception:  # a faulty layer fails its call, not the connection
+            log.exception("retry layer error on %s", call.path)
+            return False
+        if decision is None:
+            return False
+        self._detach(call)
+        self.stats["retries"] += 1
+        if isinstance(decision, Delayed):
+            if decision.seconds > 0:
+                then = decision.then
+                self.call_later(decision.seconds, lambda: self._after_delay(call, then))
+                return True
+            decision = decision.then
+        self._decided(call, decision)
+        return True
+
+    def _detach(self, call: Call) -> None:
+        """Let go of the current attempt (before another): its timer, its upstream stream
+        (reset unless both sides are done) or its place in a pool's queue."""
+        if call.try_timer is not None:
+            call.try_timer.cancel()
+            call.try_timer = None
+        up = call.up
+        if up is not None:
+            call.up = None
+            up.calls.pop(call.up_sid, None)
+            st = up.streams.get(call.up_sid)
+            if st is not None and not (st.send_closed and st.recv_closed):
+                up.reset_stream(call.up_sid, F.CANCEL)
+            self._capacity(up)
+        elif call.pool is not None and call.pool.waiting:
+            try:
+                call.pool.waiting.remove(call)
+            except ValueError:
+                pass
+
     def _request_data(self, call: Call, data: bytes, end: bool) -> None:
         call.req_received += len(data)
         if call.finished:
@@ -385,7 +480,9 @@ class Relay:
                 return
             if call.replay is not None:
                 call.replay_bytes += len(data)
-                if call.replay_bytes > self.limits.replay_buffer_bytes:
+                retry = call.retry
+                if call.replay_bytes > (self.limits.replay_buffer_bytes if retry is None
+                                        else retry.max_request_bytes):
                     call.replay = None
                 else:
                     call.replay.append(data)
@@ -452,7 +549,8 @@ class Relay:
         if call.attempts and call.replay is None:
             # Sent before, and the request outgrew the replay buffer while it waited to be sent
             # again: the first attempt's bytes are gone. Fail it; never send it truncated.
-            self._reply(call, G.UNAVAILABLE, f"upstream {call.upstream_label} refused the stream")
+            self._reply(call, G.UNAVAILABLE, f"upstream {call.upstream_label}: the request "
+                        f"outgrew the replay buffer before it could be sent again{_after(call)}")
             return
         st = up.open_stream()
         up.calls[st.id] = call
@@ -569,7 +667,8 @@ class Relay:
                 continue
             call.up = None
             self.stats["upstream_lost_calls"] += 1
-            self._reply(call, G.UNAVAILABLE, f"upstream {label}: {reason}")
+            if not self._try_again(call, "connection_lost", G.UNAVAILABLE):
+                self._reply(call, G.UNAVAILABLE, f"upstream {label}: {reason}{_after(call)}")
         if isinstance(pool, Pool) and pool.waiting:
             pool.ensure_connecting()
 
@@ -578,13 +677,19 @@ class Relay:
             self._maybe_end(call)
             return
         refused = unprocessed or code == F.REFUSED_STREAM
-        if refused and not call.committed and call.replay is not None and call.attempts < MAX_ATTEMPTS:
-            self.stats["streams_resent"] += 1
-            self._dispatch(call)
-            return
+        if refused and not call.committed:
+            if call.retry is not None:
+                if self._try_again(call, "goaway" if unprocessed else "refused_stream",
+                                   G.UNAVAILABLE):
+                    return
+            elif call.replay is not None and call.attempts < MAX_ATTEMPTS:
+                self.stats["streams_resent"] += 1
+                self._dispatch(call)
+                return
         self.stats["upstream_resets"] += 1
         if refused:
-            self._reply(call, G.UNAVAILABLE, f"upstream {call.upstream_label} refused the stream")
+            self._reply(call, G.UNAVAILABLE, f"upstream {call.upstream_label} refused the stream"
+                        f"{_after(call)}")
             return
         call.finished = True
         if call.down_open:
@@ -602,8 +707,14 @@ class Relay:
             call.grpc_status = int(status) if status.isascii() and status.isdigit() else G.UNKNOWN
             call.grpc_message = hb.fields.get("grpc-message") or ""
         if ev.first:
+            if ev.end_stream and call.grpc_status and call.retry is not None and \
+                    self._try_again(call, "status", call.grpc_status, hb):
+                return  # trailers-only with a status to retry: the caller never sees it
             call.committed = True
             call.replay = None
+            if call.try_timer is not None:
+                call.try_timer.cancel()
+                call.try_timer = None
             call.resp_conn = call.up
             call.response_started = not ev.end_stream
             self.hooks.on_response(call)
@@ -684,6 +795,9 @@ class Relay:
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
+        if call.try_timer is not None:
+            call.try_timer.cancel()
+            call.try_timer = None
         up = call.up
         if up is not None:
             call.up = None
@@ -723,9 +837,19 @@ class Relay:
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
+        if call.try_timer is not None:
+            call.try_timer.cancel()
+            call.try_timer = None
         if call.req_received > call.credited:
             self._settle_request(call)
         if call.resp_received > call.resp_credited:
             self._settle_response(call)
         self.active -= 1
         self.hooks.on_end(call)
+
+
+def _after(call: Call) -> str:
+    """`` after N attempts`` for a call that was retried, else nothing."""
+    retry = call.retry
+    n = len(retry.attempts) if retry is not None else 0
+    return f" after {n} attempts" if n > 1 else ""

@@ -76,13 +76,17 @@ class Mesh:
         return self.tokens[service]
 
     def start(self, service: str, instance: str, *, app: bool = True,
-              labels: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> procs.Proc:
+              labels: tuple[str, ...] = (), extra: tuple[str, ...] = (),
+              app_args: tuple[str, ...] = ()) -> procs.Proc:
+        """A sidecar for ``instance`` of ``service`` (``extra``: more sidecar flags) and, with
+        ``app``, an echo server behind it (``app_args``: more echo server flags)."""
         args = ["--service", service, "--instance-id", instance, "--token", self.token(service),
                 "--health-interval-s", "0.3", "--report-interval-s", str(REPORT_S),
                 "--max-backoff-s", "0.5", *extra]
         if app:
             srv = procs.start([sys.executable, "-m", "tests.support.echo_server", "--port", "0",
-                               "--server-id", instance], cwd=REPO_ROOT, log_dir=self.base)
+                               "--server-id", instance, *app_args], cwd=REPO_ROOT,
+                              log_dir=self.base)
             self.apps[instance] = srv
             args += ["--app", f"127.0.0.1:{srv.ready['port']}"]
         for label in labels:
@@ -121,6 +125,26 @@ class Mesh:
         assert self.cp.proc.stop() == 0, self.cp.proc.log_tail()
 
 
+def round_robin(mesh: Mesh, service: str) -> None:
+    """Apply a TrafficPolicy balancing ``service`` round robin, and wait until every sidecar
+    of the mesh holds it. For tests that count which replicas answer a few sequential calls:
+    round robin makes "every replica gets its turn" a fact, where peak-EWMA (the default)
+    rightly keeps sending to whichever answered fastest (the balancers have tests of their
+    own)."""
+    doc = {"kind": "TrafficPolicy", "name": service,
+           "spec": {"service": service, "load_balancer": "round_robin"}}
+    mesh.admin().ApplyConfig(pb.ApplyConfigRequest(documents=[pb.ConfigDocument(
+        source="test", index=1, json=json.dumps(doc))]), timeout=10)
+
+    def held() -> bool:
+        return all(any(r["service"] == service and r["load_balancer"] == "round_robin"
+                       for r in mesh.held(name)["snapshot"]["routes"])
+                   for name in mesh.sidecars)
+
+    procs.wait_for(held, 15, interval_s=0.2, what=f"the round-robin policy of {service} "
+                   "in every sidecar's snapshot")
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     m = Mesh(tmp_path_factory.mktemp("discovery"))
@@ -131,6 +155,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         m.start("web", "web-1", app=False)
         procs.wait_for(lambda: m.all_synced({"echo-1", "echo-2", "store-1", "web-1"}), 20,
                        what="every sidecar registered and SYNCED")
+        round_robin(m, "echo")
+        procs.wait_for(lambda: m.all_synced({"echo-1", "echo-2", "store-1", "web-1"}), 20,
+                       what="every sidecar SYNCED with the echo policy")
         yield m
     finally:
         m.close()

@@ -1,10 +1,25 @@
 """meshtest.Echo: the upstream app behind sidecars in tests and benchmarks.
 
     python -m tests.support.echo_server --port 0 --server-id NAME [--max-message-bytes N]
+        [--fail-rate R --fail-code C] [--control]
 
 Serves h2c (plaintext HTTP/2) on 127.0.0.1 with grpc.health.v1 and reflection, prints one
 stdout line `{"ready": {"port": PORT}}`, and on SIGTERM/SIGINT stops with 1 s grace, exit 0.
 SIGUSR1 makes its health NOT_SERVING, SIGUSR2 SERVING again (calls are served either way).
+
+A sick replica, for resilience tests (off by default):
+
+* `--fail-rate R` (0..1, default 0) fails that share of the Echo calls (every method; health
+  checks never), evenly and deterministically: call n fails when floor(n·R) > floor((n-1)·R),
+  so 0.5 fails every second call and 1 every call. A failed call gets `--fail-code C`
+  (default 14, UNAVAILABLE) as a trailers-only answer before anything else happens (a
+  server that is down answers at once, and a client or mesh may retry it), with the message
+  `echo_server NAME: failing by --fail-rate`.
+* `--control` also serves a tiny HTTP control on 127.0.0.1 (its port in the ready line,
+  `{"ready": {"port": PORT, "control": CONTROL_PORT}}`): `GET /counts` answers JSON
+  `{"calls": {METHOD: n}, "failed": {METHOD: n}, "fail_rate": R, "fail_code": C}` (Echo calls
+  received and failed by the rate since the start, by method name); `POST
+  /fail?rate=R&code=C` changes the rate (and code) at once and answers the same JSON.
 
 Behaviour, all driven by the request (see protos/meshtest/echo.proto):
 
@@ -33,11 +48,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import threading
 import time
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -68,9 +86,60 @@ def _echoed(context: grpc.ServicerContext) -> list[tuple[str, str | bytes]]:
     return out
 
 
-class EchoServicer(echo_pb2_grpc.EchoServicer):
-    def __init__(self, server_id: str):
+class Sickness:
+    """The share of calls to fail (``rate``, with ``code``) and the calls counted, by method;
+    thread-safe."""
+
+    def __init__(self, server_id: str, rate: float = 0.0, code: int = 14) -> None:
         self.server_id = server_id
+        self._lock = threading.Lock()
+        self.rate = 0.0
+        self.code = 14
+        self._n = 0  # calls since the rate was set
+        self.calls: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.set(rate, code)
+
+    def set(self, rate: float, code: int | None = None) -> None:
+        if not (0.0 <= rate <= 1.0):
+            raise ValueError(f"fail rate must be 0..1, got {rate}")
+        if code is not None and not 1 <= code <= 16:
+            raise ValueError(f"fail code must be 1..16, got {code}")
+        with self._lock:
+            self.rate = rate
+            if code is not None:
+                self.code = code
+            self._n = 0
+
+    def take(self, method: str) -> int:
+        """Count a call of ``method``; the status code to fail it with, or 0."""
+        with self._lock:
+            self.calls[method] = self.calls.get(method, 0) + 1
+            self._n += 1
+            fail = math.floor(self._n * self.rate + 1e-9) > math.floor(
+                (self._n - 1) * self.rate + 1e-9)
+            if not fail:
+                return 0
+            self.failed[method] = self.failed.get(method, 0) + 1
+            return self.code
+
+    def doc(self) -> dict[str, object]:
+        with self._lock:
+            return {"calls": dict(self.calls), "failed": dict(self.failed),
+                    "fail_rate": self.rate, "fail_code": self.code}
+
+
+class EchoServicer(echo_pb2_grpc.EchoServicer):
+    def __init__(self, server_id: str, sickness: Sickness | None = None):
+        self.server_id = server_id
+        self.sickness = sickness or Sickness(server_id)
+
+    def _sick(self, method: str, context) -> None:
+        """Count the call; abort it trailers-only when the fail rate says so."""
+        code = self.sickness.take(method)
+        if code:
+            context.abort(_CODES.get(code, grpc.StatusCode.UNKNOWN),
+                          f"echo_server {self.server_id}: failing by --fail-rate")
 
     # -- helpers -------------------------------------------------------------------------
     def _response(self, req: echo_pb2.EchoRequest, context, payload: bytes | None = None):
@@ -108,6 +177,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
 
     # -- RPCs ----------------------------------------------------------------------------
     def Unary(self, request, context):
+        self._sick("Unary", context)
         self._start(context, request)
         self._sleep(request)
         if request.fail_code > 0:
@@ -117,6 +187,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
         return self._response(request, context)
 
     def ServerStream(self, request, context):
+        self._sick("ServerStream", context)
         self._start(context, request)
         if request.trailers_only:
             self._sleep(request)
@@ -132,6 +203,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
             self._fail(context, request.fail_code, request.fail_message)
 
     def ClientStream(self, request_iterator, context):
+        self._sick("ClientStream", context)
         parts: list[bytes] = []
         total = 0
         response_bytes = 0
@@ -164,6 +236,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
         return echo_pb2.EchoResponse(payload=payload, server_id=self.server_id, peer=context.peer())
 
     def Bidi(self, request_iterator, context):
+        self._sick("Bidi", context)
         started = False
         for req in request_iterator:
             if not started:
@@ -182,7 +255,8 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
             self._start(context, None)
 
 
-def serve(port: int, server_id: str, max_message_bytes: int, host: str = "127.0.0.1"):
+def serve(port: int, server_id: str, max_message_bytes: int, host: str = "127.0.0.1",
+          sickness: Sickness | None = None):
     """Start the server; returns (server, bound_port). Raises RuntimeError if it cannot bind."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="echo"),
@@ -192,7 +266,7 @@ def serve(port: int, server_id: str, max_message_bytes: int, host: str = "127.0.
             ("grpc.so_reuseport", 0),
         ],
     )
-    echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(server_id), server)
+    echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(server_id, sickness), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", "meshtest.Echo"):
@@ -220,29 +294,91 @@ def set_health(server: grpc.Server, serving: bool) -> None:
         server.health_servicer.set(name, status)  # type: ignore[attr-defined]
 
 
+def serve_control(sickness: Sickness) -> ThreadingHTTPServer:
+    """The HTTP control (``GET /counts``, ``POST /fail?rate=R&code=C``) on a free loopback
+    port, served by a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, status: int, doc: object) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if urlsplit(self.path).path == "/counts":
+                self._answer(200, sickness.doc())
+            else:
+                self._answer(404, {"error": "GET /counts"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            url = urlsplit(self.path)
+            if url.path != "/fail":
+                self._answer(404, {"error": "POST /fail?rate=R&code=C"})
+                return
+            q = parse_qs(url.query)
+            try:
+                rate = float(q.get("rate", ["0"])[0])
+                code = int(q["code"][0]) if "code" in q else None
+                sickness.set(rate, code)
+            except ValueError as exc:
+                self._answer(400, {"error": str(exc)})
+                return
+            print(f"echo_server {sickness.server_id}: fail rate {sickness.rate} code "
+                  f"{sickness.code}", file=sys.stderr, flush=True)
+            self._answer(200, sickness.doc())
+
+        def log_message(self, format: str, *args: object) -> None:  # quiet
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, name="echo-control", daemon=True).start()
+    return httpd
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--server-id", required=True)
     ap.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    ap.add_argument("--fail-rate", type=float, default=0.0,
+                    help="Share of Echo calls to fail, 0..1, evenly (default 0).")
+    ap.add_argument("--fail-code", type=int, default=14,
+                    help="gRPC status of the calls failed by --fail-rate (default 14).")
+    ap.add_argument("--control", action="store_true",
+                    help="Serve the HTTP control (GET /counts, POST /fail?rate=R&code=C).")
     args = ap.parse_args(argv)
+    try:
+        sickness = Sickness(args.server_id, args.fail_rate, args.fail_code)
+    except ValueError as e:
+        ap.error(str(e))
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     try:
-        server, port = serve(args.port, args.server_id, args.max_message_bytes, args.host)
+        server, port = serve(args.port, args.server_id, args.max_message_bytes, args.host,
+                             sickness)
     except RuntimeError as e:
         print(f"echo_server: {e}", file=sys.stderr, flush=True)
         return 1
     signal.signal(signal.SIGUSR1, lambda *_: set_health(server, False))
     signal.signal(signal.SIGUSR2, lambda *_: set_health(server, True))
-    print(json.dumps({"ready": {"port": port}}), flush=True)
+    ready: dict[str, int] = {"port": port}
+    control = serve_control(sickness) if args.control else None
+    if control is not None:
+        ready["control"] = control.server_address[1]
+    print(json.dumps({"ready": ready}), flush=True)
     print(f"echo_server {args.server_id} serving on {args.host}:{port}", file=sys.stderr, flush=True)
     while not stop.wait(0.5):
         pass
+    if control is not None:
+        control.shutdown()
     server.stop(grace=1).wait()
     return 0
 

@@ -27,6 +27,7 @@ from mesh_common.config import (
     Document,
     FaultSpec,
     RouteSpec,
+    TrafficPolicySpec,
     compile_routes,
     kind_of,
     parse_object,
@@ -34,7 +35,16 @@ from mesh_common.config import (
     to_doc,
     to_yaml,
 )
-from mesh_common.snapshot import Cluster, Snapshot, from_doc
+from mesh_common.snapshot import (
+    LOAD_BALANCERS,
+    CircuitLimits,
+    Cluster,
+    OutlierPolicy,
+    RetryPolicy,
+    Snapshot,
+    StringMatch,
+    from_doc,
+)
 
 FAST = settings(deadline=None, max_examples=80)
 TD = "mesh.local"
@@ -65,6 +75,32 @@ spec:
   service: echo
   load_balancer: round_robin
   timeout_ms: 1000
+  retries:
+    max_attempts: 3
+    retry_on: [UNAVAILABLE, RESOURCE_EXHAUSTED]
+    per_try_timeout_ms: 300
+    backoff_base_ms: 25
+    backoff_max_ms: 250
+    max_request_bytes: 1048576
+    non_idempotent:
+      - {exact: /meshtest.Echo/ServerStream}
+    budget_percent: 20
+    budget_min_per_s: 10
+    budget_window_s: 10
+  limits:
+    max_connections: 64
+    max_pending: 128
+    max_requests: 256
+    max_retries: 8
+  outlier_detection:
+    consecutive_errors: 5
+    error_codes: [UNAVAILABLE, INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS]
+    base_ejection_ms: 30000
+    max_ejection_ms: 300000
+    max_ejection_percent: 50
+    half_open_probes: 1
+    success_rate_min_requests: 100
+    success_rate_threshold: 0.8
 ---
 kind: Fault
 name: echo
@@ -94,6 +130,10 @@ def split(*weights: int | None) -> dict[str, Any]:
                              for i, w in enumerate(weights, 1)]}
 
 
+def _policy(**spec: Any) -> dict[str, Any]:
+    return {"kind": "TrafficPolicy", "name": "p", "spec": {"service": "echo", **spec}}
+
+
 def error_of(*bodies: Any, stored: tuple[ConfigObject, ...] = ()) -> str:
     with pytest.raises(ConfigError) as info:
         plan_apply(stored, [Document("routes.yaml", i, b) for i, b in enumerate(bodies, 1)])
@@ -116,6 +156,12 @@ def test_the_schema_example_parses_into_typed_objects() -> None:
     assert second.name == "echo-canary#1"  # the default: <route name>#<index>
     assert [d.weight for d in second.destinations] == [90, 10]
     assert policy.obj.spec.timeout_ms == 1000
+    p = policy.obj.spec
+    assert isinstance(p, TrafficPolicySpec) and p.load_balancer == "round_robin"
+    assert p.retries == RetryPolicy(retry_on=(14, 8), per_try_timeout_ms=300, non_idempotent=(
+        StringMatch("exact", "/meshtest.Echo/ServerStream"),))
+    assert p.limits == CircuitLimits(64, 128, 256, 8)
+    assert p.outlier == OutlierPolicy(success_rate_min_requests=100, success_rate_threshold=0.8)
     assert fault.obj.spec == FaultSpec("echo", fault.obj.spec.method, 200, 50.0, 14, 10.0)
 
 
@@ -168,6 +214,37 @@ ERRORS: dict[str, tuple[Any, list[str]]] = {
         ["(TrafficPolicy p): spec.load_balancer: unknown load balancer 'fastest'"]),
     "bad timeout": ({"kind": "TrafficPolicy", "name": "p", "spec": {
         "service": "echo", "timeout_ms": 0}}, ["spec.timeout_ms: milliseconds"]),
+    "retries not a mapping": (_policy(retries=3), ["(TrafficPolicy p): spec.retries: expected a "
+                                                   "mapping"]),
+    "too many attempts": (_policy(retries={"max_attempts": 11}),
+                          ["(TrafficPolicy p): spec.retries.max_attempts: an integer from 1 to "
+                           "10"]),
+    "unknown retry field": (_policy(retries={"attempts": 2}),
+                            ["spec.retries.attempts: unknown key"]),
+    "bad retry code": (_policy(retries={"retry_on": ["UNAVAILABLE", "SOMETIMES"]}),
+                       ["spec.retries.retry_on[1]: a gRPC status other than OK"]),
+    "backoff cap below base": (_policy(retries={"backoff_base_ms": 100, "backoff_max_ms": 50}),
+                               ["spec.retries.backoff_max_ms: must be at least backoff_base_ms"]),
+    "bad non-idempotent method": (_policy(retries={"non_idempotent": [{"exact": "Pay"}]}),
+                                  ["spec.retries.non_idempotent[0].exact: a gRPC path starts "
+                                   "with '/'"]),
+    "budget over 100%": (_policy(retries={"budget_percent": 150}),
+                         ["spec.retries.budget_percent: a number from 0 to 100"]),
+    "zero max requests": (_policy(limits={"max_requests": 0}),
+                          ["(TrafficPolicy p): spec.limits.max_requests: an integer from 1 to "
+                           "1000000"]),
+    "unknown limit": (_policy(limits={"max_rps": 5}), ["spec.limits.max_rps: unknown key"]),
+    "bad ejection time": (_policy(outlier_detection={"base_ejection_ms": -1}),
+                          ["spec.outlier_detection.base_ejection_ms: an integer from 1"]),
+    "ejection cap below base": (_policy(outlier_detection={"base_ejection_ms": 5000,
+                                                           "max_ejection_ms": 1000}),
+                                ["spec.outlier_detection.max_ejection_ms: must be at least "
+                                 "base_ejection_ms"]),
+    "success rate over 1": (_policy(outlier_detection={"success_rate_threshold": 1.5}),
+                            ["spec.outlier_detection.success_rate_threshold: a number from 0 "
+                             "to 1"]),
+    "resilience on a Route": (route(retries={"max_attempts": 2}),
+                              ["(Route echo): spec.retries: unknown key"]),
 }
 
 
@@ -264,6 +341,44 @@ def test_canonical_documents_round_trip_and_leave_defaults_out() -> None:
                                                                   "percent": 100}}
 
 
+def test_a_policys_resilience_sections_keep_only_what_differs_from_the_defaults() -> None:
+    plain = parse_object(_policy())
+    assert to_doc(plain)["spec"] == {"service": "echo", "load_balancer": "peak_ewma"}
+    # Every field given at its default: the same object, and the same canonical document.
+    every = parse_object(_policy(
+        retries={"max_attempts": 3, "retry_on": ["UNAVAILABLE"], "budget_percent": 20.0},
+        limits={"max_requests": 1024}, outlier_detection={"consecutive_errors": 5,
+                                                          "max_ejection_ms": 300000}))
+    assert every == plain and to_doc(every) == to_doc(plain)
+    obj = parse_object(_policy(
+        load_balancer="least_request",
+        retries={"max_attempts": 2, "retry_on": [14, "cancelled", 14], "budget_percent": 12.5,
+                 "non_idempotent": [{"prefix": "/pay.Payments/"}]},
+        limits={"max_requests": 2},
+        outlier_detection={"base_ejection_ms": 1000, "error_codes": [13], "max_ejection_ms": 4000,
+                           "half_open_probes": 2}))
+    assert to_doc(obj)["spec"] == {
+        "service": "echo", "load_balancer": "least_request",
+        "retries": {"max_attempts": 2, "retry_on": ["UNAVAILABLE", "CANCELLED"],
+                    "non_idempotent": [{"prefix": "/pay.Payments/"}], "budget_percent": 12.5},
+        "limits": {"max_requests": 2},
+        "outlier_detection": {"error_codes": ["INTERNAL"], "base_ejection_ms": 1000,
+                              "max_ejection_ms": 4000, "half_open_probes": 2}}
+    assert parse_object(yaml.safe_load(to_yaml(to_doc(obj)))) == obj
+    # A base ejection above the default cap raises the cap's default with it.
+    long = parse_object(_policy(outlier_detection={"base_ejection_ms": 600_000}))
+    assert isinstance(long.spec, TrafficPolicySpec) and long.spec.outlier.max_ejection_ms == 600_000
+    assert to_doc(long)["spec"]["outlier_detection"] == {"base_ejection_ms": 600_000}
+    assert parse_object(to_doc(long)) == long
+
+
+def test_every_balancer_is_accepted() -> None:
+    for lb in LOAD_BALANCERS:
+        obj = parse_object(_policy(load_balancer=lb))
+        assert isinstance(obj.spec, TrafficPolicySpec) and obj.spec.load_balancer == lb
+        assert parse_object(to_doc(obj)) == obj
+
+
 def test_header_order_does_not_make_a_different_object() -> None:
     a = parse_object(route(rules=[{"match": {"headers": {"x-a": {"exact": "1"},
                                                           "x-b": {"prefix": "2"}}}}]))
@@ -292,6 +407,25 @@ def test_timeouts_rule_over_route_over_policy_and_the_policy_balancer() -> None:
     assert by["payment"].timeout_ms is None and by["payment"].rules[0].timeout_ms == 50
     assert by["inventory"] == type(by["inventory"])("inventory", "inventory")  # identity
     assert all(r.cluster == r.service and r.load_balancer == "peak_ewma" for r in routes)
+
+
+def test_a_policys_retries_limits_and_outlier_detection_reach_the_route() -> None:
+    objs = objects(yaml.safe_dump_all([
+        _policy(load_balancer="random", retries={"max_attempts": 4},
+                limits={"max_pending": 7}, outlier_detection={"consecutive_errors": 2}),
+        route("order", "order", rules=[{}]),
+    ]))
+    routes, _ = compile_routes(objs, ["echo", "order"])
+    by = {r.service: r for r in routes}
+    assert by["echo"].load_balancer == "random"
+    assert by["echo"].retries == RetryPolicy(max_attempts=4)
+    assert by["echo"].limits == CircuitLimits(max_pending=7)
+    assert by["echo"].outlier == OutlierPolicy(consecutive_errors=2)
+    # Without a TrafficPolicy: the defaults.
+    assert (by["order"].retries, by["order"].limits, by["order"].outlier) == (
+        RetryPolicy(), CircuitLimits(), OutlierPolicy())
+    snap = Snapshot("1", (Cluster("echo", ()), Cluster("order", ())), routes)
+    assert from_doc(snap.to_doc(), TD).routes == routes
 
 
 def test_faults_come_from_every_fault_of_the_service_by_name() -> None:
@@ -335,6 +469,50 @@ _method = st.one_of(st.builds(lambda m: {"exact": f"/pkg.Svc/{m}"}, st.sampled_f
                     st.builds(lambda p: {"prefix": p}, st.sampled_from(["/", "/pkg.", "/pkg.Svc/"])))
 _timeout = st.integers(1, 3_600_000)
 _percent = st.one_of(st.integers(0, 100), st.floats(0, 100, allow_nan=False))
+_code_doc = st.one_of(st.integers(1, 16), st.sampled_from(["UNAVAILABLE", "internal",
+                                                            "Deadline_Exceeded", "CANCELLED"]))
+
+
+def _some(draw: st.DrawFn, fields: dict[str, st.SearchStrategy[Any]]) -> dict[str, Any]:
+    """A document with a random subset of ``fields``, each drawn."""
+    keys = draw(st.lists(st.sampled_from(sorted(fields)), unique=True))
+    return {k: draw(fields[k]) for k in keys}
+
+
+@st.composite
+def _retries(draw: st.DrawFn) -> dict[str, Any]:
+    doc = _some(draw, {
+        "max_attempts": st.integers(1, 10), "retry_on": st.lists(_code_doc, max_size=3),
+        "per_try_timeout_ms": _timeout, "max_request_bytes": st.integers(0, 64 << 20),
+        "non_idempotent": st.lists(_method, max_size=2), "budget_percent": _percent,
+        "budget_min_per_s": st.one_of(st.integers(0, 100_000), st.floats(0, 100_000)),
+        "budget_window_s": st.one_of(st.integers(1, 3600), st.floats(1, 3600))})
+    if draw(st.booleans()):
+        base = draw(st.integers(1, 60_000))
+        doc["backoff_base_ms"] = base
+        doc["backoff_max_ms"] = draw(st.integers(base, 600_000))
+    return doc
+
+
+_limits = st.fixed_dictionaries({}, optional={
+    "max_connections": st.integers(1, 1_000_000), "max_pending": st.integers(1, 1_000_000),
+    "max_requests": st.integers(1, 1_000_000), "max_retries": st.integers(0, 1_000_000)})
+
+
+@st.composite
+def _outlier(draw: st.DrawFn) -> dict[str, Any]:
+    doc = _some(draw, {
+        "consecutive_errors": st.integers(0, 1000), "error_codes": st.lists(_code_doc,
+                                                                            max_size=4),
+        "max_ejection_percent": _percent, "half_open_probes": st.integers(1, 1000),
+        "success_rate_min_requests": st.integers(0, 100_000),
+        "success_rate_threshold": st.one_of(st.sampled_from([0, 1]), st.floats(0, 1))})
+    if draw(st.booleans()):
+        base = draw(st.integers(1, 3_600_000))
+        doc["base_ejection_ms"] = base
+        if draw(st.booleans()):
+            doc["max_ejection_ms"] = draw(st.integers(base, 86_400_000))
+    return doc
 
 
 @st.composite
@@ -388,9 +566,15 @@ def _config(draw: st.DrawFn) -> list[dict[str, Any]]:
     for service in draw(st.sets(_services)):
         spec = {"service": service}
         if draw(st.booleans()):
-            spec["load_balancer"] = "round_robin"
+            spec["load_balancer"] = draw(st.sampled_from(LOAD_BALANCERS))
         if draw(st.booleans()):
             spec["timeout_ms"] = draw(_timeout)
+        if draw(st.booleans()):
+            spec["retries"] = draw(_retries())
+        if draw(st.booleans()):
+            spec["limits"] = draw(_limits)
+        if draw(st.booleans()):
+            spec["outlier_detection"] = draw(_outlier())
         docs.append({"kind": "TrafficPolicy", "name": f"p-{service}", "spec": spec})
     for name in draw(st.sets(names, max_size=4)):
         spec = {"service": draw(_services)}
@@ -415,6 +599,12 @@ def test_any_valid_config_compiles_into_routes_every_sidecar_accepts(
         assert parse_object(yaml.safe_load(to_yaml(to_doc(obj)))) == obj
     routes, empty = compile_routes(plan.objects, clusters)
     assert set(empty) == {o.service for o in plan.objects} - clusters
+    by_service = {r.service: r for r in routes}
+    for obj in plan.objects:  # a policy's settings are what its service's route runs on
+        if isinstance(obj.spec, TrafficPolicySpec):
+            r = by_service[obj.service]
+            assert (r.load_balancer, r.retries, r.limits, r.outlier) == (
+                obj.spec.load_balancer, obj.spec.retries, obj.spec.limits, obj.spec.outlier)
     snap = Snapshot("1", tuple(Cluster(n, ()) for n in sorted(clusters | set(empty))), routes)
     doc = snap.to_doc()
     back = from_doc(doc, TD)

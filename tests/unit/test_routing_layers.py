@@ -87,8 +87,8 @@ V2 = ep(3, version="v2")
 
 def snap(*rules: Rule, endpoints: tuple[Endpoint, ...] = (V1, V1B, V2),
          faults: tuple[FaultRule, ...] = (), timeout_ms: int | None = None,
-         version: str = "1") -> Snapshot:
-    route = RouteRule("echo", "echo", tuple(rules), timeout_ms, faults=faults)
+         version: str = "1", load_balancer: str = "peak_ewma") -> Snapshot:
+    route = RouteRule("echo", "echo", tuple(rules), timeout_ms, load_balancer, faults=faults)
     return Snapshot(version, clusters=(Cluster("echo", endpoints), Cluster("plain", (ep(9),))),
                     routes=(route,))
 
@@ -113,8 +113,12 @@ class Harness:
 
     def send(self, path: str = SAY, authority: str = "echo",
              headers: tuple[tuple[str, str], ...] = ()) -> tuple[Call, Any]:
+        """One call, decided and then ended at once (as the relay would end it: the limits
+        and the balancer release what it held)."""
         call = make_call(path, authority, headers)
-        return call, self.stack.on_request(call)
+        decision = self.stack.on_request(call)
+        self.stack.on_end(call)
+        return call, decision
 
     def endpoint(self, path: str = SAY, headers: tuple[tuple[str, str], ...] = ()) -> Endpoint:
         call, decision = self.send(path, headers=headers)
@@ -127,7 +131,9 @@ class Harness:
         return Counter(self.endpoint(path, headers).label("version") or "-" for _ in range(n))
 
     def routing(self) -> dict[str, Any]:
-        return self.stack.counters()
+        """The routing sections of the stack's counters (routes, faults)."""
+        counted = self.stack.counters()
+        return {k: counted[k] for k in ("routes", "faults")}
 
 
 # ====================================================================== matching
@@ -332,7 +338,7 @@ def test_a_new_snapshot_is_routed_on_its_own_health() -> None:
 
 
 def test_round_robin_rotates_over_the_chosen_subset() -> None:
-    h = Harness(snap(rule("v1", ({"version": "v1"}, 100))))
+    h = Harness(snap(rule("v1", ({"version": "v1"}, 100)), load_balancer="round_robin"))
     assert [h.endpoint().instance for _ in range(4)] == ["echo-1", "echo-2", "echo-1", "echo-2"]
 
 
