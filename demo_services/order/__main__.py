@@ -18,27 +18,15 @@ from pathlib import Path
 
 import click
 
-from demo_services.common.server import basic_logging, serve, split_hostport
+from demo_services.common.cli import address as _address
+from demo_services.common.cli import non_empty as _non_empty
+from demo_services.common.server import basic_logging, serve
 
 from .events import rebuild_check
 from .service import OrderSettings, build_spec
 
 PROG = "python -m demo_services.order"
 _POSITIVE = click.FloatRange(min=0, min_open=True, max=3600)
-
-
-def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:
-        split_hostport(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
-
-
-def _non_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if not value.strip():
-        raise click.BadParameter("must not be empty")
-    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

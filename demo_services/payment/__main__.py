@@ -1,78 +1,20 @@
 """``python -m demo_services.payment serve --instance ID --db PATH [--listen HOST:PORT]
-[--control-listen HOST:PORT] [--log-level info]``: run one payment replica.
-
-Prints the ready line (see ``demo_services.common.server``) once serving; SIGTERM/SIGINT stop
-it with exit 0. Bad flags: one line on stderr, exit 2; a database or listen failure: one line,
-exit 1.
-"""
+[--control-listen HOST:PORT] [--log-level info]``: run one payment replica
+(see ``demo_services.common.cli``)."""
 
 from __future__ import annotations
 
-import sys
-
-import click
-
-from demo_services.common.server import basic_logging, serve, split_hostport
+from demo_services.common.cli import participant_cli, run
 
 from .service import spec
 
 PROG = "python -m demo_services.payment"
 
-
-def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:
-        split_hostport(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
-
-
-def _non_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if not value.strip():
-        raise click.BadParameter("must not be empty")
-    return value
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """The demo's payment service: customer balances, merchant takings and a ledger."""
-
-
-@cli.command("serve")
-@click.option("--instance", required=True, callback=_non_empty, help="This replica's id.")
-@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
-              help="The service's SQLite file (shared by its replicas; created and seeded "
-                   "on first start).")
-@click.option("--listen", default="127.0.0.1:0", show_default=True, callback=_address,
-              help="gRPC listener (h2c, behind the sidecar).")
-@click.option("--control-listen", default="127.0.0.1:0", show_default=True,
-              callback=_address, help="HTTP control endpoint (sickness).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True)
-def serve_cmd(instance: str, db_path: str, listen: str, control_listen: str,
-              log_level: str) -> int:
-    """Serve payment.Payment until SIGTERM/SIGINT."""
-    basic_logging(log_level)
-    return serve(spec(instance, db_path), listen, control_listen)
+cli = participant_cli("payment", "The demo's payment service: customer balances, merchant takings and a ledger.", "payment.Payment", spec)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Errors are one line on stderr: exit 2 for bad flags, 1 for anything else."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        click.echo(f"{PROG}: error: missing command (serve; see --help)", err=True)
-        sys.exit(2)
-    try:
-        code = cli.main(args=args, prog_name=PROG, standalone_mode=False)
-    except click.ClickException as exc:
-        click.echo(f"{PROG}: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except Exception as exc:  # sqlite3.Error, OSError: still one line
-        click.echo(f"{PROG}: error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    run(cli, PROG, argv)
 
 
 if __name__ == "__main__":
