@@ -61,12 +61,13 @@ def participant_cli(name: str, about: str, grpc_service: str,
     return cli
 
 
-def run(cli: click.Group, prog: str, argv: list[str] | None = None) -> None:
+def run(cli: click.Group, prog: str, argv: list[str] | None = None,
+        commands: str = "serve") -> None:
     """Console entry: errors are one line on stderr: exit 2 for bad flags, 1 for anything
     else."""
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        click.echo(f"{prog}: error: missing command (serve; see --help)", err=True)
+        click.echo(f"{prog}: error: missing command ({commands}; see --help)", err=True)
         sys.exit(2)
     try:
         code = cli.main(args=args, prog_name=prog, standalone_mode=False)

@@ -7,36 +7,24 @@ UNAVAILABLE, which is safe to retry because every write is idempotent and rolled
 
 from __future__ import annotations
 
-import logging
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 
-from demo_services.common.errors import BusinessError, abort_with
+from demo_services.common.errors import answer
 from demo_services.common.server import ServiceSpec
 from protos.inventory import inventory_pb2, inventory_pb2_grpc
 
 from .stock import StockBook, StockLevel
 
 SERVICE_NAME = inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name
-log = logging.getLogger("demo.inventory")
 T = TypeVar("T")
 
 
 def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
-    """Run ``fn``; abort the call with the status of a BusinessError or a SQLite failure."""
-    try:
-        return fn()
-    except BusinessError as err:
-        abort_with(context, err)
-        raise  # unreachable: abort raises
-    except sqlite3.Error as exc:
-        log.error("database error: %s", exc)
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"inventory database: {exc}")
-        raise
+    return answer(context, fn, "inventory")
 
 
 def _stock_pb(s: StockLevel) -> inventory_pb2.Stock:

@@ -13,13 +13,13 @@ Bad flags: one line on stderr, exit 2; a database or listen failure: one line, e
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from demo_services.common.cli import address as _address
 from demo_services.common.cli import non_empty as _non_empty
+from demo_services.common.cli import run
 from demo_services.common.server import basic_logging, serve
 
 from .events import rebuild_check
@@ -87,22 +87,7 @@ def rebuild_cmd(db_path: str, as_json: bool) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Errors are one line on stderr: exit 2 for bad flags, 1 for anything else."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        click.echo(f"{PROG}: error: missing command (serve, rebuild; see --help)", err=True)
-        sys.exit(2)
-    try:
-        code = cli.main(args=args, prog_name=PROG, standalone_mode=False)
-    except click.ClickException as exc:
-        click.echo(f"{PROG}: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except Exception as exc:  # sqlite3.Error, OSError: still one line
-        click.echo(f"{PROG}: error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
-
+    run(cli, PROG, argv, commands="serve, rebuild")
 
 if __name__ == "__main__":
     main()
