@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 PB2 := $(PROTOS:.proto=_pb2.py)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_TOOLS := nginx h2load haproxy
+SYSTEM_TOOLS := nginx h2load haproxy dot
 
 .PHONY: install system-tools protos test test-all lint demo demo-up demo-down check clean
 
@@ -31,7 +31,7 @@ system-tools:
 	if [ -n "$$missing" ]; then \
 	  echo "installing system tools (missing:$$missing)"; \
 	  $(SUDO) apt-get update && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light nghttp2-client haproxy; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light nghttp2-client haproxy graphviz; \
 	fi
 
 protos: $(PB2)

@@ -100,7 +100,8 @@ class Call:
         "committed", "response_started", "grpc_status", "grpc_message", "finished",
         "down_open", "ended", "req_meter", "resp_meter", "local_reply", "route", "endpoint",
         "upstream_label", "cluster", "route_timeout_s", "rule", "subset", "notes",
-        "upstream", "retry", "tried", "fast_fail", "try_timer",
+        "upstream", "retry", "tried", "fast_fail", "try_timer", "trace_id", "span",
+        "traceparent_out",
     )
 
     def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
@@ -168,6 +169,15 @@ class Call:
         """Answered locally by a limit: never retried, never counted against an endpoint."""
         self.try_timer: Any = None
         """The current attempt's per-try timer (``call.retry.per_try_timeout_s``), if armed."""
+        self.trace_id = ""
+        """The W3C trace id (32 lower-case hex digits) the call belongs to, sampled or not,
+        set by the tracing layer ("" = none)."""
+        self.span: Any = None
+        """The tracing layer's record of this call's span when the call is sampled (None
+        otherwise: unsampled calls build no span objects)."""
+        self.traceparent_out: str | None = None
+        """The ``traceparent`` value to send upstream in place of the received one (None =
+        forward the received header as it is)."""
 
 
 class RetryHook(Protocol):
