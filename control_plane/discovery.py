@@ -13,7 +13,8 @@ Three parts:
   restarts through the ``Store``) is bumped only when the content hash changes.
 * ``Session`` / ``SessionHub``: per sidecar stream, what was sent and when, what was ACKed or
   NACKed and when, and the queue of messages to send. ``sync_state`` (pure) names the state:
-  SYNCED, SYNCING, NACKED or STALE.
+  SYNCED, SYNCING, NACKED or STALE. A ``PushObserver`` (the control plane's metrics) hears of
+  every push, of the time to each version's ACK, and of every NACK.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from control_plane.registry import Instance, Key, Registry
 from control_plane.store import Store
@@ -291,6 +293,16 @@ class QueryFailed(Exception):
     """A query could not be answered: the stream closed, or the sidecar answered an error."""
 
 
+class PushObserver(Protocol):
+    """Hears of a session's pushes and their answers (``control_plane.metrics``)."""
+
+    def snapshot_pushed(self) -> None: ...
+
+    def push_acked(self, seconds: float) -> None: ...
+
+    def push_nacked(self) -> None: ...
+
+
 class Session:
     """One sidecar's stream: what it registered, what was sent and answered, and the queue
     of messages for it. Created when its Register arrives; ``connected`` until the stream
@@ -300,9 +312,12 @@ class Session:
 
     def __init__(self, instance: Instance, now: float, *, cert_not_after: float = 0.0,
                  acked_version: str = "", acked_hash: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 observer: PushObserver | None = None) -> None:
         self.instance = instance
         self.clock = clock
+        self.observer = observer
+        self._ack_timed = ""  # the version sent whose time to ACK was observed
         self.connected = True
         self.opened_at = now
         self.last_seen = now
@@ -377,16 +392,26 @@ class Session:
                     continue
                 self.sent_version, self.sent_hash = published.version, published.hash
                 self.sent_at = self.clock()
+                if self.observer is not None:
+                    self.observer.snapshot_pushed()
                 yield published.message()
             elif isinstance(item, pb.ControlMessage):
                 yield item
 
     # ------------------------------------------------------------------ incoming
     def on_ack(self, version: str, digest: str, now: float) -> None:
+        """The sidecar runs ``version``; the first ACK of the version sent tells the observer
+        the seconds since it was sent."""
         self.acked_version, self.acked_hash, self.acked_at = version, digest, now
+        if (self.observer is not None and version and version == self.sent_version
+                and self.sent_at is not None and self._ack_timed != version):
+            self._ack_timed = version
+            self.observer.push_acked(now - self.sent_at)
 
     def on_nack(self, version: str, reason: str, now: float) -> None:
         self.nack_version, self.nack_reason, self.nack_at = version, reason, now
+        if self.observer is not None:
+            self.observer.push_nacked()
 
     # ------------------------------------------------------------------ queries
     def query(self, kind: str) -> tuple[str, asyncio.Future[pb.QueryAnswer]]:

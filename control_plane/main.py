@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 
 import click
+import prometheus_client
+from click.core import ParameterSource
 
 from control_plane import ca as ca_mod
 from control_plane.discovery import DiscoverySettings
 from control_plane.server import ControlPlane, Server, split_hostport
 from control_plane.store import Store
+from control_plane.traces import TRACES_FILE, TraceStore
 from mesh_common.spiffe import SpiffeError, SpiffeId
 
 PROG = "mesh-control-plane"
@@ -29,6 +32,10 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
+
+
+def _optional_address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    return _address(ctx, param, value) if value else ""
 
 
 def load_ca(ca_dir: Path, trust_domain: str, ca_cert: str | None, ca_key: str | None,
@@ -50,8 +57,12 @@ def load_ca(ca_dir: Path, trust_domain: str, ca_cert: str | None, ca_key: str | 
     return ca
 
 
-async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
-    server = Server(cp, listen, bootstrap_listen)
+async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
+                 admin_http: str | None = None, admin_http_optional: bool = False,
+                 otlp_listen: str | None = None, otlp_optional: bool = False) -> int:
+    server = Server(cp, listen, bootstrap_listen, admin_http=admin_http,
+                    admin_http_optional=admin_http_optional, otlp_listen=otlp_listen,
+                    otlp_optional=otlp_optional)
     ready = await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,6 +71,10 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
     sys.stdout.write(json.dumps({"ready": ready}) + "\n")
     sys.stdout.flush()
     log.info("%s serving API on %s (mTLS), join on %s", PROG, ready["listen"], ready["bootstrap"])
+    if ready.get("admin_http"):
+        log.info("%s admin HTTP (metrics, dashboard) on http://%s/", PROG, ready["admin_http"])
+    if ready.get("otlp"):
+        log.info("%s OTLP trace receiver on %s (mTLS)", PROG, ready["otlp"])
     await stop.wait()
     log.info("%s stopping", PROG)
     await server.stop()  # ends the streams and the background tasks, saves the registry
@@ -71,6 +86,21 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
               help="API listener (mTLS, client certificate from the mesh CA required).")
 @click.option("--bootstrap-listen", default="127.0.0.1:15011", show_default=True,
               callback=_address, help="Join listener (plaintext, the Join RPC only).")
+@click.option("--admin-http", default="127.0.0.1:15014", show_default=True, callback=_address,
+              help="Admin HTTP port (plaintext, read-only): /metrics, the dashboard at /, "
+                   "/api/topology, /topology.svg. Port 0 = any free port. When the default "
+                   "is taken the control plane runs without it (a warning).")
+@click.option("--otlp-listen", default="127.0.0.1:15012", show_default=True,
+              callback=_optional_address,
+              help="The embedded OTLP/gRPC trace receiver (mTLS like the API; sidecars send "
+                   "their spans there by default). Port 0 = any free port; \"\" = none. When "
+                   "the default is taken the control plane runs without it (a warning).")
+@click.option("--trace-retention-s", type=click.FloatRange(1, 30 * 24 * 3600), default=3600.0,
+              show_default=True, help="Traces older than this (by their last span received) "
+                                      "are dropped.")
+@click.option("--trace-max-spans", type=click.IntRange(1, 100_000_000), default=100_000,
+              show_default=True, help="At most this many spans are kept (oldest traces are "
+                                      "dropped first).")
 @click.option("--trust-domain", default="mesh.local", show_default=True)
 @click.option("--ca-dir", default="certs", show_default=True,
               type=click.Path(file_okay=False), help="CA material and meshctl's admin credentials.")
@@ -79,7 +109,8 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
 @click.option("--ca-key", type=click.Path(dir_okay=False), default=None,
               help="The intermediate's private key (with --ca-cert).")
 @click.option("--data-dir", default=".mesh/control-plane", show_default=True,
-              type=click.Path(file_okay=False), help="State (SQLite): tokens, issued certificates, the registry, config revisions.")
+              type=click.Path(file_okay=False), help="State (SQLite): tokens, issued certificates, the registry, config revisions; "
+                   "the OTLP receiver's traces in their own file (traces.sqlite).")
 @click.option("--cert-ttl", type=click.IntRange(5, 30 * 24 * 3600), default=3600,
               show_default=True, help="Lifetime of workload certificates, in seconds.")
 @click.option("--grace-period-s", type=click.FloatRange(0, 24 * 3600), default=10.0,
@@ -99,7 +130,9 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str) -> int:
               help="TEST ONLY: serve Admin.TestPushRawSnapshot (pushes unvalidated snapshots).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
-def cli(listen: str, bootstrap_listen: str, trust_domain: str, ca_dir: str, ca_cert: str | None,
+def cli(listen: str, bootstrap_listen: str, admin_http: str, otlp_listen: str,
+        trace_retention_s: float, trace_max_spans: int, trust_domain: str, ca_dir: str,
+        ca_cert: str | None,
         ca_key: str | None, data_dir: str, cert_ttl: int, grace_period_s: float,
         push_window_ms: int, report_window_s: float, stale_after_s: float,
         enable_test_hooks: bool, log_level: str) -> int:
@@ -107,6 +140,11 @@ def cli(listen: str, bootstrap_listen: str, trust_domain: str, ca_dir: str, ca_c
     discovery, admin API."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prometheus_client.disable_created_metrics()  # no *_created series next to the counters
+    admin_http_optional = (click.get_current_context().get_parameter_source("admin_http")
+                           is ParameterSource.DEFAULT)
+    otlp_optional = (click.get_current_context().get_parameter_source("otlp_listen")
+                     is ParameterSource.DEFAULT)
     try:
         SpiffeId(trust_domain, "x")
     except SpiffeError as exc:
@@ -120,8 +158,13 @@ def cli(listen: str, bootstrap_listen: str, trust_domain: str, ca_dir: str, ca_c
                                  test_hooks=enable_test_hooks)
     if enable_test_hooks:
         log.warning("TEST HOOKS ARE ON: Admin.TestPushRawSnapshot pushes unvalidated snapshots")
-    cp = ControlPlane(ca, store, dt.timedelta(seconds=cert_ttl), settings=settings)
-    return asyncio.run(_serve(cp, listen, bootstrap_listen))
+    traces = TraceStore(Path(data_dir) / TRACES_FILE, trace_retention_s, trace_max_spans) \
+        if otlp_listen else None
+    cp = ControlPlane(ca, store, dt.timedelta(seconds=cert_ttl), settings=settings,
+                      traces=traces)
+    return asyncio.run(_serve(cp, listen, bootstrap_listen, admin_http=admin_http,
+                              admin_http_optional=admin_http_optional,
+                              otlp_listen=otlp_listen or None, otlp_optional=otlp_optional))
 
 
 def main(argv: list[str] | None = None) -> None:

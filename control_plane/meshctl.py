@@ -4,7 +4,12 @@ control plane.
     meshctl token create SERVICE [--ttl 1h] [--uses N]   # prints the token alone
     meshctl token list | meshctl token delete ID
     meshctl certs [renew [--service S]]
-    meshctl status | meshctl topology | meshctl config INSTANCE
+    meshctl status | meshctl config INSTANCE
+    meshctl topology [-o dot] [--svg FILE] [--png FILE]   # services, edges, golden signals
+    meshctl top [--interval 2] [--iterations N]           # live services and edges
+    meshctl traces [--service S] [--errors] [--limit N]   # recent traces, newest first
+    meshctl trace ID                            # span tree as a waterfall, events under spans
+    meshctl tap SERVICE [--method M] [--duration 60s] [--max N]   # calls as they happen
     meshctl breakers [--service S]              # outlier detection and limits, as reported
     meshctl apply -f FILE|DIR|- [--dry-run]     # Route, TrafficPolicy, Fault documents
     meshctl get KIND [NAME] [-o yaml|json] [--revision N]
@@ -12,16 +17,16 @@ control plane.
     meshctl fault inject SERVICE [--method M] (--abort CODE | --delay MS) --percent P
     meshctl fault clear SERVICE
 
-Tables by default, ``-o json|yaml`` for scripts; errors are one line on stderr and a
-non-zero exit.
+Tables by default, ``-o json|yaml`` for scripts (``tap -o json``: JSON lines); errors are one
+line on stderr and a non-zero exit. The observability commands (topology, top, traces,
+trace, tap) live in ``control_plane.meshctl_observe``; what all commands share in
+``control_plane.cli_common``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import difflib
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,110 +35,29 @@ import click
 import grpc
 import yaml
 
+from control_plane import meshctl_observe
+from control_plane.cli_common import (
+    PROG,
+    RPC_TIMEOUT_S,
+    Client,
+    MeshctlError,
+    RpcFailed,
+    duration_option_value,
+    parse_duration,
+)
+from control_plane.cli_common import age as _age
+from control_plane.cli_common import client as _client
+from control_plane.cli_common import emit as _emit
+from control_plane.cli_common import iso as _iso
+from control_plane.cli_common import output_option as _output
 from mesh_common.config import UNCHANGED, ConfigError, check_name, kind_of, to_yaml
 from protos.mesh.v1 import control_pb2 as pb
-from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 
-PROG = "meshctl"
+__all__ = ["PROG", "RPC_TIMEOUT_S", "Client", "MeshctlError", "RpcFailed", "cli",
+           "load_documents", "main", "parse_duration", "read_documents"]
+
 DEFAULT_CONTROL_PLANE = "127.0.0.1:15010"
 DEFAULT_CERTS_DIR = "certs"
-RPC_TIMEOUT_S = 10.0
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class MeshctlError(Exception):
-    """One line for stderr."""
-
-
-class RpcFailed(MeshctlError):
-    """A call the control plane answered with an error (``code``)."""
-
-    def __init__(self, message: str, code: grpc.StatusCode) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def parse_duration(text: str) -> int:
-    """'90' / '90s' / '30m' / '1h' / '7d' -> seconds. Raises ValueError."""
-    m = _DURATION.match(text)
-    if not m or int(m.group(1)) <= 0:
-        raise ValueError(f"not a positive duration (like 90s, 30m, 1h, 7d): {text!r}")
-    return int(m.group(1)) * _UNITS[m.group(2)]
-
-
-def _iso(unix: int) -> str:
-    return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class Client:
-    """A channel to the control plane's API listener with meshctl's admin credentials."""
-
-    def __init__(self, address: str, certs_dir: str) -> None:
-        self.address = address
-        d = Path(certs_dir)
-        try:
-            ca = (d / "ca.pem").read_bytes()
-            cert = (d / "admin.pem").read_bytes()
-            key = (d / "admin-key.pem").read_bytes()
-        except OSError as exc:
-            raise MeshctlError(f"cannot read admin credentials in {d}/ ({exc.strerror}: "
-                               f"{exc.filename}); set --certs-dir or MESH_CERTS_DIR") from None
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                             certificate_chain=cert)
-        self.channel = grpc.secure_channel(address, creds)
-        self.admin = pb_grpc.AdminStub(self.channel)
-
-    def call(self, rpc: str, request: Any,
-             bare: tuple[grpc.StatusCode, ...] = ()) -> Any:
-        """Call ``Admin.<rpc>``; raises ``RpcFailed`` with ``CODE: details`` (the details
-        alone for a code in ``bare``), or ``MeshctlError`` when unreachable."""
-        try:
-            return getattr(self.admin, rpc)(request, timeout=RPC_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
-            details = (exc.details() or "").splitlines()  # type: ignore[attr-defined]
-            first = details[0] if details else ""
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise MeshctlError(f"cannot reach the control plane at {self.address} "
-                                   f"({code.name}: {first})") from None
-            raise RpcFailed(first if code in bare and first else f"{code.name}: {first}",
-                            code) from None
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-def _emit(ctx: click.Context, output: str, doc: Any, columns: list[str],
-          rows: list[list[str]], title: str | None = None) -> None:
-    if output == "json":
-        click.echo(json.dumps(doc, indent=2))
-    elif output == "yaml":
-        import yaml
-        click.echo(yaml.safe_dump(doc, sort_keys=False).rstrip())
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(box=None, header_style="bold", title=title, pad_edge=False)
-        for col in columns:
-            table.add_column(col, no_wrap=True)
-        for row in rows:
-            table.add_row(*row)
-        console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
-        console.print(table)
-
-
-def _client(ctx: click.Context) -> Client:
-    obj = ctx.find_root().obj
-    client = Client(obj["control_plane"], obj["certs_dir"])
-    ctx.call_on_close(client.close)
-    return client
-
-
-_output = click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]),
-                       default="table", show_default=True, help="Output format.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,11 +77,7 @@ def token() -> None:
     """Join tokens: create, list, delete."""
 
 
-def _duration(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+_duration = duration_option_value
 
 
 @token.command("create")
@@ -230,13 +150,6 @@ def certs_renew(ctx: click.Context, service: str) -> None:
     click.echo(f"asked {len(resp.instances)} sidecar(s) to renew: {', '.join(resp.instances)}")
 
 
-def _age(unix: float) -> str:
-    if not unix:
-        return "-"
-    s = max(0, int(dt.datetime.now(dt.UTC).timestamp() - unix))
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
-
-
 @cli.command("status")
 @_output
 @click.pass_context
@@ -266,36 +179,6 @@ def status(ctx: click.Context, output: str) -> None:
     _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "INBOUND", "OUTBOUND", "ADMIN", "ACKED",
                              "STATE", "CERT NOT AFTER"], rows,
           title=f"latest snapshot version {resp.latest_version or '-'}")
-
-
-@cli.command("topology")
-@_output
-@click.pass_context
-def topology(ctx: click.Context, output: str) -> None:
-    """Services with their instances and health, and the edges that carried traffic lately."""
-    resp = _client(ctx).call("Topology", pb.TopologyRequest())
-    doc = {"services": [{"name": s.name,
-                         "instances": [{"instance": i.instance, "address": i.address,
-                                        "healthy": i.healthy} for i in s.instances]}
-                        for s in resp.services],
-           "edges": [{"source": e.source, "destination": e.destination,
-                      "rps": round(e.rps, 3), "success_rate": round(e.success_rate, 4),
-                      "p50_ms": round(e.p50_ms, 3), "p99_ms": round(e.p99_ms, 3),
-                      "requests": e.requests} for e in resp.edges],
-           "window_s": resp.window_s}
-    if output != "table":
-        _emit(ctx, output, doc, [], [])
-        return
-    rows = [[s["name"], i["instance"], i["address"] or "-",
-             "healthy" if i["healthy"] else "UNHEALTHY"]
-            for s in doc["services"] for i in s["instances"] or [{"instance": "-",
-                                                                  "address": "", "healthy": False}]]
-    _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "ADDRESS", "HEALTH"], rows, title="services")
-    edges = [[e["source"], "->", e["destination"], f"{e['rps']:.1f}",
-              f"{100 * e['success_rate']:.1f}%", f"{e['p50_ms']:.1f}", f"{e['p99_ms']:.1f}"]
-             for e in doc["edges"]]
-    _emit(ctx, output, doc, ["SOURCE", "", "DESTINATION", "RPS", "SUCCESS", "P50 MS", "P99 MS"],
-          edges, title=f"edges (last {resp.window_s:.0f}s)")
 
 
 _LIMIT_COLUMNS = (("max_connections", "CONNECTIONS"), ("max_pending", "PENDING"),
@@ -632,6 +515,10 @@ def fault_clear(ctx: click.Context, service: str) -> None:
         raise
     r = resp.result
     click.echo(f"{_label(r.kind, r.name)} deleted (revision {r.revision})")
+
+
+for _command in meshctl_observe.COMMANDS:
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

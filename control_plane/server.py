@@ -1,4 +1,4 @@
-"""The control plane's gRPC server (grpc.aio): the CA behind two listeners.
+"""The control plane's gRPC server (grpc.aio): the CA behind its listeners.
 
 * the **bootstrap** listener (plaintext) serves only ``mesh.v1.Bootstrap/Join``: a sidecar
   sends a token id, its CSR and a join proof, and gets a certificate and the trust bundle
@@ -8,7 +8,12 @@
   long-lived stream per sidecar: registration, snapshots and ACK/NACK, live state, queries and
   commands; workload identities only, and the service registered is always the certificate's)
   and ``mesh.v1.Admin`` (admin identities only: ``spiffe://<td>/admin/<name>``), which also
-  serves the declarative config (apply, get, delete, diff; ``config_store``).
+  serves the declarative config (apply, get, delete, diff; ``config_store``), the traces the
+  OTLP receiver keeps (``ListTraces``, ``GetTrace``; ``traces``) and live taps (``Tap``;
+  ``tap``: TapStart/TapStop go out on the sidecars' discovery streams, TapEvents come back);
+* the **OTLP** listener (``otlp``), behind the same mTLS: the embedded trace receiver
+  (``opentelemetry.proto.collector.trace.v1.TraceService/Export``); joins name it in
+  ``JoinResponse.otlp_endpoint``.
 
 The join proof (``mesh_common.jointoken``) is HMAC-SHA256 of the CSR keyed by the SHA-256 of the
 token's secret, which is what the store keeps (never the secret, never the token string).
@@ -33,6 +38,7 @@ from typing import NoReturn
 import grpc
 from cryptography import x509
 
+from control_plane import otlp
 from control_plane.ca import CertificateAuthority, CsrError
 from control_plane.config_store import ConfigNotFound, ConfigState, ConfigStore, Outcome
 from control_plane.discovery import (
@@ -45,9 +51,14 @@ from control_plane.discovery import (
     build_snapshot,
     raw_published,
 )
+from control_plane.http_admin import AdminHttpServer
+from control_plane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from control_plane.metrics import ControlPlaneMetrics, LiveState, live_state_of
 from control_plane.registry import HEALTH_VALUES, Instance, Registry, normalize_health, sort_labels
 from control_plane.registry.embedded import EmbeddedRegistry
 from control_plane.store import Store, UseResult
+from control_plane.tap import Tap as TapSession
+from control_plane.tap import TapError, TapHub, tap_spec
 from control_plane.telemetry import (
     EndpointBreaker,
     Histogram,
@@ -56,6 +67,10 @@ from control_plane.telemetry import (
     Telemetry,
     UpstreamSample,
 )
+from control_plane.traces import DEFAULT_LIST_LIMIT as DEFAULT_TRACE_LIST_LIMIT
+from control_plane.traces import Span as StoredSpan
+from control_plane.traces import TraceStore, normalize_trace_id
+from control_plane.traces import TraceSummary as StoredSummary
 from mesh_common.config import (
     UNCHANGED,
     ApplyPlan,
@@ -160,7 +175,8 @@ class ControlPlane:
     def __init__(self, ca: CertificateAuthority, store: Store, cert_ttl: dt.timedelta,
                  clock: Callable[[], float] = time.time,
                  settings: DiscoverySettings | None = None,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None,
+                 traces: TraceStore | None = None) -> None:
         self.ca = ca
         self.store = store
         self.cert_ttl = cert_ttl
@@ -179,7 +195,35 @@ class ControlPlane:
         self.hub = SessionHub()
         self.publisher.subscribe(self.hub.broadcast)
         self.telemetry = Telemetry(self.settings.report_window_s)
+        self.metrics = ControlPlaneMetrics(self.live_state)
+        self.traces = traces          # the embedded OTLP receiver's store (None = no receiver)
+        self.otlp_address = ""        # HOST:PORT of the OTLP receiver ("" = none), for joins
+        self.taps = TapHub()
         self._prune_task: asyncio.Task[None] | None = None
+
+    def live_state(self) -> LiveState:
+        """What the metrics' gauges read at scrape time (``control_plane.metrics``)."""
+        latest = self.publisher.latest
+        return live_state_of(self.hub.sessions(), self.registry.instances(),
+                             latest.version if latest else "", self.publisher.publishes,
+                             self.clock(), self.settings.stale_after_s)
+
+    def topology(self) -> pb.TopologyResponse:
+        """The topology now: services with instances and golden signals, edges with their
+        open breakers (``Telemetry.topology``); what ``Admin.Topology`` answers."""
+        topo = self.telemetry.topology(self.registry.instances(), self.clock())
+        return pb.TopologyResponse(
+            services=[pb.TopologyService(
+                name=s.name, instances=[pb.TopologyInstance(
+                    instance=i.instance, address=i.address, healthy=i.healthy)
+                    for i in s.instances],
+                rps=s.rps, success_rate=s.success_rate, p50_ms=s.p50_ms, p99_ms=s.p99_ms,
+                requests=s.requests) for s in topo.services],
+            edges=[pb.TopologyEdge(source=e.source, destination=e.destination, rps=e.rps,
+                                   success_rate=e.success_rate, p50_ms=e.p50_ms,
+                                   p99_ms=e.p99_ms, requests=e.requests,
+                                   open_breakers=e.open_breakers) for e in topo.edges],
+            window_s=topo.window_s)
 
     async def start(self) -> None:
         """Start the registry's persistence, publish the first snapshot, start pruning."""
@@ -198,6 +242,8 @@ class ControlPlane:
                 await task
         await self.publisher.stop()
         await self.registry.close()
+        if self.traces is not None:
+            self.traces.close()
 
     def prune(self, now: float) -> list[Instance]:
         """Remove the instances whose grace period is over, with their sessions and reports."""
@@ -219,6 +265,13 @@ class ControlPlane:
 
     def now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+
+    def start_taps(self, session: Session, taps: Sequence[TapSession] | None = None) -> int:
+        """Send ``session`` the TapStart of every running tap that wants it (or of ``taps``
+        only); returns how many were sent."""
+        inst = session.instance
+        messages = self.taps.start(inst.key, bool(inst.outbound), self.clock(), taps)
+        return sum(session.send(m) for m in messages)
 
     async def sign(self, context: grpc.aio.ServicerContext, csr: bytes, service: str):
         if len(csr) > MAX_CSR_BYTES:
@@ -258,11 +311,12 @@ class BootstrapServicer(pb_grpc.BootstrapServicer):
         await asyncio.to_thread(cp.store.record_certificate, format(issued.serial, "x"),
                                 tok.service, instance, issued.spiffe_id,
                                 issued.not_after.timestamp(), cp.clock(), tok.token_id)
+        cp.metrics.certificate_issued("join")
         log.info("joined %s instance %s (token %s, serial %x)", issued.spiffe_id, instance,
                  tok.token_id, issued.serial)
         return pb.JoinResponse(certificate_pem=issued.pem.decode(),
                                trust_bundle_pem=cp.ca.bundle_pem.decode(),
-                               spiffe_id=issued.spiffe_id)
+                               spiffe_id=issued.spiffe_id, otlp_endpoint=cp.otlp_address)
 
 
 class IdentityServicer(pb_grpc.IdentityServicer):
@@ -281,6 +335,7 @@ class IdentityServicer(pb_grpc.IdentityServicer):
         await asyncio.to_thread(cp.store.record_certificate, format(issued.serial, "x"),
                                 caller.name, instance, issued.spiffe_id,
                                 issued.not_after.timestamp(), cp.clock(), None)
+        cp.metrics.certificate_issued("renew")
         log.info("renewed %s instance %s (serial %x)", issued.spiffe_id, instance, issued.serial)
         return pb.RenewResponse(certificate_pem=issued.pem.decode(),
                                 trust_bundle_pem=cp.ca.bundle_pem.decode(),
@@ -388,16 +443,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def Topology(self, request: pb.TopologyRequest,
                        context: grpc.aio.ServicerContext) -> pb.TopologyResponse:
         await self._require_admin(context, "Topology")
-        cp = self.cp
-        topo = cp.telemetry.topology(cp.registry.instances(), cp.clock())
-        return pb.TopologyResponse(
-            services=[pb.TopologyService(name=s.name, instances=[
-                pb.TopologyInstance(instance=i.instance, address=i.address, healthy=i.healthy)
-                for i in s.instances]) for s in topo.services],
-            edges=[pb.TopologyEdge(source=e.source, destination=e.destination, rps=e.rps,
-                                   success_rate=e.success_rate, p50_ms=e.p50_ms,
-                                   p99_ms=e.p99_ms, requests=e.requests) for e in topo.edges],
-            window_s=topo.window_s)
+        return self.cp.topology()
 
     async def ListBreakers(self, request: pb.ListBreakersRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListBreakersResponse:
@@ -565,6 +611,18 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def ApplyConfig(self, request: pb.ApplyConfigRequest,
                           context: grpc.aio.ServicerContext) -> pb.ApplyConfigResponse:
         caller = await self._require_admin(context, "ApplyConfig")
+        try:
+            response = await self._apply_config(caller, request, context)
+        except Exception:
+            if not request.dry_run:
+                self.cp.metrics.config_applied(False)
+            raise
+        if not request.dry_run:
+            self.cp.metrics.config_applied(True)
+        return response
+
+    async def _apply_config(self, caller: Caller, request: pb.ApplyConfigRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ApplyConfigResponse:
         cp = self.cp
         documents = await self._documents(context, request.documents)
         async with cp.config_lock:
@@ -675,9 +733,102 @@ class AdminServicer(pb_grpc.AdminServicer):
                     session.instance.instance_id)
         return pb.TestPushRawSnapshotResponse(version=version)
 
+    # ------------------------------------------------------------------ traces and taps
+    async def _trace_store(self, context: grpc.aio.ServicerContext) -> TraceStore:
+        if self.cp.traces is None:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         "this control plane keeps no traces (it runs without an OTLP receiver)")
+        return self.cp.traces
+
+    async def ListTraces(self, request: pb.ListTracesRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListTracesResponse:
+        await self._require_admin(context, "ListTraces")
+        store = await self._trace_store(context)
+        if request.limit < 0:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"limit: >= 0 (0 = {DEFAULT_TRACE_LIST_LIMIT})")
+        rows = await asyncio.to_thread(store.list_traces, request.service, request.errors,
+                                       request.limit or DEFAULT_TRACE_LIST_LIMIT,
+                                       self.cp.clock())
+        return pb.ListTracesResponse(traces=[_trace_summary(r) for r in rows])
+
+    async def GetTrace(self, request: pb.GetTraceRequest,
+                       context: grpc.aio.ServicerContext) -> pb.GetTraceResponse:
+        await self._require_admin(context, "GetTrace")
+        store = await self._trace_store(context)
+        try:
+            tid = normalize_trace_id(request.trace_id)
+        except ValueError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"trace_id: {exc}")
+        found = await asyncio.to_thread(store.get_trace, tid, self.cp.clock())
+        if found is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND,
+                         f"no trace {tid} is kept: never received (not sampled, not exported "
+                         f"yet) or dropped by retention ({store.retention_s:g} s, "
+                         f"{store.max_spans} spans)")
+        summary, spans = found
+        return pb.GetTraceResponse(summary=_trace_summary(summary),
+                                   spans=[_span_info(x) for x in spans])
+
+    async def Tap(self, request: pb.TapRequest,
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TapEvent]:
+        """Start a tap on the sidecars it wants (``control_plane.tap``), and on those that
+        connect while it runs; stream the events they send until ``duration_s``, ``max_events``
+        or the caller cancels; then send TapStop to every sidecar it was started on."""
+        caller = await self._require_admin(context, "Tap")
+        cp = self.cp
+        try:
+            spec = tap_spec(request.service, request.method, request.duration_s,
+                            request.max_events)
+        except TapError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        tap = cp.taps.open(spec, cp.clock())
+        wake = asyncio.Event()
+        tap.notify = wake.set
+        asked = sum(cp.start_taps(s, [tap]) for s in cp.hub.connected())
+        log.info("%s started tap %s on %s%s for %g s (%d sidecar(s) asked)", caller.uri, tap.id,
+                 spec.service, f" {spec.method}" if spec.method else "", spec.duration_s, asked)
+        try:
+            while True:
+                wake.clear()
+                for event in tap.take():
+                    yield event
+                if tap.exhausted:
+                    break
+                remaining = tap.expires_at - cp.clock()
+                if remaining <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), remaining)
+        finally:
+            stopped = 0
+            for key in cp.taps.close(tap):
+                session = cp.hub.get(key)
+                if session is not None and session.send(tap.stop_message()):
+                    stopped += 1
+            log.info("tap %s ended: %d event(s) streamed, %d dropped, TapStop sent to %d "
+                     "sidecar(s)", tap.id, tap.accepted, tap.dropped, stopped)
+
 
 def _result(o: Outcome) -> pb.ConfigResult:
     return pb.ConfigResult(kind=o.kind, name=o.name, action=o.action, revision=o.revision)
+
+
+def _trace_summary(t: StoredSummary) -> pb.TraceSummary:
+    return pb.TraceSummary(trace_id=t.trace_id, root_service=t.root_service, method=t.method,
+                           duration_ms=t.duration_ms, status=t.status, spans=t.spans,
+                           start_unix=t.start_unix, error=t.error)
+
+
+def _span_info(x: StoredSpan) -> pb.SpanInfo:
+    return pb.SpanInfo(
+        trace_id=x.trace_id, span_id=x.span_id, parent_span_id=x.parent_span_id, name=x.name,
+        service=x.service, kind=x.kind, start_unix_nano=x.start_unix_nano,
+        end_unix_nano=x.end_unix_nano, status=x.status, error=x.error,
+        attributes_json=json.dumps(dict(x.attributes), default=str),
+        events=[pb.SpanEventInfo(time_unix_nano=e.time_unix_nano, name=e.name,
+                                 attributes_json=json.dumps(dict(e.attributes), default=str))
+                for e in x.events])
 
 
 # ---------------------------------------------------------------------- discovery
@@ -782,7 +933,8 @@ class DiscoveryServicer(pb_grpc.DiscoveryServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"Register.{exc}")
         stored = cp.registry.register(instance, now)
         session = Session(stored, now, cert_not_after=float(max(0, reg.cert_not_after_unix)),
-                          acked_version=reg.version, acked_hash=reg.hash, clock=cp.clock)
+                          acked_version=reg.version, acked_hash=reg.hash, clock=cp.clock,
+                          observer=cp.metrics)
         replaced = cp.hub.open(session)
         log.info("%s instance %s registered (inbound %s, health %s, runs version %s)%s",
                  stored.service, stored.instance_id, stored.inbound or "-",
@@ -790,6 +942,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServicer):
                  "; it replaces the instance's previous stream" if replaced else "")
         if cp.publisher.latest is not None:
             session.push_snapshot(cp.publisher.latest)
+        cp.start_taps(session)  # the taps running now see its calls too
 
         reader = asyncio.create_task(self._read(session, requests),
                                      name=f"discovery-read {stored.service}/{stored.instance_id}")
@@ -854,6 +1007,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServicer):
         elif kind == "report":
             r = msg.report
             cp.telemetry.add(inst.key, report_from_pb(r, now))
+            cp.metrics.report_received()
             if r.cert_not_after_unix > 0:
                 session.cert_not_after = float(r.cert_not_after_unix)
             if r.health:
@@ -864,6 +1018,8 @@ class DiscoveryServicer(pb_grpc.DiscoveryServicer):
             if not session.answer(msg.answer):
                 log.debug("%s instance %s answered unknown or late query %r", inst.service,
                           inst.instance_id, msg.answer.id)
+        elif kind == "tap":
+            cp.taps.deliver(inst.key, msg.tap)
         elif kind == "register":
             log.warning("%s instance %s sent a second Register on its stream: ignored",
                         inst.service, inst.instance_id)
@@ -921,14 +1077,29 @@ def _bind(add: Callable[[], int]) -> int:
 
 
 class Server:
-    """Both listeners; ``start`` binds them (port 0 = any free port)."""
+    """The listeners; ``start`` binds them (port 0 = any free port). ``admin_http``
+    (HOST:PORT, None = none) is the admin HTTP port (``http_admin``: metrics, dashboard);
+    with ``admin_http_optional`` an address that cannot be bound is logged and left out
+    instead of failing the start. ``otlp_listen`` (with ``cp.traces``; None = none) is the
+    embedded OTLP receiver's listener (``otlp``), behind the API's mTLS; with
+    ``otlp_optional`` the same leniency (the control plane then runs without it and joins
+    get no ``otlp_endpoint``)."""
 
-    def __init__(self, cp: ControlPlane, listen: str, bootstrap_listen: str) -> None:
+    def __init__(self, cp: ControlPlane, listen: str, bootstrap_listen: str, *,
+                 admin_http: str | None = None, admin_http_optional: bool = False,
+                 otlp_listen: str | None = None, otlp_optional: bool = False) -> None:
         self.cp = cp
         self.listen = listen
         self.bootstrap_listen = bootstrap_listen
+        self.admin_http = admin_http
+        self.admin_http_optional = admin_http_optional
         self._api: grpc.aio.Server | None = None
         self._boot: grpc.aio.Server | None = None
+        self._http: AdminHttpServer | None = None
+        self.otlp_listen = otlp_listen
+        self.otlp_optional = otlp_optional
+        self.otlp_receiver: otlp.TraceReceiver | None = None  # its counters, for metrics
+        self._otlp: grpc.aio.Server | None = None
 
     async def start(self) -> dict[str, str]:
         cp = self.cp
@@ -942,6 +1113,9 @@ class Server:
             raise OSError(f"cannot listen on {self.bootstrap_listen}")
 
         dns, ips = server_sans(host)
+        if self.otlp_listen:  # one serving certificate for both mTLS listeners
+            odns, oips = server_sans(split_hostport(self.otlp_listen)[0])
+            dns, ips = tuple(dict.fromkeys(dns + odns)), tuple(dict.fromkeys(ips + oips))
         issued, key_pem = cp.ca.issue_keypair(f"spiffe://{cp.ca.trust_domain}/control-plane",
                                               "mesh control plane", cp.now(), SERVER_CERT_TTL,
                                               dns=dns, ips=ips)
@@ -957,21 +1131,79 @@ class Server:
         bound_a = _bind(lambda: api.add_secure_port(join_hostport(host, port), creds))
         if bound_a == 0:
             raise OSError(f"cannot listen on {self.listen}")
+        otlp_server = self._otlp_server(creds)
 
+        admin_http = await self._start_admin_http()
         cp.join_address = join_hostport(bhost, bound_b)
         cp.api_address = join_hostport(host, bound_a)
         await cp.start()  # the first snapshot exists before the first stream
         await boot.start()
         await api.start()
-        self._boot, self._api = boot, api
+        if otlp_server is not None:
+            await otlp_server.start()
+        self._boot, self._api, self._otlp = boot, api, otlp_server
         return {"listen": cp.api_address, "bootstrap": cp.join_address,
-                "ca_key_sha256": cp.ca.key_sha256}
+                "ca_key_sha256": cp.ca.key_sha256, "admin_http": admin_http,
+                "otlp": cp.otlp_address}
+
+    def _otlp_server(self, creds: grpc.ServerCredentials) -> grpc.aio.Server | None:
+        """The OTLP receiver's server, bound (not started), with ``cp.otlp_address`` set;
+        None when there is none (not asked for, no trace store, or optional and not
+        bindable). Raises OSError when it cannot bind."""
+        cp = self.cp
+        if not self.otlp_listen or cp.traces is None:
+            return None
+        host, port = split_hostport(self.otlp_listen)
+        td = cp.ca.trust_domain
+
+        def identity(context: grpc.aio.ServicerContext) -> tuple[str, str]:
+            caller = caller_of(context, td)
+            return caller.kind, caller.uri
+
+        receiver = otlp.TraceReceiver(cp.traces, identity, cp.clock)
+        server = grpc.aio.server(options=otlp.OTLP_SERVER_OPTIONS)
+        otlp.add_to_server(receiver, server)
+        bound = _bind(lambda: server.add_secure_port(join_hostport(host, port), creds))
+        if bound == 0:
+            if not self.otlp_optional:
+                raise OSError(f"cannot listen on {self.otlp_listen} (OTLP receiver)")
+            log.warning("no OTLP receiver: cannot listen on %s; give --otlp-listen HOST:PORT "
+                        "(port 0 = any free port)", self.otlp_listen)
+            return None
+        cp.otlp_address = join_hostport(host, bound)
+        self.otlp_receiver = receiver
+        return server
+
+    async def _start_admin_http(self) -> str:
+        """Serve the admin HTTP port; its bound HOST:PORT, or "" when there is none (not
+        asked for, or optional and not bindable). Raises OSError when it cannot bind."""
+        if self.admin_http is None:
+            return ""
+        host, port = split_hostport(self.admin_http)
+        http = AdminHttpServer(self.cp.metrics.exposition, METRICS_CONTENT_TYPE,
+                               self.cp.topology)
+        try:
+            address = await http.start(host, port)
+        except OSError as exc:
+            if not self.admin_http_optional:
+                raise OSError(f"cannot listen on {self.admin_http} (admin HTTP): "
+                              f"{exc.strerror or exc}") from None
+            log.warning("no admin HTTP port: cannot listen on %s (%s); give --admin-http "
+                        "HOST:PORT (port 0 = any free port)", self.admin_http,
+                        exc.strerror or exc)
+            return ""
+        self._http = http
+        return address
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stop accepting, end every discovery stream, let unary calls finish for ``grace_s``,
         then stop the control plane's background tasks."""
-        stopping = asyncio.gather(*(s.stop(grace_s) for s in (self._api, self._boot) if s))
+        if self._http is not None:
+            await self._http.stop()
+        stopping = asyncio.gather(*(s.stop(grace_s) for s in (self._api, self._boot, self._otlp)
+                                    if s))
         await asyncio.sleep(0)  # the servers stop accepting first
         self.cp.hub.close_all("the control plane is stopping")
+        self.cp.taps.end_all()  # Admin.Tap streams end now, not at the end of the grace
         await stopping
         await self.cp.stop()

@@ -4,9 +4,11 @@ Each sidecar sends a ``StateReport`` every few seconds: per upstream service, th
 gRPC status and a latency histogram since its previous report, and its circuit breakers' live
 state (per upstream endpoint: outlier detection's state; per upstream: the limits in use).
 ``Telemetry`` keeps each sidecar's reports for ``window_s`` seconds and computes the topology:
-services with their instances, and the edges (caller service -> upstream service) that
-carried traffic; and each sidecar's latest breaker state (``breakers``), for as long as the
-sidecar is in the registry.
+services with their instances and golden signals (the calls made TO them: rps, success rate,
+p50/p99 from the merged histograms of their in-edges), and the edges (caller service ->
+upstream service) that carried traffic, each with the number of the destination's endpoints
+whose breaker the caller's sidecars report OPEN or HALF_OPEN; and each sidecar's latest
+breaker state (``breakers``), for as long as the sidecar is in the registry.
 
 Pure: values in, values out, the clock passed in (``now``, unix seconds); no I/O.
 """
@@ -21,6 +23,8 @@ from dataclasses import dataclass, replace
 from control_plane.registry import NO_APP, Instance, Key
 
 OK = "OK"
+OPEN_STATES = frozenset({"OPEN", "HALF_OPEN"})
+"""Breaker states that count as open on an edge (``Edge.open_breakers``)."""
 MAX_REPORTS_PER_SIDECAR = 512  # the oldest go first; rates stay right (over covered time)
 LIMITS = ("max_connections", "max_pending", "max_requests", "max_retries")
 _LIMIT_ORDER = {name: i for i, name in enumerate(LIMITS)}
@@ -139,14 +143,25 @@ class TopologyInstance:
 
 @dataclass(frozen=True)
 class TopologyService:
+    """A service with its instances and the golden signals of the calls made TO it within
+    the window (all 0 when nobody called it): ``rps`` in calls per second, ``success_rate``
+    0..1, ``p50_ms``/``p99_ms`` in milliseconds from its in-edges' merged histograms."""
+
     name: str
     instances: tuple[TopologyInstance, ...]
+    requests: int = 0
+    rps: float = 0.0
+    success_rate: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
 
 
 @dataclass(frozen=True)
 class Edge:
     """Traffic from ``source``'s sidecars to ``destination`` within the window. ``rps`` in
-    calls per second, ``success_rate`` in 0..1 (OK / all), latencies in milliseconds."""
+    calls per second, ``success_rate`` in 0..1 (OK / all), latencies in milliseconds;
+    ``open_breakers`` = endpoints of ``destination`` (distinct addresses) whose breaker is
+    OPEN or HALF_OPEN in the latest report of at least one of ``source``'s sidecars."""
 
     source: str
     destination: str
@@ -155,6 +170,7 @@ class Edge:
     success_rate: float
     p50_ms: float
     p99_ms: float
+    open_breakers: int = 0
 
 
 @dataclass(frozen=True)
@@ -283,7 +299,23 @@ class Telemetry:
 
         Per reporting sidecar, rps = calls in the window / seconds its reports there cover (sum
         of their ``interval_s``); an edge's rps sums its sidecars'. Percentiles come from the
-        merged histograms (``merge_histograms``)."""
+        merged histograms (``merge_histograms``); ``open_breakers`` from the sources' sidecars'
+        latest breaker states (``open_breakers``)."""
+        open_breakers = self.open_breakers()
+        return [_edge(source, dest, e, open_breakers.get((source, dest), 0))
+                for (source, dest), e in sorted(self._edge_accs(now).items())]
+
+    def open_breakers(self) -> dict[tuple[str, str], int]:
+        """(source service, destination service) -> distinct endpoints of the destination that
+        some sidecar of the source reports OPEN or HALF_OPEN in its latest report."""
+        seen: dict[tuple[str, str], set[str]] = {}
+        for (service, _), live in self._live.items():
+            for b in live.breakers:
+                if b.state in OPEN_STATES:
+                    seen.setdefault((service, b.upstream), set()).add(b.address)
+        return {k: len(v) for k, v in seen.items()}
+
+    def _edge_accs(self, now: float) -> dict[tuple[str, str], _EdgeAcc]:
         for key in list(self._reports):
             self._expire(key, now)
         acc: dict[tuple[str, str], _EdgeAcc] = {}
@@ -306,22 +338,53 @@ class Telemetry:
             for dest, n in per_dest.items():
                 if covered_s > 0:
                     acc[(service, dest)].rps += n / covered_s
-        out: list[Edge] = []
-        for (source, dest), e in sorted(acc.items()):
-            merged = merge_histograms(e.hists)
-            out.append(Edge(source, dest, e.requests, e.rps, e.ok / e.requests,
-                            percentile_ms(merged, 0.5), percentile_ms(merged, 0.99)))
-        return out
+        return acc
 
     def topology(self, instances: Iterable[Instance], now: float) -> Topology:
-        """Services (by name) with their instances (by id) and the edges of ``edges(now)``."""
+        """Services (by name) with their instances (by id) and golden signals
+        (``golden_signals`` of their in-edges), and the edges of ``edges(now)``. A service
+        that is called but has no instance in the registry is not listed (its edges are)."""
         by_service: dict[str, list[TopologyInstance]] = {}
         for inst in sorted(instances, key=lambda i: i.key):
             by_service.setdefault(inst.service, []).append(
                 TopologyInstance(inst.instance_id, inst.inbound, instance_healthy(inst)))
-        services = tuple(TopologyService(name, tuple(insts))
+        accs = self._edge_accs(now)
+        open_breakers = self.open_breakers()
+        inbound: dict[str, list[_EdgeAcc]] = {}
+        for (_, dest), e in accs.items():
+            inbound.setdefault(dest, []).append(e)
+        services = tuple(replace(golden_signals(name, inbound.get(name, ())),
+                                 instances=tuple(insts))
                          for name, insts in sorted(by_service.items()))
-        return Topology(services, tuple(self.edges(now)), self.window_s)
+        edges = tuple(_edge(source, dest, e, open_breakers.get((source, dest), 0))
+                      for (source, dest), e in sorted(accs.items()))
+        return Topology(services, edges, self.window_s)
+
+
+def _edge(source: str, dest: str, e: _EdgeAcc, open_breakers: int) -> Edge:
+    merged = merge_histograms(e.hists)
+    return Edge(source, dest, e.requests, e.rps, e.ok / e.requests if e.requests else 0.0,
+                percentile_ms(merged, 0.5), percentile_ms(merged, 0.99), open_breakers)
+
+
+def golden_signals(name: str, in_edges: Iterable[_EdgeAcc]) -> TopologyService:
+    """The golden signals of the calls TO service ``name`` (no instances filled in): requests
+    and rps summed over its in-edges, success rate = OK / all, and p50/p99 from ONE
+    histogram merged from every in-edge's histograms (``merge_histograms``), never an
+    average of the edges' percentiles. All 0 without calls. Pure."""
+    requests = ok = 0
+    rps = 0.0
+    hists: list[Histogram] = []
+    for e in in_edges:
+        requests += e.requests
+        ok += e.ok
+        rps += e.rps
+        hists += e.hists
+    if requests <= 0:
+        return TopologyService(name, ())
+    merged = merge_histograms(hists)
+    return TopologyService(name, (), requests, rps, ok / requests,
+                           percentile_ms(merged, 0.5), percentile_ms(merged, 0.99))
 
 
 class _EdgeAcc:

@@ -49,7 +49,8 @@ class ControlPlaneProc:
 def start_cp(ca_dir: Path, data_dir: Path, *extra: str) -> ControlPlaneProc:
     proc = procs.start([sys.executable, "-m", "control_plane.main", "--listen", "127.0.0.1:0",
                         "--bootstrap-listen", "127.0.0.1:0", "--ca-dir", str(ca_dir),
-                        "--data-dir", str(data_dir), *extra], cwd=REPO_ROOT)
+                        "--data-dir", str(data_dir), "--admin-http", "127.0.0.1:0",
+                        "--otlp-listen", "127.0.0.1:0", *extra], cwd=REPO_ROOT)
     return ControlPlaneProc(proc, ca_dir, data_dir)
 
 
