@@ -1,7 +1,9 @@
-"""The admin HTTP endpoint on 127.0.0.1: ``/ready``, ``/stats`` (JSON), ``POST /reload-certs``.
+"""The admin HTTP endpoint on 127.0.0.1: ``/ready``, ``/stats`` (JSON), ``/metrics``
+(Prometheus text), ``POST /reload-certs``.
 
 A deliberately tiny HTTP/1.1 server (GET/POST, no bodies in, ``Connection: close``); it is
-for operators and the control plane's tooling, never for traffic.
+for operators and the control plane's tooling, never for traffic. A handler's body is
+served as JSON, unless it is a ``Raw`` (served as it is, with its content type).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 log = logging.getLogger("mesh.sidecar.admin")
 
@@ -17,8 +20,16 @@ Handler = Callable[[], Awaitable[tuple[int, object]] | tuple[int, object]]
 MAX_REQUEST_BYTES = 8192
 
 
+class Raw(NamedTuple):
+    """A response body served as it is (e.g. Prometheus text), not as JSON."""
+
+    content_type: str
+    data: bytes
+
+
 class AdminServer:
-    """Routes ``(method, path)`` to handlers that return ``(status, json-able body)``."""
+    """Routes ``(method, path)`` to handlers that return ``(status, body)``: a JSON-able
+    value, or a ``Raw`` body."""
 
     def __init__(self) -> None:
         self.routes: dict[tuple[str, str], Handler] = {}
@@ -50,10 +61,14 @@ class AdminServer:
                 status, body = result  # type: ignore[misc]
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ConnectionError):
             status, body = 400, {"error": "bad request"}
-        payload = json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
+        if isinstance(body, Raw):
+            content_type, payload = body.content_type, body.data
+        else:
+            content_type = "application/json"
+            payload = json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                   500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "OK")
-        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
                      f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
         try:
             await writer.drain()

@@ -9,6 +9,9 @@ The sidecar registers (``Register`` first, on every new stream: a resync), then 
   ACKed; a push whose hash is the one in force is ACKed without a swap;
 * answers ``Query`` (kind ``config``: the snapshot in force and its version) and obeys
   ``RenewCertificate`` (the identity renews now);
+* starts and stops taps (``TapStart``/``TapStop``, on the process's ``Taps``) and sends
+  what they took as ``TapEvents`` batches at most every ``TAP_FLUSH_S``; the taps end with
+  the stream;
 * sends a ``StateReport`` every ``report_interval_s`` (calls per upstream by status, a latency
   histogram, per endpoint its health, requests/failures and breaker, per upstream its limits
   in use) and a ``HealthChange`` as soon as the local app's health changes.
@@ -40,6 +43,7 @@ from mesh_common.snapshot import Snapshot, SnapshotError, content_hash, from_jso
 from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 
+from .layers.calllog import TapBatch, Taps
 from .layers.stats import StatsReport
 from .upstream import ResilienceReport
 
@@ -56,6 +60,8 @@ FIRST_HEALTH_WAIT_S = 5.0
 MAX_REASON_CHARS = 1024
 OUTBOX_MAX = 256
 """Messages waiting for the stream beyond this are dropped (counted): the stream is stuck."""
+TAP_FLUSH_S = 0.1
+"""Taps' events go out in batches at most this often (seconds)."""
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 16 * 1024 * 1024),
                    ("grpc.enable_retries", 0))
 
@@ -135,21 +141,31 @@ def report_message(report: StatsReport, snapshot: Snapshot, *, health: str,
         cert_not_after_unix=cert_not_after_unix, health=health, limits=limits))
 
 
+def tap_message(batch: TapBatch, instance: str) -> pb.SidecarMessage:
+    """``TapEvents`` for one tap's batch; ``instance`` is this sidecar's instance id."""
+    return pb.SidecarMessage(tap=pb.TapEvents(
+        id=batch.id, dropped=batch.dropped,
+        events=[pb.TapEvent(instance=instance, **rec._asdict()) for rec in batch.events]))
+
+
 # ---------------------------------------------------------------------- state (pure)
 class DiscoveryState:
     """What the sidecar does with each message of the control plane (no I/O).
 
     ``static`` holds the clusters and routes of ``--config`` (they win over discovered ones of
     the same name); ``current()`` returns the snapshot in force, ``apply(snapshot)`` swaps one
-    in, ``renew()`` asks the identity to renew now. ``version``/``hash`` are those of the
+    in, ``renew()`` asks the identity to renew now; ``taps`` (None: tap messages are ignored)
+    are started and stopped by ``TapStart``/``TapStop``. ``version``/``hash`` are those of the
     control plane's snapshot in force ("" before the first).
     """
 
     def __init__(self, static: Snapshot, trust_domain: str, *,
                  current: Callable[[], Snapshot], apply: Callable[[Snapshot], None],
                  renew: Callable[[], None],
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 taps: Taps | None = None) -> None:
         self.static = static
+        self.taps = taps
         self.trust_domain = trust_domain
         self._current = current
         self._apply = apply
@@ -164,8 +180,9 @@ class DiscoveryState:
         self.last_nack: dict[str, Any] | None = None
 
     def handle(self, msg: pb.ControlMessage) -> list[pb.SidecarMessage]:
-        """The replies to ``msg``, in order (none for ``RenewCertificate`` and for a kind of
-        message this sidecar does not know). Never raises for a bad snapshot: that is a NACK."""
+        """The replies to ``msg``, in order (none for ``RenewCertificate``, ``TapStart``,
+        ``TapStop`` and for a kind of message this sidecar does not know). Never raises for
+        a bad snapshot: that is a NACK."""
         kind = msg.WhichOneof("msg")
         if kind == "snapshot":
             return [self._push(msg.snapshot)]
@@ -174,6 +191,15 @@ class DiscoveryState:
         if kind == "renew":
             self.renew_requests += 1
             self._renew()
+            return []
+        if kind == "tap_start":
+            if self.taps is not None:
+                t = msg.tap_start
+                self.taps.start(t.id, t.method, t.duration_s, t.max_events_per_s)
+            return []
+        if kind == "tap_stop":
+            if self.taps is not None:
+                self.taps.stop(msg.tap_stop.id)
             return []
         log.debug("ignoring a control message of unknown kind %r", kind)
         return []
@@ -272,6 +298,7 @@ class DiscoveryClient:
         self._rng = rng or random.Random()
         self._index = 0
         self._outbox: asyncio.Queue[pb.SidecarMessage] | None = None
+        self._tap_wake = asyncio.Event()
         self._draining = False
         self.connected = False
         self.sessions = 0
@@ -368,6 +395,9 @@ class DiscoveryClient:
                      asyncio.create_task(self._read(call, outbox, address),
                                          name="discovery-read"),
                      asyncio.create_task(self._report(outbox), name="discovery-report")]
+            if self.state.taps is not None:
+                tasks.append(asyncio.create_task(self._taps(outbox, self.state.taps),
+                                                 name="discovery-taps"))
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -375,6 +405,9 @@ class DiscoveryClient:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 call.cancel()
+                if self.state.taps is not None:  # taps live as long as the stream
+                    self.state.taps.clear()
+                self._tap_wake.clear()
             for task in done:
                 task.result()  # the failure that ended the session, if any
 
@@ -394,6 +427,8 @@ class DiscoveryClient:
                          "resynced" if self.sessions > 1 else "registered")
             for reply in self.state.handle(msg):
                 self._send(outbox, reply)
+            if self.state.taps is not None and self.state.taps.active:
+                self._tap_wake.set()
 
     async def _write(self, call: Any, outbox: asyncio.Queue[pb.SidecarMessage]) -> None:
         while True:
@@ -409,6 +444,18 @@ class DiscoveryClient:
                 cert_not_after_unix=self._cert_not_after_unix(),
                 resilience=self._resilience() if self._resilience is not None else None))
             self.reports += 1
+
+    async def _taps(self, outbox: asyncio.Queue[pb.SidecarMessage], taps: Taps) -> None:
+        """While a tap is active (or an ended one has events left): every ``TAP_FLUSH_S``,
+        one ``TapEvents`` per tap with something to report. Idle (no timer) otherwise."""
+        instance = self.registration.instance_id
+        while True:
+            await self._tap_wake.wait()
+            while taps.active or taps.pending():
+                await asyncio.sleep(TAP_FLUSH_S)
+                for batch in taps.take():
+                    self._send(outbox, tap_message(batch, instance))
+            self._tap_wake.clear()
 
     def _send(self, outbox: asyncio.Queue[pb.SidecarMessage], msg: pb.SidecarMessage) -> None:
         try:
@@ -427,7 +474,8 @@ class DiscoveryClient:
                 "failures": self.failures, "last_error": self.last_error,
                 "reports": self.reports, "dropped": self.dropped,
                 "renew_requests": st.renew_requests,
-                "report_interval_s": self.report_interval_s}
+                "report_interval_s": self.report_interval_s,
+                "taps": st.taps.stats() if st.taps is not None else None}
 
 
 def for_dynamic_sidecar(sidecar: Sidecar, identity: DynamicIdentity, health: AppHealth | None,
@@ -439,7 +487,7 @@ def for_dynamic_sidecar(sidecar: Sidecar, identity: DynamicIdentity, health: App
     changes of ``health`` are sent at once. ``bound`` is what ``Sidecar.start`` returned."""
     state = DiscoveryState(sidecar.snapshot, sidecar.boot.trust_domain,
                            current=lambda: sidecar.snapshot, apply=sidecar.apply_snapshot,
-                           renew=identity.renew_now)
+                           renew=identity.renew_now, taps=sidecar.taps)
     registration = Registration(identity.instance_id, inbound=bound.get("inbound", ""),
                                 outbound=bound.get("outbound", ""), admin=bound.get("admin", ""),
                                 labels=dict(labels))

@@ -82,6 +82,9 @@ class DynamicIdentity:
         self.bundle_pem = b""
         self.not_after: dt.datetime | None = None
         self.renew_time: dt.datetime | None = None
+        self.otlp_endpoint = ""
+        """The control plane's OTLP receiver (``HOST:PORT``, mTLS) from the last join answer
+        ("" = it runs none): where spans go unless ``--otlp-endpoint`` says otherwise."""
         self.renewals = 0
         self.rejoins = 0
         self.last_error: str | None = None
@@ -148,6 +151,7 @@ class DynamicIdentity:
                          self.token.ca_key_sha256)
         except IdentityError as exc:
             raise JoinRefused(f"refusing to join via {self.join_address}: {exc}") from None
+        self.otlp_endpoint = resp.otlp_endpoint
         log.info("joined the mesh as %s (certificate valid until %s, renewal at %s)",
                  self.spiffe_id.uri, _rfc3339(self.not_after), _rfc3339(self.renew_time))  # type: ignore[arg-type]
 

@@ -29,7 +29,7 @@ from mesh_common.snapshot import Snapshot
 from mesh_common.spiffe import SpiffeError, SpiffeId
 
 from .malloc import tune_malloc
-from .process import Sidecar
+from .process import Sidecar, TracingOptions
 
 PROG = "mesh-sidecar"
 
@@ -97,8 +97,10 @@ def dynamic_bootstrap(service: str, trust_domain: str, app: str | None,
 
 
 async def _serve(boot: Bootstrap, ports: dict[str, int | None], drain_timeout_s: float,
-                 cert_poll_s: float) -> int:
-    sidecar = Sidecar(boot, drain_timeout_s=drain_timeout_s, cert_poll_s=cert_poll_s)
+                 cert_poll_s: float, *, access_log: str | None = None,
+                 tracing: TracingOptions | None = None) -> int:
+    sidecar = Sidecar(boot, drain_timeout_s=drain_timeout_s, cert_poll_s=cert_poll_s,
+                      access_log=access_log, tracing=tracing)
     bound = await sidecar.start(inbound_port=ports["inbound"], outbound_port=ports["outbound"],
                                 admin_port=ports["admin"])
     sys.stdout.write(json.dumps({"ready": bound}) + "\n")
@@ -170,6 +172,15 @@ def check_instance_id(value: str) -> str:
     return value
 
 
+def check_writable(path: str, flag: str) -> None:
+    """``path`` can be opened for appending (it is created when missing); raises UsageError
+    naming ``flag`` and the reason."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot write {path}: {exc.strerror}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class DynamicOptions:
     token: Any  # a JoinToken (never logged: its repr hides the secret)
@@ -188,7 +199,9 @@ class JoinFailed(Exception):
 
 
 async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str, int | None],
-                         drain_timeout_s: float, cert_poll_s: float) -> int:
+                         drain_timeout_s: float, cert_poll_s: float, *,
+                         access_log: str | None = None,
+                         tracing: TracingOptions | None = None) -> int:
     from .discovery import for_dynamic_sidecar
     from .dynamic import DynamicIdentity, JoinRefused
     from .health import AppHealth
@@ -221,7 +234,9 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
         tls = TlsState(identity.files)
         identity.on_new_files = tls.swap
         # In-memory files never change under us: no file poll in dynamic mode.
-        sidecar = Sidecar(boot, drain_timeout_s=drain_timeout_s, cert_poll_s=0, tls=tls)
+        tracing = _dynamic_tracing(tracing or TracingOptions(), identity)
+        sidecar = Sidecar(boot, drain_timeout_s=drain_timeout_s, cert_poll_s=0, tls=tls,
+                          access_log=access_log, tracing=tracing)
         sidecar.ready_checks.append(identity.not_ready_reason)
         sidecar.stats_sections["identity"] = identity.stats
         bound = await sidecar.start(inbound_port=ports["inbound"],
@@ -250,6 +265,30 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
         await asyncio.gather(*tasks, return_exceptions=True)
         identity.close()
     return 0
+
+
+def _dynamic_tracing(opts: TracingOptions, identity: Any) -> TracingOptions:
+    """Dynamic mode's tracing: ``--otlp-endpoint``, else the control plane's receiver named
+    in the join answer ("" = none: nothing is exported); mTLS with the identity's current
+    certificate (read before each export batch, so a renewed one is used); the identity's
+    instance id."""
+    key_pem = identity.key.private_pem()  # the key never changes; the certificate does
+
+    def credentials() -> tuple[bytes, bytes, bytes]:
+        return identity.bundle_pem, key_pem, identity.cert_pem
+    return dataclasses.replace(opts, otlp_endpoint=opts.otlp_endpoint or identity.otlp_endpoint
+                               or None, credentials=credentials,
+                               instance_id=opts.instance_id or identity.instance_id)
+
+
+def check_otlp_endpoint(value: str) -> str:
+    """``--otlp-endpoint``: ``HOST:PORT`` or ``http://HOST:PORT``; raises UsageError."""
+    from .tracing import parse_otlp_endpoint
+    try:
+        parse_otlp_endpoint(value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return value
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -297,6 +336,19 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
               help="On SIGTERM, how long calls in flight may take to finish.")
 @click.option("--cert-poll-s", type=click.FloatRange(0, 3600), default=2.0, show_default=True,
               help="How often to look for new certificate files (0 = only on SIGHUP).")
+@click.option("--access-log", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Append one JSON line per ended call to PATH (default: no access log).")
+@click.option("--trace-sample-rate", type=click.FloatRange(0, 1), default=0.1,
+              show_default=True,
+              help="Share of new traces (calls that bring no valid traceparent) that get "
+                   "spans; a caller's traceparent decides for its own calls.")
+@click.option("--otlp-endpoint", default=None, metavar="HOST:PORT|http://HOST:PORT",
+              help="Export spans over OTLP/gRPC: HOST:PORT with mTLS (the sidecar's "
+                   "certificate), http://HOST:PORT in plaintext (Jaeger, Tempo). Default: "
+                   "dynamic mode, the control plane's receiver; standalone, none (no spans).")
+@click.option("--trace-export-delay-ms", type=click.FloatRange(1, 60000), default=1000.0,
+              show_default=True,
+              help="The longest a finished span waits before its batch is exported (ms).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def cli(config_path: str | None, service: str | None, app: str | None, token: str | None,
@@ -305,7 +357,9 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
         instance_id: str | None, labels: tuple[str, ...], report_interval_s: float | None,
         max_backoff_s: float | None, inbound_port: int | None, outbound_port: int | None,
         admin_port: int | None,
-        drain_timeout_s: float, cert_poll_s: float, log_level: str) -> int:
+        drain_timeout_s: float, cert_poll_s: float, access_log: str | None,
+        trace_sample_rate: float, otlp_endpoint: str | None, trace_export_delay_ms: float,
+        log_level: str) -> int:
     """Run a mesh sidecar: an HTTP/2 frame relay with mutual TLS."""
     dynamic_flags = {"--service": service, "--app": app, "--control-plane": control_plane,
                      "--bootstrap-address": bootstrap_address, "--trust-domain": trust_domain,
@@ -326,12 +380,19 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ports = {"inbound": inbound_port, "outbound": outbound_port, "admin": admin_port}
+    if access_log is not None:
+        check_writable(access_log, "--access-log")
+    if otlp_endpoint is not None:
+        check_otlp_endpoint(otlp_endpoint)
+    tracing = TracingOptions(sample_rate=trace_sample_rate, otlp_endpoint=otlp_endpoint,
+                             export_delay_ms=trace_export_delay_ms, instance_id=instance_id)
     if not dynamic:
         assert config_path is not None
         boot = load_config(config_path)
         tune_malloc()
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_serve(boot, ports, drain_timeout_s, cert_poll_s))
+            return runner.run(_serve(boot, ports, drain_timeout_s, cert_poll_s,
+                                     access_log=access_log, tracing=tracing))
 
     from mesh_common.jointoken import TokenError, parse_token
 
@@ -364,7 +425,8 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
                              report_interval_s=report_interval_s or 5.0,
                              max_backoff_s=max_backoff_s or 5.0)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve_dynamic(boot, options, ports, drain_timeout_s, cert_poll_s))
+        return runner.run(_serve_dynamic(boot, options, ports, drain_timeout_s, cert_poll_s,
+                                         access_log=access_log, tracing=tracing))
 
 
 def main(argv: list[str] | None = None) -> None:

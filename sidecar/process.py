@@ -4,8 +4,11 @@ relays, the admin endpoint, certificate reloads and a graceful drain."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import signal
+import socket
 import ssl
 import time
 import weakref
@@ -21,9 +24,12 @@ from .admin import AdminServer
 from .http2.connection import H2Connection
 from .http2.relay import Hooks, LocalReply, Relay
 from .io import Connector, Flusher, H2Protocol, PeerInfo, pool_key
+from .layers.calllog import AccessLog, CallLog, Taps
 from .layers.limits import UpstreamLimits
+from .layers.metrics import Metrics
 from .layers.outlier import OutlierDetection
 from .layers.stats import Stats, StatsReport
+from .layers.trace import Trace
 from .stack import Stack, inbound_stack, outbound_stack
 from .tls import TlsFiles, TlsState
 from .upstream import ResilienceReport
@@ -129,11 +135,28 @@ def _cert_not_after(path: str) -> float | None:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class TracingOptions:
+    """How the sidecar traces calls (``--trace-sample-rate``, ``--otlp-endpoint``,
+    ``--trace-export-delay-ms``): ``otlp_endpoint`` ``HOST:PORT`` (mTLS with ``credentials``,
+    default the config's certificate files) or ``http://HOST:PORT`` (plaintext), None =
+    export nothing (and build no spans); ``instance_id`` names this replica in the spans'
+    resource (default ``SERVICE-HOSTNAME-PID``)."""
+
+    sample_rate: float = 0.1
+    otlp_endpoint: str | None = None
+    export_delay_ms: float = 1000.0
+    instance_id: str | None = None
+    credentials: Callable[[], tuple[bytes, bytes, bytes]] | None = None
+    """(trust bundle, private key, certificate chain) PEM, read in the export thread."""
+
+
 class Sidecar:
     """Everything one ``mesh-sidecar`` process runs."""
 
     def __init__(self, boot: Bootstrap, *, drain_timeout_s: float = 10.0,
-                 cert_poll_s: float = 2.0, tls: TlsState | None = None) -> None:
+                 cert_poll_s: float = 2.0, tls: TlsState | None = None,
+                 access_log: str | None = None, tracing: TracingOptions | None = None) -> None:
         self.boot = boot
         self.limits = boot.limits
         self.snapshot: Snapshot = boot.snapshot
@@ -160,6 +183,16 @@ class Sidecar:
         self.stats: dict[str, Stats] = {}
         self.stacks: dict[str, Stack] = {}
         self.tls_failures: dict[str, int] = {}
+        # Observability: the JSON-lines access log (``access_log``: its path, None = off;
+        # opened by ``start``) and the taps the control plane starts, shared by both stacks.
+        self.access_log_path = access_log
+        self.access_log: AccessLog | None = None
+        self.taps = Taps()
+        # Tracing: the exporter (``sidecar.tracing.Tracer``, made by ``start`` when spans are
+        # exported; None = nobody exports) and each side's trace layer.
+        self.tracing = tracing or TracingOptions()
+        self.tracer: Any = None
+        self.traces: dict[str, Trace] = {}
 
     def _relay(self, name: str, hooks_for: Callable[[Connector, Stats], Hooks],
                loop: asyncio.AbstractEventLoop, flusher: Flusher) -> Relay:
@@ -180,13 +213,19 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         flusher = Flusher(loop)
         boot = self.boot
+        if self.access_log_path and self.access_log is None:
+            self.access_log = AccessLog.open(self.access_log_path, loop.call_later)
+        if self.tracing.otlp_endpoint and self.tracer is None:
+            self.tracer = self._start_tracer()
         if boot.inbound is not None and boot.app is not None:
             app = boot.app
 
             def inbound_hooks(connector: Connector, stats: Stats) -> Hooks:
                 pool = connector.pool(app.host, app.port, spiffe_id=None,
                                       label=f"{app} (local app of {boot.service})")
-                return inbound_stack(stats, pool)
+                return inbound_stack(stats, pool, metrics=self._metrics("inbound", stats),
+                                     calllog=self._calllog("inbound", stats),
+                                     trace=self._trace("inbound"))
 
             relay = self._relay("inbound", inbound_hooks, loop, flusher)
             self.inbound = Listener("inbound", relay, flusher, self.limits, self.tls.server,
@@ -200,7 +239,10 @@ class Sidecar:
                 def endpoint_pool(ep: Endpoint, route: str) -> Any:
                     return connector.pool(ep.host, ep.port, spiffe_id=ep.spiffe_id,
                                           label=f"{ep.address} ({route})")
-                return outbound_stack(lambda: self.snapshot, stats, endpoint_pool)
+                return outbound_stack(lambda: self.snapshot, stats, endpoint_pool,
+                                      metrics=self._metrics("outbound", stats),
+                                      calllog=self._calllog("outbound", stats),
+                                      trace=self._trace("outbound"))
 
             relay = self._relay("outbound", outbound_hooks, loop, flusher)
             self.outbound = Listener("outbound", relay, flusher, self.limits, None, None)
@@ -210,6 +252,7 @@ class Sidecar:
         self.admin.route("GET", "/ready", self._ready)
         self.admin.route("GET", "/stats", self._stats)
         self.admin.route("POST", "/reload-certs", self._reload_certs)
+        self.admin.route("GET", "/metrics", self._metrics_page)
         port = await self.admin.start(boot.admin.host,
                                       boot.admin.port if admin_port is None else admin_port)
         self.ports["admin"] = f"{boot.admin.host}:{port}"
@@ -220,6 +263,58 @@ class Sidecar:
         if self.cert_poll_s > 0:
             loop.call_later(self.cert_poll_s, self._poll_certs)
         return dict(self.ports)
+
+    def cert_not_after(self) -> float | None:
+        """Expiry (Unix seconds) of the certificate new handshakes use; None if unreadable."""
+        return _cert_not_after(self.tls.files.cert)
+
+    def _metrics(self, direction: str, stats: Stats) -> Metrics:
+        return Metrics(direction, self.boot.service, lambda: self.snapshot, stats.clock)
+
+    def _calllog(self, direction: str, stats: Stats) -> CallLog:
+        return CallLog(direction, self.boot.service, self.taps, self.access_log,
+                       clock=stats.clock)
+
+    def _trace(self, direction: str) -> Trace:
+        """The trace layer of one side: exporting to ``self.tracer`` when there is one."""
+        tracer = self.tracer
+        trace = Trace(outbound=direction == "outbound", service=self.boot.service,
+                      sample_rate=self.tracing.sample_rate,
+                      sink=tracer.submit if tracer is not None else None)
+        self.traces[direction] = trace
+        return trace
+
+    def _start_tracer(self) -> Any:
+        """The span exporter for ``--otlp-endpoint`` (its thread starts now). Raises
+        ValueError for an endpoint that does not parse."""
+        from .tracing import Tracer, file_credentials, parse_otlp_endpoint
+
+        opts = self.tracing
+        assert opts.otlp_endpoint
+        target = parse_otlp_endpoint(opts.otlp_endpoint)
+        creds = opts.credentials
+        if creds is None and not target.plaintext:
+            creds = file_credentials(self.boot.ca_file, self.boot.key_file, self.boot.cert_file)
+        instance = opts.instance_id or f"{self.boot.service}-{socket.gethostname()}-{os.getpid()}"
+        tracer = Tracer(target, service=self.boot.service, instance_id=instance,
+                        credentials=creds, schedule_delay_ms=opts.export_delay_ms)
+        self.stats_sections["tracing"] = self._tracing_stats
+        log.info("exporting spans to %s (sample rate %g)", target, opts.sample_rate)
+        return tracer
+
+    def _tracing_stats(self) -> dict[str, Any]:
+        """``/stats`` section: the exporter's counts and the calls each side sampled."""
+        out: dict[str, Any] = self.tracer.stats() if self.tracer is not None else {}
+        out["sample_rate"] = self.tracing.sample_rate
+        out["sampled"] = {d: t.sampled for d, t in self.traces.items()}
+        out["sink_errors"] = sum(t.sink_errors for t in self.traces.values())
+        return out
+
+    def _metrics_page(self) -> tuple[int, object]:
+        """``GET /metrics``: Prometheus text format (prometheus_client is loaded on the first
+        scrape, so a sidecar nobody scrapes never pays for it)."""
+        from .metrics import metrics_page
+        return 200, metrics_page(self)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Failed TLS handshakes and peers that vanish are counted and logged in one line
@@ -359,6 +454,10 @@ class Sidecar:
             lst.close_all()
         for connector in self.connectors.values():
             connector.close_all()
+        if self.access_log is not None:
+            self.access_log.close()
+        if self.tracer is not None and not await self.tracer.aclose(3.0):
+            log.warning("spans still queued for export may be lost at exit")
         await self.admin.close()
         await asyncio.sleep(0)
 

@@ -1,8 +1,17 @@
 """The one place that orders the layers of the inbound and outbound request paths.
 
-outbound:  stats → route → fault → limits → retry → timeout → balance → endpoint pool (mTLS
-           to the endpoint's inbound); outlier detection is fed by the balancer
-inbound:   stats → local app pool (h2c over loopback)
+outbound:  stats → metrics → trace → calllog → route → fault → limits → retry → timeout →
+           balance → endpoint pool (mTLS to the endpoint's inbound); outlier detection is fed
+           by the balancer; the trace's ending comes last
+inbound:   stats → metrics → trace → calllog → local app pool (h2c over loopback); the
+           trace's ending last
+
+Metrics (Prometheus counts) and calllog (access log, taps) only act at a call's end; they
+are given ready-made by the process (they belong to it: the admin port and the discovery
+stream read them) and are left out when None. So is trace (``layers.trace.Trace``: starts or
+continues the call's W3C trace at request headers, so every layer below can note its
+decisions on the span); its ending (``Trace.ending()``) sits after every other layer, so
+the span it finishes holds what they noted up to the call's end (an ejection, say).
 
 Fault comes right after routing and before timeouts, retries and the balancer, as in Envoy:
 an injected abort never reaches an endpoint. Limits come before retry, so a call they refuse
@@ -25,13 +34,16 @@ from .http2.pool import Pool
 from .http2.relay import Call
 from .layers.balance import Balance
 from .layers.base import Decision, Layer
+from .layers.calllog import CallLog
 from .layers.fault import Fault
 from .layers.limits import UpstreamLimits
+from .layers.metrics import Metrics
 from .layers.outlier import OutlierDetection
 from .layers.retry import Retry
 from .layers.route import Route
 from .layers.stats import Stats
 from .layers.timeout import Timeout
+from .layers.trace import Trace
 from .upstream import Upstreams
 
 L = TypeVar("L", bound=Layer)
@@ -87,12 +99,14 @@ def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
                    endpoint_pool: Callable[[Endpoint, str], Pool],
                    rng: random.Random | None = None, *,
                    clock: Callable[[], float] | None = None,
-                   upstreams: Upstreams | None = None) -> Stack:
+                   upstreams: Upstreams | None = None, metrics: Metrics | None = None,
+                   calllog: CallLog | None = None, trace: Trace | None = None) -> Stack:
     """The outbound path; ``snapshot`` returns the snapshot in force (read once per call by
     each layer that needs it), ``rng`` drives the weighted splits and fault rolls (the
     balancers draw from a generator seeded from it, so a seeded stack is reproducible),
     ``clock`` is the relay's (default: the stats layer's), ``upstreams`` the shared
-    per-endpoint and per-upstream state (default: a new one)."""
+    per-endpoint and per-upstream state (default: a new one); ``metrics``/``calllog``/
+    ``trace`` the process's layers for this direction (None: left out)."""
     pools: dict[int, tuple[Endpoint, Pool]] = {}
 
     def endpoint(call: Call) -> Decision:
@@ -110,15 +124,23 @@ def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
     # they were, and the balancers' draws are not the same numbers as theirs.
     balance_rng = random.Random(hash(rng.getstate()))
     outlier = OutlierDetection(snapshot, upstreams, clock)
-    return Stack([stats,
+    return Stack([*_present(stats, metrics, trace, calllog),
                   Route(snapshot, rng),
                   Fault(snapshot, rng),
                   UpstreamLimits(snapshot, upstreams),
                   Retry(snapshot, random.Random(hash(rng.getstate()) ^ 1), clock),
                   Timeout(snapshot),
                   Balance(snapshot, upstreams, clock, balance_rng, on_outcome=outlier.observe),
-                  outlier], endpoint)
+                  outlier, *_present(trace.ending() if trace is not None else None)],
+                 endpoint)
 
 
-def inbound_stack(stats: Stats, app_pool: Pool) -> Stack:
-    return Stack([stats], lambda call: app_pool)
+def inbound_stack(stats: Stats, app_pool: Pool, *, metrics: Metrics | None = None,
+                  calllog: CallLog | None = None, trace: Trace | None = None) -> Stack:
+    return Stack(_present(stats, metrics, trace, calllog,
+                          trace.ending() if trace is not None else None), lambda call: app_pool)
+
+
+def _present(*layers: Layer | None) -> list[Layer]:
+    """The layers given, in order, without the Nones."""
+    return [x for x in layers if x is not None]

@@ -48,7 +48,8 @@ def hints(settings: Settings) -> list[str]:
         env.append(f"MESH_CERTS_DIR={settings.ca_dir}")
     pre = " ".join(env) + " " if env else ""
     return [
-        f"{pre}meshctl status | meshctl topology | meshctl config order-1",
+        f"{pre}meshctl status | meshctl topology | meshctl top | meshctl traces",
+        f"dashboard: http://{settings.admin_http}/  (metrics: /metrics)",
         "make check  (pause the load, audit the saga's invariants, resume)",
         "make chaos  (break replicas on purpose: the chaos issue)",
     ]

@@ -25,11 +25,15 @@ class Settings:
     ca_dir: Path                # MESH_CERTS_DIR: the control plane's CA dir (meshctl's too)
     api: str                    # MESH_CONTROL_PLANE: the control plane's API listen address
     bootstrap: str              # MESH_DEMO_BOOTSTRAP: its join listen address
+    admin_http: str             # MESH_DEMO_ADMIN_HTTP: its admin HTTP (metrics, dashboard)
+    otlp: str                   # MESH_DEMO_OTLP: its embedded OTLP receiver (mTLS)
+    trace_sample_rate: float    # MESH_DEMO_TRACE_SAMPLE_RATE: sidecars' --trace-sample-rate
     rps: float                  # MESH_DEMO_RPS: the load generator's rate
     lease_s: float              # MESH_DEMO_LEASE_S: order's saga lease
     report_interval_s: float    # MESH_DEMO_REPORT_INTERVAL_S: sidecars' live state reports
     health_interval_s: float    # MESH_DEMO_HEALTH_INTERVAL_S: sidecars' app health checks
     grace_period_s: float       # MESH_DEMO_GRACE_PERIOD_S: control plane's registry grace
+    report_window_s: float      # MESH_DEMO_REPORT_WINDOW_S: what the topology's figures cover
     ready_timeout_s: float      # MESH_DEMO_READY_TIMEOUT_S: all ready and synced within
     stop_timeout_s: float       # MESH_DEMO_STOP_TIMEOUT_S: SIGTERM, then SIGKILL after this
     drain_timeout_s: float      # MESH_DEMO_DRAIN_TIMEOUT_S: sidecars' --drain-timeout-s
@@ -76,6 +80,13 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
     return value
 
 
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, 0.0)
+    if value > 1:
+        raise SettingsError(f"{name}: at most 1, got {env.get(name)!r}")
+    return value
+
+
 def _hostport(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     host, _, port = value.rpartition(":")
@@ -98,11 +109,15 @@ def from_env(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> S
         ca_dir=path("MESH_CERTS_DIR", "certs"),
         api=_hostport(env, "MESH_CONTROL_PLANE", "127.0.0.1:15010"),
         bootstrap=_hostport(env, "MESH_DEMO_BOOTSTRAP", "127.0.0.1:15011"),
+        admin_http=_hostport(env, "MESH_DEMO_ADMIN_HTTP", "127.0.0.1:15014"),
+        otlp=_hostport(env, "MESH_DEMO_OTLP", "127.0.0.1:15012"),
+        trace_sample_rate=_fraction(env, "MESH_DEMO_TRACE_SAMPLE_RATE", 1.0),
         rps=_number(env, "MESH_DEMO_RPS", 20.0, 0.0),
         lease_s=_number(env, "MESH_DEMO_LEASE_S", 5.0, 0.1),
         report_interval_s=_number(env, "MESH_DEMO_REPORT_INTERVAL_S", 2.0, 0.05),
         health_interval_s=_number(env, "MESH_DEMO_HEALTH_INTERVAL_S", 1.0, 0.1),
         grace_period_s=_number(env, "MESH_DEMO_GRACE_PERIOD_S", 10.0, 0.0),
+        report_window_s=_number(env, "MESH_DEMO_REPORT_WINDOW_S", 60.0, 1.0),
         ready_timeout_s=_number(env, "MESH_DEMO_READY_TIMEOUT_S", 60.0, 1.0),
         stop_timeout_s=_number(env, "MESH_DEMO_STOP_TIMEOUT_S", 10.0, 0.1),
         drain_timeout_s=_number(env, "MESH_DEMO_DRAIN_TIMEOUT_S", 5.0, 0.0),

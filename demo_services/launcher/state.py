@@ -5,6 +5,7 @@ listens, so ``down``, ``check``, the chaos script and tests find them.
      "dir": ".../.mesh", "data_dir": ".../.mesh/data", "logs_dir": ".../.mesh/logs",
      "ca_dir": ".../certs",
      "control_plane": {"api": "127.0.0.1:15010", "bootstrap": "127.0.0.1:15011",
+                       "admin_http": "127.0.0.1:15014", "otlp": "127.0.0.1:15012",
                        "data_dir": ".../.mesh/control-plane", "ca_dir": ".../certs"},
      "settings": {"rps": 20.0, "lease_s": 5.0, ...},
      "processes": [{"role": "control-plane" | "app" | "sidecar" | "loadgen",

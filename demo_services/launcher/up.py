@@ -33,6 +33,8 @@ from .state import DemoState, ProcessRecord, StateError, load, save
 
 TOKEN_TTL_S = 7 * 24 * 3600
 SYNC_POLL_S = 0.25
+TRACE_EXPORT_DELAY_MS = 500
+"""Sidecars send their spans at least this often: a trace shows in ``meshctl traces`` soon."""
 Log = Callable[[str], None]
 
 
@@ -125,10 +127,14 @@ class _Launch:
         cmd = _py("-m", "control_plane.main", "--listen", self.s.api,
                   "--bootstrap-listen", self.s.bootstrap, "--ca-dir", str(self.s.ca_dir),
                   "--data-dir", str(self.s.control_plane_data_dir),
-                  "--grace-period-s", f"{self.s.grace_period_s:g}")
+                  "--grace-period-s", f"{self.s.grace_period_s:g}",
+                  "--report-window-s", f"{self.s.report_window_s:g}",
+                  "--admin-http", self.s.admin_http, "--otlp-listen", self.s.otlp)
         sp, rec = self.spawn("control-plane", cmd, "control-plane", "", "")
         ready = procs.wait_ready([sp], self.deadline)[sp.name]
         rec.address = ready["listen"]
+        self.state.control_plane["admin_http"] = ready.get("admin_http", "")
+        self.state.control_plane["otlp"] = ready.get("otlp", "")
         save(self.state, self.s.state_path)
         return ready["listen"]
 
@@ -160,7 +166,10 @@ class _Launch:
                   "--admin-port", "0",
                   "--report-interval-s", f"{self.s.report_interval_s:g}",
                   "--health-interval-s", f"{self.s.health_interval_s:g}",
-                  "--drain-timeout-s", f"{self.s.drain_timeout_s:g}")
+                  "--drain-timeout-s", f"{self.s.drain_timeout_s:g}",
+                  "--trace-sample-rate", f"{self.s.trace_sample_rate:g}",
+                  "--trace-export-delay-ms", str(TRACE_EXPORT_DELAY_MS),
+                  "--access-log", str(self.s.logs_dir / f"{instance}.access.jsonl"))
         if app:
             cmd += ["--app", app]
         return cmd

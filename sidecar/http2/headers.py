@@ -6,10 +6,15 @@ only the static table. Such a block is *scanned*: the few fields the relay needs
 ``te``, ``traceparent``) and the block is forwarded verbatim. Any other block (one that uses
 the dynamic table, typically sent before the peer saw our SETTINGS) is decoded with the
 ``hpack`` library, which keeps that connection's table right, and re-encoded as literals, so
-what we forward never depends on a dynamic table. Pure code, no I/O.
+what we forward never depends on a dynamic table. ``forwardable`` splices in a new
+``grpc-timeout`` and ``traceparent``. A block that ends with the ``traceparent`` a sidecar
+appends (new on every call) is read as the cached scan of the rest plus that field, so
+per-call trace ids do not cost a full scan at the next hop. Pure code, no I/O.
 """
 
 from __future__ import annotations
+
+from operator import itemgetter
 
 from hpack import Decoder, HPACKError, NeverIndexedHeaderTuple
 from hpack.huffman_table import decode_huffman
@@ -27,6 +32,7 @@ WANTED = frozenset(
 )
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 _ENTRY_OVERHEAD = 32
+_START = itemgetter(0)  # an edit's start offset
 _HUFFMAN_MAX_EXPANSION = 8 / 5  # shortest Huffman code is 5 bits
 
 
@@ -44,20 +50,25 @@ class HeaderListTooLarge(Exception):
 
 
 class HeaderBlock:
-    """One received header block: the bytes to forward and the fields the relay looks at."""
+    """One received header block: the bytes to forward and the fields the relay looks at.
+
+    ``timeout_span`` and ``trace_spans`` are the byte ranges in ``block`` of the (last)
+    ``grpc-timeout`` field and of every ``traceparent`` field (in order), so ``forwardable``
+    can replace them without decoding the block again."""
 
     __slots__ = ("block", "fields", "list_bytes", "timeout_span", "strip_spans", "decoded",
-                 "_others")
+                 "trace_spans", "_others")
 
     def __init__(self, block: bytes, fields: dict[str, str], list_bytes: int,
                  timeout_span: tuple[int, int] | None, strip_spans: list[tuple[int, int]],
-                 decoded: bool) -> None:
+                 decoded: bool, trace_spans: tuple[tuple[int, int], ...] = ()) -> None:
         self.block = block
         self.fields = fields
         self.list_bytes = list_bytes
         self.timeout_span = timeout_span
         self.strip_spans = strip_spans
         self.decoded = decoded
+        self.trace_spans = trace_spans
         self._others: dict[str, str] | None = None
 
     def get(self, name: str) -> str | None:
@@ -76,22 +87,36 @@ class HeaderBlock:
             others = self._others = _other_fields(self.block)
         return others.get(name)
 
-    def forwardable(self, grpc_timeout: str | None = None) -> bytes:
+    def forwardable(self, grpc_timeout: str | None = None,
+                    traceparent: str | None = None) -> bytes:
         """The block to send on: hop-by-hop fields removed, ``grpc-timeout`` replaced by
-        ``grpc_timeout`` when given (and left as received when None)."""
+        ``grpc_timeout`` when given (and left as received when None), and ``traceparent``
+        (a latin-1 string) in place of the received ``traceparent`` when given: exactly one
+        such field, where the first received one was (every other one removed), or appended
+        when the block had none. Returns ``block`` itself, not a copy, when nothing changes."""
         if grpc_timeout is None and not self.strip_spans:
-            return self.block
+            if traceparent is None:
+                return self.block
+            if not self.trace_spans:  # the common case of a new trace: one append
+                return self.block + _traceparent_literal(traceparent)
         edits: list[tuple[int, int, bytes]] = [(s, e, b"") for s, e in self.strip_spans]
+        end = len(self.block)
         if grpc_timeout is not None:
-            if self.timeout_span is not None:
-                s, e = self.timeout_span
-                edits.append((s, e, encode_literal(b"grpc-timeout", grpc_timeout.encode())))
+            lit = encode_literal(b"grpc-timeout", grpc_timeout.encode())
+            s, e = self.timeout_span if self.timeout_span is not None else (end, end)
+            edits.append((s, e, lit))
+        if traceparent is not None:
+            lit = _traceparent_literal(traceparent)
+            spans = self.trace_spans
+            if spans:
+                s, e = spans[0]
+                edits.append((s, e, lit))
+                edits.extend((s, e, b"") for s, e in spans[1:])
             else:
-                edits.append((len(self.block), len(self.block),
-                              encode_literal(b"grpc-timeout", grpc_timeout.encode())))
+                edits.append((end, end, lit))
         if not edits:
             return self.block
-        edits.sort()
+        edits.sort(key=_START)  # stable: appends at the end keep their order
         out = bytearray()
         pos = 0
         for s, e, repl in edits:
@@ -169,6 +194,21 @@ def encode_literal(name: bytes, value: bytes, never_indexed: bool = False) -> by
     return head + encode_int(len(value), 7, 0) + value
 
 
+_TRACEPARENT_HEAD = encode_literal(b"traceparent", b"")[:-1]  # all but the value's length
+
+
+def _traceparent_literal(value: str) -> bytes:
+    """``encode_literal(b"traceparent", value)``, with the name's bytes made once."""
+    raw = value.encode("latin-1")
+    return _TRACEPARENT_HEAD + encode_int(len(raw), 7, 0) + raw
+
+
+_OUR_TRACEPARENT_HEAD = _TRACEPARENT_HEAD + encode_int(55, 7, 0)
+"""The start of the literal a sidecar adds: ``traceparent`` with a 55-character value."""
+_OUR_TRACEPARENT_BYTES = len(_OUR_TRACEPARENT_HEAD) + 55
+_OUR_TRACEPARENT_LIST_BYTES = len("traceparent") + 55 + _ENTRY_OVERHEAD
+
+
 def encode_block(fields: list[tuple[str, str]]) -> bytes:
     """Encode fields as context-free literals (no Huffman, no indexing)."""
     return b"".join(encode_literal(n.encode("latin-1"), v.encode("latin-1")) for n, v in fields)
@@ -200,6 +240,10 @@ class HeaderReader:
             hit = _SCANNED.get(block)
             if hit is not None and hit[0] == self.max_list_bytes:
                 return hit[1]
+            if len(block) > _OUR_TRACEPARENT_BYTES:
+                hb = self._with_our_traceparent(block)
+                if hb is not None:
+                    return hb
             cacheable = len(block) <= _CACHE_MAX_BLOCK_BYTES
         else:
             cacheable = False
@@ -207,17 +251,53 @@ class HeaderReader:
             hb = self._scan(block)
         except _NeedsDecoder:
             return self._decode(block)
-        if cacheable and self.table_size == 0:
-            # Same bytes under an empty table always scan the same: share the result.
+        if cacheable and self.table_size == 0 and not hb.trace_spans:
+            # Same bytes under an empty table always scan the same: share the result (not
+            # for a block with a traceparent: one per call, it would only churn the cache).
             if len(_SCANNED) >= _CACHE_ENTRIES:
                 _SCANNED.clear()
             _SCANNED[block] = (self.max_list_bytes, hb)
         return hb
 
+    def _with_our_traceparent(self, block: bytes) -> HeaderBlock | None:
+        """What ``_scan`` gives for ``block`` when it ends with the literal a sidecar appends
+        (``traceparent``, a 55-character value, no Huffman): the rest is a block requests
+        repeat byte for byte, found in (or added to) the scan cache, and only the traceparent
+        is new per call. None when the block does not end so, or when anything about it
+        wants the full scan (another traceparent, a list near its limit, a head that does
+        not scan on its own: then the tail was not a field of its own)."""
+        n = len(block)
+        cut = n - _OUR_TRACEPARENT_BYTES
+        if not block.startswith(_OUR_TRACEPARENT_HEAD, cut):
+            return None
+        head = block[:cut]
+        hit = _SCANNED.get(head)
+        if hit is not None and hit[0] == self.max_list_bytes:
+            base = hit[1]
+        else:
+            try:
+                base = self._scan(head)
+            except (_NeedsDecoder, HpackError, HeaderListTooLarge):
+                return None
+            if len(head) <= _CACHE_MAX_BLOCK_BYTES and not base.trace_spans:
+                if len(_SCANNED) >= _CACHE_ENTRIES:
+                    _SCANNED.clear()
+                _SCANNED[head] = (self.max_list_bytes, base)
+        # Huffman strings count at most 8/5 of their wire length: past this bound the exact
+        # size is the full scan's business.
+        if base.trace_spans or (base.list_bytes + len(head) + _OUR_TRACEPARENT_LIST_BYTES
+                                > self.max_list_bytes):
+            return None
+        fields = dict(base.fields)
+        fields["traceparent"] = block[n - 55:].decode("latin-1")
+        return HeaderBlock(block, fields, base.list_bytes + _OUR_TRACEPARENT_LIST_BYTES,
+                           base.timeout_span, base.strip_spans, False, ((cut, n),))
+
     def _scan(self, buf: bytes) -> HeaderBlock:
         fields: dict[str, str] = {}
         strip: list[tuple[int, int]] = []
         timeout_span: tuple[int, int] | None = None
+        trace_spans: tuple[tuple[int, int], ...] = ()
         list_bytes = 0
         huffman_bytes = 0
         pos = 0
@@ -285,6 +365,8 @@ class HeaderReader:
                     fields[name] = _text(buf, vs, ve, vh)
                 if name == "grpc-timeout":
                     timeout_span = (start, pos)
+                elif name == "traceparent":
+                    trace_spans += ((start, pos),)
                 elif name == "te" and _text(buf, vs, ve, vh) != "trailers":
                     strip.append((start, pos))
             elif name in HOP_BY_HOP:
@@ -294,7 +376,7 @@ class HeaderReader:
             if exact > self.max_list_bytes:
                 raise HeaderListTooLarge(exact, self.max_list_bytes)
             list_bytes = exact
-        return HeaderBlock(buf, fields, list_bytes, timeout_span, strip, False)
+        return HeaderBlock(buf, fields, list_bytes, timeout_span, strip, False, trace_spans)
 
     def _exact_size(self, buf: bytes) -> int:
         size = 0
@@ -321,6 +403,7 @@ class HeaderReader:
         fields: dict[str, str] = {}
         out: list[bytes] = []
         timeout_span: tuple[int, int] | None = None
+        trace_spans: tuple[tuple[int, int], ...] = ()
         pos = 0
         for h in headers:
             name_b, value_b = bytes(h[0]), bytes(h[1])
@@ -332,9 +415,11 @@ class HeaderReader:
             enc = encode_literal(name_b, value_b, isinstance(h, NeverIndexedHeaderTuple))
             if name == "grpc-timeout":
                 timeout_span = (pos, pos + len(enc))
+            elif name == "traceparent":
+                trace_spans += ((pos, pos + len(enc)),)
             out.append(enc)
             pos += len(enc)
-        return HeaderBlock(b"".join(out), fields, size, timeout_span, [], True)
+        return HeaderBlock(b"".join(out), fields, size, timeout_span, [], True, trace_spans)
 
 
 def _other_fields(buf: bytes) -> dict[str, str]:

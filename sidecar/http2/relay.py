@@ -16,6 +16,8 @@ gRPC rules it enforces: ``grpc-timeout`` and a layer's ``call.route_timeout_s`` 
 dispatch, whichever ends first (DEADLINE_EXCEEDED at expiry, the upstream stream reset, the
 remaining time sent on), the message size limit both ways (RESOURCE_EXHAUSTED for
 that call only), and an upstream that fails gives the caller UNAVAILABLE naming the endpoint.
+Each attempt's request headers carry ``call.traceparent_out`` (set by the tracing layer) in
+place of the received ``traceparent`` when it is not None.
 Retries (gRFC A6). A call is committed once the first response headers that are not
 trailers-only arrive; until then the relay keeps the request's bytes (``call.replay``) and may
 send them again. A call with a retry policy (``call.retry``, set by the retry layer) asks it
@@ -177,7 +179,9 @@ class Call:
         otherwise: unsampled calls build no span objects)."""
         self.traceparent_out: str | None = None
         """The ``traceparent`` value to send upstream in place of the received one (None =
-        forward the received header as it is)."""
+        forward the received header as it is), at the request headers of every attempt:
+        it replaces the received field (every received copy) or is added when the request
+        had none."""
 
 
 class RetryHook(Protocol):
@@ -571,7 +575,7 @@ class Relay:
         chunks = call.replay if call.replay is not None else call.pending
         call.pending = []
         end_now = call.request_ended and not chunks and call.request_trailers is None
-        up.send_headers(st.id, call.headers.forwardable(timeout), end_now)
+        up.send_headers(st.id, call.headers.forwardable(timeout, call.traceparent_out), end_now)
         if end_now:
             return
         last = len(chunks) - 1

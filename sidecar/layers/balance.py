@@ -54,7 +54,7 @@ from sidecar.http2 import grpc as G
 from sidecar.http2.relay import Call, LocalReply
 from sidecar.upstream import EndpointState, Outcome, Upstreams
 
-from .base import Decision, Layer, Next
+from .base import ENDPOINT, Decision, Layer, Next, span_event
 
 DECAY_S = 10.0
 """Time constant of the peak-EWMA estimate (Linkerd's default)."""
@@ -270,11 +270,22 @@ class Balance(Layer):
             i = self._services.get(call.route, self._default)[1](c, states)
         st = states[i]
         call.endpoint = c.eps[i]
+        if call.span is not None:
+            self._traced_pick(call, st.address)
         st.in_flight += 1
         gate = st.gate
         if gate is not None:
             gate.admit(call, now)
         return next(call)
+
+    def _traced_pick(self, call: Call, address: str) -> None:
+        """The span event of a traced call's pick: the attempt's number (1 = the first; a
+        retry's failed attempts are in ``call.retry.attempts`` by now), the endpoint and the
+        balancer."""
+        n = len(getattr(call.retry, "attempts", ())) + 1
+        span_event(call, ENDPOINT, f"attempt {n}: endpoint {address}",
+                   {"mesh.attempt": n, "mesh.endpoint": address,
+                    "mesh.balancer": self._services.get(call.route, self._default)[0]})
 
     def _pick_among_allowed(self, c: _Candidates, call: Call, now_s: float,
                             pick: Picker) -> int:

@@ -16,7 +16,7 @@ from mesh_common.snapshot import FaultRule, Snapshot
 from sidecar.http2 import grpc as G
 from sidecar.http2.relay import Call, Delayed, LocalReply
 
-from .base import Decision, Layer, Next, note
+from .base import FAULT, Decision, Layer, Next, note
 
 
 class _Counts:
@@ -33,7 +33,7 @@ class _Fault:
     """A ``FaultRule`` prepared for the per-call check."""
 
     __slots__ = ("name", "exact", "prefix", "regex", "delay_s", "delay_percent", "abort_percent",
-                 "reply", "delay_note", "counts")
+                 "reply", "delay_note", "counts", "abort_attrs", "delay_attrs")
 
     def __init__(self, f: FaultRule, counts: _Counts) -> None:
         self.name = f.name
@@ -48,6 +48,9 @@ class _Fault:
         self.reply = LocalReply(f.abort_code,
                                 f"fault injected by the mesh: abort {code} ({f.name})")
         self.delay_note = f"fault injected by the mesh: delay {f.delay_ms} ms ({f.name})"
+        # Span event attributes, made once.
+        self.abort_attrs = {"mesh.fault": f.name, "mesh.fault.abort_code": f.abort_code}
+        self.delay_attrs = {"mesh.fault": f.name, "mesh.fault.delay_ms": f.delay_ms}
         self.counts = counts
 
     def applies_to(self, path: str) -> bool:
@@ -112,11 +115,11 @@ class Fault(Layer):
             if abort is None and _rolls(rnd, f.abort_percent):
                 abort = f.reply
                 f.counts.aborts += 1
-                note(call, f.reply.message)
+                note(call, f.reply.message, FAULT, f.abort_attrs)
             if _rolls(rnd, f.delay_percent):
                 delay_s += f.delay_s
                 f.counts.delays += 1
-                note(call, f.delay_note)
+                note(call, f.delay_note, FAULT, f.delay_attrs)
         decision: Decision = abort if abort is not None else next(call)
         if delay_s <= 0.0:
             return decision

@@ -34,7 +34,7 @@ from sidecar.http2.pool import Pool
 from sidecar.http2.relay import Call, LocalReply
 from sidecar.upstream import LIMIT_NAMES, LimitView, Upstream, Upstreams
 
-from .base import Decision, Layer, Next, note
+from .base import FAST_FAIL, Decision, Layer, Next, note
 
 _DEFAULT = CircuitLimits()
 
@@ -89,7 +89,9 @@ class UpstreamLimits(Layer):
         up.fast_fails[limit] += 1
         call.fast_fail = True
         message = up.fast_fail_message(limit)
-        note(call, message)
+        note(call, message, FAST_FAIL,
+             {"mesh.limit": limit, "mesh.limit.max": getattr(up.limits, limit),
+              "mesh.upstream": up.service} if call.span is not None else None)
         return LocalReply(G.UNAVAILABLE, message)
 
     # ------------------------------------------------------------ reporting

@@ -35,7 +35,7 @@ from mesh_common.snapshot import Cluster, OutlierPolicy, Snapshot
 from sidecar.http2 import grpc as G
 from sidecar.upstream import BreakerView, EndpointState, Upstreams
 
-from .base import Layer, note
+from .base import BREAKER, EJECTED, Layer, note
 
 CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF_OPEN"
 RECENT_TRANSITIONS = 8
@@ -273,7 +273,9 @@ class OutlierDetection(Layer):
                     if was is not CLOSED and b.state is CLOSED:
                         self.upstreams.set_gate(st, None)
                         note(call, f"outlier detection: {st.address} is back (CLOSED) after "
-                             "its half-open probes")
+                             "its half-open probes", BREAKER,
+                             {"mesh.endpoint": st.address, "mesh.breaker": CLOSED}
+                             if call.span is not None else None)
             else:
                 self._failed(call, st, b, p.policy, status, now_s)
         st.watched = b.watching()
@@ -287,13 +289,21 @@ class OutlierDetection(Layer):
             refusal = self._refusal(cluster, st, policy) if cluster is not None else ""
             if refusal:
                 b.suppressed += 1
-                note(call, f"outlier detection: {st.address} not ejected ({why}): {refusal}")
+                note(call, f"outlier detection: {st.address} not ejected ({why}): {refusal}",
+                     BREAKER, {"mesh.endpoint": st.address, "mesh.breaker": b.state,
+                               "mesh.outlier.reason": why, "mesh.outlier.suppressed": refusal}
+                     if call.span is not None else None)
                 return
             duration_s = b.eject(now_s, policy, why)
             self.upstreams.set_gate(st, b)
-            note(call, f"outlier detection: ejected {st.address} for {duration_s:g} s: {why}")
+            note(call, f"outlier detection: ejected {st.address} for {duration_s:g} s: {why}",
+                 EJECTED, {"mesh.endpoint": st.address, "mesh.breaker": b.state,
+                           "mesh.outlier.reason": why, "mesh.ejection_s": duration_s}
+                 if call.span is not None else None)
         elif was is HALF_OPEN and b.state is OPEN:
-            note(call, f"outlier detection: {st.address} {b.recent[-1][3]}")
+            note(call, f"outlier detection: {st.address} {b.recent[-1][3]}", EJECTED,
+                 {"mesh.endpoint": st.address, "mesh.breaker": b.state,
+                  "mesh.outlier.reason": b.recent[-1][3]} if call.span is not None else None)
 
     def _refusal(self, cluster: Cluster, st: EndpointState, policy: OutlierPolicy) -> str:
         """Why ejecting ``st`` now would break the cluster's rules, or "" when it may go."""

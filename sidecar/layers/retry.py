@@ -58,7 +58,8 @@ from sidecar.http2.headers import HeaderBlock
 from sidecar.http2.relay import Call, Delayed, LocalReply
 from sidecar.retry_budget import RetryBudget
 
-from .base import Decision, Layer, Next, note
+from .base import NOT_RETRIED as NOT_RETRIED_EVENT
+from .base import RETRY, Decision, Layer, Next, note
 
 STATUS = "status"
 REFUSED_STREAM = "refused_stream"
@@ -302,7 +303,9 @@ class Retry(Layer):
                 counts.budget_exhausted += 1
             else:
                 counts.not_retried[why] += 1
-            note(call, f"not retried after {key} from {address}: {text}")
+            note(call, f"not retried after {key} from {address}: {text}", NOT_RETRIED_EVENT,
+                 {"mesh.retry.reason": key, "mesh.retry.from": address,
+                  "mesh.retry.refused": why} if call.span is not None else None)
 
         if reason not in _UNPROCESSED and not plan.idempotent(call.path):
             refuse("non_idempotent", f"{call.path} is marked non-idempotent")
@@ -361,9 +364,13 @@ class Retry(Layer):
         state.retries += 1
         state.open = True
         counts.retried[key] = counts.retried.get(key, 0) + 1
+        to = _address(call)
         note(call, f"retry {state.retries} of {policy.max_attempts - 1} after {key} from "
-             f"{address}: to {_address(call)}"
-             + (f" in {delay_s * 1e3:.0f} ms" if delay_s > 0 else ""))
+             f"{address}: to {to}" + (f" in {delay_s * 1e3:.0f} ms" if delay_s > 0 else ""),
+             RETRY, {"mesh.retry": state.retries, "mesh.attempt": state.retries + 1,
+                     "mesh.retry.reason": key, "mesh.retry.from": address,
+                     "mesh.endpoint": to, "mesh.retry.backoff_ms": round(delay_s * 1e3, 3)}
+             if call.span is not None else None)
         if isinstance(decision, Delayed):
             return Delayed(decision.seconds + delay_s, decision.then)
         return Delayed(delay_s, decision) if delay_s > 0 else decision

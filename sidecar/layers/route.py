@@ -21,7 +21,7 @@ from mesh_common.snapshot import Cluster, Endpoint, RouteRule, Rule, Snapshot, S
 from sidecar.http2 import grpc as G
 from sidecar.http2.relay import Call, LocalReply
 
-from .base import Decision, Layer, Next, note
+from .base import ROUTE, Decision, Layer, Next, note
 
 _AUTHORITY_CACHE_ENTRIES = 1024
 _EXACT, _PREFIX, _REGEX = 0, 1, 2
@@ -78,7 +78,7 @@ class _RuleCounts:
 class _Dest:
     """A destination of a rule under one snapshot: its healthy endpoints (empty: none)."""
 
-    __slots__ = ("subset", "weight", "endpoints", "label", "note")
+    __slots__ = ("subset", "weight", "endpoints", "label", "note", "attrs")
 
     def __init__(self, subset: tuple[tuple[str, str], ...], weight: int,
                  endpoints: tuple[Endpoint, ...], rule: str) -> None:
@@ -87,6 +87,8 @@ class _Dest:
         self.endpoints = endpoints
         self.label = subset_label(subset)
         self.note = f"rule {rule} → subset {self.label} (weight {weight})"
+        self.attrs = {"mesh.rule": rule, "mesh.subset": self.label, "mesh.weight": weight}
+        """The span event's attributes (made once: a traced call allocates nothing more)."""
 
 
 class _RulePlan:
@@ -157,7 +159,7 @@ class _Unmatched:
 class _RoutePlan:
     """A service's route rules under one snapshot."""
 
-    __slots__ = ("service", "rules", "unmatched", "unmatched_note")
+    __slots__ = ("service", "rules", "unmatched", "unmatched_note", "unmatched_attrs")
 
     def __init__(self, service: str, rules: tuple[_RulePlan, ...], unmatched: _Unmatched,
                  cluster: Cluster) -> None:
@@ -166,6 +168,7 @@ class _RoutePlan:
         self.unmatched = unmatched
         self.unmatched_note = (f"no rule of service {service} matched: any healthy endpoint "
                                f"of cluster {cluster.name}")
+        self.unmatched_attrs = {"mesh.rule": "", "mesh.cluster": cluster.name}
 
 
 _Entry = tuple[str, Cluster, _RoutePlan | None]
@@ -248,7 +251,7 @@ class Route(Layer):
                 break
         else:
             plan.unmatched.calls += 1
-            note(call, plan.unmatched_note)
+            note(call, plan.unmatched_note, ROUTE, plan.unmatched_attrs)
             return next(call)
         counts = rp.counts
         counts.matches += 1
@@ -265,9 +268,11 @@ class Route(Layer):
                 i = bisect_right(rp.live_cum, self._random() * rp.live_total)
                 d = rp.live[min(i, len(rp.live) - 1)]
                 note(call, f"rule {rp.rule.name}: subset {down.label} has no healthy endpoint; "
-                     f"its share went to subset {d.label} (weight {d.weight})")
+                     f"its share went to subset {d.label} (weight {d.weight})", ROUTE,
+                     {"mesh.rule": rp.rule.name, "mesh.subset": d.label,
+                      "mesh.subset_down": down.label} if call.span is not None else None)
         call.subset = d.endpoints
-        note(call, d.note)
+        note(call, d.note, ROUTE, d.attrs)
         return next(call)
 
     # ------------------------------------------------------------ reporting

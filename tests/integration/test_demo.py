@@ -13,27 +13,22 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from demo_services.launcher.procs import is_ours
-from demo_services.launcher.state import DemoState, ProcessRecord
 from demo_services.launcher.state import load as load_state
-from protos.inventory import inventory_pb2, inventory_pb2_grpc
-from protos.order import order_pb2, order_pb2_grpc
-from protos.payment import payment_pb2, payment_pb2_grpc
+from protos.inventory import inventory_pb2
+from protos.order import order_pb2
+from protos.payment import payment_pb2
 from tests.support import procs
-from tests.support.sidecar import REPO_ROOT
+from tests.support.demo import Demo, demo_env, running_demo
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,96 +40,11 @@ EXPECTED = {("control-plane", ""): 1, ("loadgen", "loadgen"): 1, ("sidecar", "lo
                for svc in ("inventory", "payment", "order")}}
 
 
-@dataclass
-class Demo:
-    base: Path
-    env: dict[str, str]
-    state: DemoState
-    channels: dict[str, grpc.Channel]
-
-    def cli(self, module: str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", module, *args], env=self.env, cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=timeout_s)
-
-    def demo(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.cli("demo_services.demo", *args)
-
-    def channel(self, authority: str) -> grpc.Channel:
-        """Through the load generator's sidecar (outbound, h2c) to ``authority``."""
-        if authority not in self.channels:
-            outbound = self.state.one("sidecar", "loadgen").outbound
-            self.channels[authority] = grpc.insecure_channel(
-                outbound, options=[("grpc.default_authority", authority)])
-        return self.channels[authority]
-
-    def order(self) -> order_pb2_grpc.OrderStub:
-        return order_pb2_grpc.OrderStub(self.channel("order"))
-
-    def payment(self) -> payment_pb2_grpc.PaymentStub:
-        return payment_pb2_grpc.PaymentStub(self.channel("payment"))
-
-    def inventory(self) -> inventory_pb2_grpc.InventoryStub:
-        return inventory_pb2_grpc.InventoryStub(self.channel("inventory"))
-
-    def app(self, instance: str) -> ProcessRecord:
-        return self.state.one("app", instance=instance)
-
-    def control(self, rec: ProcessRecord, method: str, path: str,
-                body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = json.dumps(body).encode() if body is not None else (
-            b"" if method != "GET" else None)
-        req = urllib.request.Request(f"http://{rec.control}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return json.load(r)
-
-    def all_orders(self) -> list[order_pb2.OrderView]:
-        out: list[order_pb2.OrderView] = []
-        token = ""
-        while True:
-            resp = self.order().ListOrders(order_pb2.ListOrdersRequest(page_size=1000,
-                                                                       page_token=token),
-                                           timeout=10)
-            out += resp.orders
-            token = resp.next_page_token
-            if not token:
-                return out
-
-    def close(self) -> None:
-        for ch in self.channels.values():
-            ch.close()
-
-
-def _env(base: Path) -> dict[str, str]:
-    api, boot = procs.free_port(), procs.free_port()
-    while boot == api:
-        boot = procs.free_port()
-    return {**os.environ, "PYTHONUNBUFFERED": "1",
-            "MESH_DEMO_DIR": str(base / ".mesh"), "MESH_CERTS_DIR": str(base / "certs"),
-            "MESH_CONTROL_PLANE": f"127.0.0.1:{api}", "MESH_DEMO_BOOTSTRAP": f"127.0.0.1:{boot}",
-            "MESH_DEMO_RPS": str(RPS), "MESH_DEMO_LEASE_S": str(LEASE_S),
-            "MESH_DEMO_REPORT_INTERVAL_S": "1", "MESH_DEMO_HEALTH_INTERVAL_S": "0.5",
-            "MESH_DEMO_GRACE_PERIOD_S": "5", "MESH_DEMO_STOP_TIMEOUT_S": "10"}
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     base = tmp_path_factory.mktemp("demo")
-    env = _env(base)
-    up = subprocess.run([sys.executable, "-m", "demo_services.demo", "up"], env=env,
-                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    state_path = base / ".mesh" / "state.json"
-    d = Demo(base, env, load_state(state_path) if state_path.exists() else None, {})  # type: ignore[arg-type]
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
+    with running_demo(base, demo_env(base, rps=RPS, lease_s=LEASE_S)) as d:
         yield d
-    finally:
-        d.close()
-        down = d.demo("down")
-        assert down.returncode == 0, down.stderr
-        if d.state is not None:
-            left = [p for p in d.state.processes if is_ours(p)]
-            assert not left, f"left running: {left}"
 
 
 @contextmanager

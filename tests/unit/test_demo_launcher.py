@@ -35,6 +35,17 @@ def test_settings_move_by_environment_and_refuse_bad_values(tmp_path: Path) -> N
         from_env({"MESH_DEMO_BOOTSTRAP": "15011"})
     with pytest.raises(SettingsError, match="MESH_DEMO_LEASE_S: at least"):
         from_env({"MESH_DEMO_LEASE_S": "0"})
+    with pytest.raises(SettingsError, match="MESH_DEMO_TRACE_SAMPLE_RATE: at most 1"):
+        from_env({"MESH_DEMO_TRACE_SAMPLE_RATE": "1.5"})
+    with pytest.raises(SettingsError, match="MESH_DEMO_ADMIN_HTTP: expected HOST:PORT"):
+        from_env({"MESH_DEMO_ADMIN_HTTP": "dashboard"})
+
+
+def test_the_demo_observes_everything_by_default(tmp_path: Path) -> None:
+    s = from_env({}, cwd=tmp_path)
+    assert (s.admin_http, s.otlp, s.trace_sample_rate) == ("127.0.0.1:15014",
+                                                           "127.0.0.1:15012", 1.0)
+    assert from_env({"MESH_DEMO_TRACE_SAMPLE_RATE": "0.25"}).trace_sample_rate == 0.25
 
 
 def _rec(role: str, service: str, instance: str = "") -> ProcessRecord:
