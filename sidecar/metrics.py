@@ -77,6 +77,10 @@ class SidecarView(Protocol):
     inbound: _Listener | None
     outbound: _Listener | None
     tls_failures: Mapping[str, int]
+    tracer: Any
+    """The span exporter (``sidecar.tracing.Tracer``: ``.stats()``), or None."""
+    traces: Mapping[str, Any]
+    """Direction -> trace layer (``.sampled``: calls that got a span)."""
 
     def cert_not_after(self) -> float | None: ...
 
@@ -178,6 +182,25 @@ class SidecarCollector:
                                  "content hash.", labels=("version", "hash"))
         info.add_metric((version, snap.content_hash()), 1.0)
         yield info
+        yield from self._spans()
+
+    def _spans(self) -> Iterator[Metric]:
+        sampled = CounterMetricFamily("mesh_spans_sampled", "Calls that got a span, by "
+                                      "direction.", labels=("direction",))
+        for direction, trace in sorted(self.sidecar.traces.items()):
+            sampled.add_metric((direction,), trace.sampled)
+        yield sampled
+        tracer = self.sidecar.tracer
+        if tracer is None:
+            return
+        st = tracer.stats()
+        yield CounterMetricFamily("mesh_spans_exported", "Spans the OTLP exporter delivered.",
+                                  value=st["spans_exported"])
+        dropped = CounterMetricFamily("mesh_spans_dropped", "Spans lost, by reason.",
+                                      labels=("reason",))
+        dropped.add_metric(("export_failed",), st["spans_dropped"])
+        dropped.add_metric(("queue_full",), st["spans_dropped_queue_full"])
+        yield dropped
 
     def _requests(self) -> Iterator[Metric]:
         total = CounterMetricFamily("mesh_requests", "Calls ended, by direction, source and "

@@ -190,6 +190,8 @@ def test_sidecar_metrics_parse_and_count_the_saga(demo: Demo) -> None:
     buckets = samples(fams, "mesh_request_duration_seconds",
                       "mesh_request_duration_seconds_count")
     assert sum(s.value for s in buckets) > 0
+    assert sum(s.value for s in samples(fams, "mesh_spans_exported",
+                                        "mesh_spans_exported_total")) > 0
     for name in ("mesh_certificate_expiry_timestamp_seconds", "mesh_snapshot_version"):
         assert samples(fams, name), name
         assert all(s.value > 0 for s in samples(fams, name)), name

@@ -208,7 +208,10 @@ def test_metrics_page_parses_and_carries_every_family_with_its_counts() -> None:
         outbound=SimpleNamespace(name="outbound", handshakes=0, handshake_failures=0,
                                  rejected={"max_connections": 2}),
         tls_failures={"CERTIFICATE_VERIFY_FAILED": 3},
-        cert_not_after=lambda: 1_800_000_000.0)
+        cert_not_after=lambda: 1_800_000_000.0,
+        traces={"outbound": SimpleNamespace(sampled=4)},
+        tracer=SimpleNamespace(stats=lambda: {"spans_exported": 3, "spans_dropped": 1,
+                                              "spans_dropped_queue_full": 0}))
 
     page = metrics_page(sidecar)  # type: ignore[arg-type]
     assert page.content_type == CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
@@ -225,6 +228,9 @@ def test_metrics_page_parses_and_carries_every_family_with_its_counts() -> None:
                ("method", "/web.Web/Get"), ("source", "gateway"))
     assert req[inbound] == 1
     assert fams["mesh_requests"].type == "counter"
+    assert _samples(fams["mesh_spans_sampled"])[(("direction", "outbound"),)] == 4
+    assert _samples(fams["mesh_spans_exported"])[()] == 3
+    assert _samples(fams["mesh_spans_dropped"])[(("reason", "export_failed"),)] == 1
 
     hist = fams["mesh_request_duration_seconds"]
     assert hist.type == "histogram"
@@ -271,10 +277,12 @@ def test_metrics_page_parses_and_carries_every_family_with_its_counts() -> None:
 def test_a_version_that_is_not_digits_has_info_but_no_number() -> None:
     sidecar = SimpleNamespace(
         boot=SimpleNamespace(service="web"), snapshot=Snapshot("static"), stacks={},
-        relays={}, inbound=None, outbound=None, tls_failures={}, cert_not_after=lambda: None)
+        relays={}, inbound=None, outbound=None, tls_failures={}, cert_not_after=lambda: None,
+        traces={}, tracer=None)
     fams = _families(metrics_page(sidecar).data.decode())  # type: ignore[arg-type]
     assert _samples(fams["mesh_snapshot_version"]) == {}
     assert _samples(fams["mesh_snapshot_info"])[(("hash", Snapshot("static").content_hash()),
                                                  ("version", "static"))] == 1
     assert _samples(fams["mesh_certificate_expiry_timestamp_seconds"]) == {}
     assert _samples(fams["mesh_requests"]) == {}
+    assert _samples(fams["mesh_spans_sampled"]) == {} and "mesh_spans_exported" not in fams
