@@ -196,8 +196,10 @@ class Sidecar:
 
     def _relay(self, name: str, hooks_for: Callable[[Connector, Stats], Hooks],
                loop: asyncio.AbstractEventLoop, flusher: Flusher) -> Relay:
-        stats = Stats(clock=loop.time)  # the relay's clock: calls' started_s come from it
-        relay = Relay(_NO_HOOKS, self.limits, loop.time, loop.call_later,
+        # The relay's clock (calls' started_s, deadlines, latencies): time.monotonic, not
+        # loop.time, which uvloop caches per loop iteration at millisecond resolution.
+        stats = Stats(clock=time.monotonic)
+        relay = Relay(_NO_HOOKS, self.limits, time.monotonic, loop.call_later,
                       lambda conn: conn.io.close())  # type: ignore[attr-defined]
         connector = Connector(relay, flusher, self.limits, lambda: self.tls.client)
         relay.hooks = hooks_for(connector, stats)  # the stack needs the relay's connector
