@@ -71,6 +71,12 @@ demo-down:
 check:
 	$(PY) -m demo_services.check
 
+# Chaos (chaos/): the standard scenarios against the demo (started and stopped here when none
+# runs); one scenario: `python -m chaos SCENARIO [--short] [--seed N] [--report FILE]`.
+.PHONY: chaos
+chaos: install
+	$(PY) -m chaos all --start-demo --report .mesh/chaos-report.json
+
 clean:
 	find . -path ./$(VENV) -prune -o \( -name '*_pb2.py' -o -name '*_pb2_grpc.py' -o -name '*_pb2.pyi' \) -type f -print -exec rm -f {} +
 	rm -rf .pytest_cache

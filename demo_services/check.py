@@ -177,32 +177,40 @@ def report(results: list[Invariant], data: AuditData) -> None:
               f"reserved {left['reserved']}): direct calls to payment or inventory", flush=True)
 
 
+def audit_demo(state: DemoState, wait_s: float,
+               say: Callable[[str], None] = _say) -> tuple[list[Invariant], AuditData]:
+    """Pause the load (if it runs), wait up to ``wait_s`` for no order in flight, fetch and
+    audit, resume. Raises CheckError when it cannot audit."""
+    before = _loadgen(state, "GET", "/stats")
+    paused_here = before is not None and not before.get("paused", False)
+    if paused_here:
+        _loadgen(state, "POST", "/pause")
+        say("load generator paused")
+    elif before is None:
+        say("load generator not answering: auditing without pausing it")
+    try:
+        took = wait_quiet(state, wait_s)
+        say(f"no order in flight after {took:.1f}s" if took is not None else
+            f"orders still in flight after {wait_s:g}s; auditing anyway")
+        data = fetch(state)
+    finally:
+        if paused_here:
+            _loadgen(state, "POST", "/resume")
+            say("load generator resumed")
+    return audit(data), data
+
+
 def run(wait_s: float) -> int:
     try:
         state = load(from_env().state_path)
     except (SettingsError, StateError) as exc:
         _say(f"error: {exc}")
         return 2
-    before = _loadgen(state, "GET", "/stats")
-    paused_here = before is not None and not before.get("paused", False)
-    if paused_here:
-        _loadgen(state, "POST", "/pause")
-        _say("load generator paused")
-    elif before is None:
-        _say("load generator not answering: auditing without pausing it")
     try:
-        took = wait_quiet(state, wait_s)
-        _say(f"no order in flight after {took:.1f}s" if took is not None else
-             f"orders still in flight after {wait_s:g}s; auditing anyway")
-        data = fetch(state)
+        results, data = audit_demo(state, wait_s)
     except CheckError as exc:
         _say(f"error: {exc}")
         return 2
-    finally:
-        if paused_here:
-            _loadgen(state, "POST", "/resume")
-            _say("load generator resumed")
-    results = audit(data)
     report(results, data)
     failed = [r for r in results if not r.ok]
     _say(f"all {len(results)} invariants hold" if not failed else
