@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from mesh_common.authz import AuthzConfig, AuthzError
+from mesh_common.authz import from_doc as authz_from_doc
+from mesh_common.authz import to_doc as authz_to_doc
+
 from .spiffe import SpiffeError, SpiffeId
 
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
@@ -215,6 +219,11 @@ class Snapshot:
     version: str
     clusters: tuple[Cluster, ...] = ()
     routes: tuple[RouteRule, ...] = ()
+    authz: AuthzConfig = AuthzConfig()
+    """Who may call what (``mesh_common.authz``): enforced by each destination's inbound side."""
+    revoked: tuple[str, ...] = ()
+    """Serial numbers (lower-case hex, no leading zeros) of revoked workload certificates:
+    a peer presenting one is refused at its next connection."""
     _by_name: Mapping[str, Cluster] = field(init=False, repr=False, compare=False)
     _routes: Mapping[str, RouteRule] = field(init=False, repr=False, compare=False)
 
@@ -241,10 +250,16 @@ class Snapshot:
 
     def to_doc(self) -> dict[str, Any]:
         """The JSON-able document ``from_doc`` reads back (with the version)."""
-        return {"version": self.version,
-                "clusters": [{"name": c.name, "endpoints": [_endpoint_doc(e) for e in c.endpoints]}
-                             for c in self.clusters],
-                "routes": [_route_doc(r) for r in self.routes]}
+        doc: dict[str, Any] = {
+            "version": self.version,
+            "clusters": [{"name": c.name, "endpoints": [_endpoint_doc(e) for e in c.endpoints]}
+                         for c in self.clusters],
+            "routes": [_route_doc(r) for r in self.routes]}
+        if not self.authz.is_default:  # absent when default, so older hashes stay the same
+            doc["authz"] = authz_to_doc(self.authz)
+        if self.revoked:
+            doc["revoked"] = list(self.revoked)
+        return doc
 
 
 def _endpoint_doc(e: Endpoint) -> dict[str, Any]:
@@ -310,7 +325,8 @@ def merge(base: Snapshot, extra: Snapshot, version: str) -> Snapshot:
     services = {r.service for r in base.routes}
     return Snapshot(version=version,
                     clusters=base.clusters + tuple(c for c in extra.clusters if c.name not in names),
-                    routes=base.routes + tuple(r for r in extra.routes if r.service not in services))
+                    routes=base.routes + tuple(r for r in extra.routes if r.service not in services),
+                    authz=base.authz, revoked=base.revoked)
 
 
 # ---------------------------------------------------------------------- validation
@@ -367,7 +383,7 @@ def from_doc(doc: Any, trust_domain: str | None = None) -> Snapshot:
     ``trust_domain``, when given, is the only one endpoint SPIFFE IDs may name.
     """
     _expect(isinstance(doc, dict), "snapshot", "expected a mapping")
-    _known(doc, {"version", "clusters", "routes"}, "")
+    _known(doc, {"version", "clusters", "routes", "authz", "revoked"}, "")
     version = doc.get("version")
     _expect(isinstance(version, str) and 0 < len(version) <= 64, "version",
             "required string of at most 64 characters")
@@ -424,7 +440,19 @@ def from_doc(doc: Any, trust_domain: str | None = None) -> Snapshot:
         _expect(route.cluster in seen, f"routes[{i}].cluster",
                 f"no cluster named {route.cluster!r}")
         routes.append(route)
-    return Snapshot(version=version, clusters=tuple(clusters), routes=tuple(routes))
+    try:
+        authz = authz_from_doc(doc["authz"]) if "authz" in doc else AuthzConfig()
+    except AuthzError as exc:
+        raise SnapshotError(str(exc)) from None
+    revoked = doc.get("revoked", [])
+    _expect(isinstance(revoked, list) and len(revoked) <= 100_000, "revoked",
+            "expected a list of serial numbers")
+    for i, serial in enumerate(revoked):
+        _expect(isinstance(serial, str) and 0 < len(serial) <= 40
+                and all(ch in "0123456789abcdef" for ch in serial), f"revoked[{i}]",
+                "a certificate serial in lower-case hex")
+    return Snapshot(version=version, clusters=tuple(clusters), routes=tuple(routes),
+                    authz=authz, revoked=tuple(revoked))
 
 
 def from_json(text: str | bytes, trust_domain: str | None = None) -> Snapshot:
