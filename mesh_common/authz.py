@@ -52,12 +52,11 @@ class Match:
         return text.startswith(self.value)
 
     def pattern(self) -> str:
-        """The written form (``*``, the value, or the prefix with ``*``/``/``)."""
+        """The written form: ``*``, the exact value, or the prefix followed by ``*`` (which
+        reads back as the same match for sources and methods alike)."""
         if self.kind == "any":
             return "*"
-        if self.kind == "prefix" and not self.value.endswith("/"):
-            return self.value + "*"
-        return self.value
+        return self.value + "*" if self.kind == "prefix" else self.value
 
 
 @dataclass(frozen=True, slots=True)
