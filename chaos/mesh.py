@@ -240,6 +240,20 @@ class Mesh:
             stream.cancel()
             thread.join(timeout=5)
 
+    # ------------------------------------------------------------------ sidecars' admin ports
+    def sidecar_stats(self, instance: str) -> dict[str, Any]:
+        """Sidecar ``instance``'s admin ``GET /stats`` (discovery, identity, listeners, ...)."""
+        return _http(self.sidecar(instance).admin, "GET", "/stats")
+
+    def sidecar_metrics(self, instance: str) -> list[tuple[str, dict[str, str], float]]:
+        """The samples of sidecar ``instance``'s ``GET /metrics`` as (name, labels, value)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        url = f"http://{self.sidecar(instance).admin}/metrics"
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as r:
+            text = r.read().decode()
+        return [(s.name, dict(s.labels), float(s.value))
+                for fam in text_string_to_metric_families(text) for s in fam.samples]
+
     # ------------------------------------------------------------------ invariants
     def audit(self, wait_s: float = 30.0,
               say: Callable[[str], None] | None = None) -> list[Invariant]:
