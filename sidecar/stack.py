@@ -1,25 +1,28 @@
 """The one place that orders the layers of the inbound and outbound request paths.
 
-outbound:  stats → metrics → trace → calllog → route → fault → limits → retry → timeout →
-           balance → endpoint pool (mTLS to the endpoint's inbound); outlier detection is fed
-           by the balancer; the trace's ending comes last
-inbound:   stats → metrics → trace → calllog → local app pool (h2c over loopback); the
-           trace's ending last
+outbound:  stats → metrics → trace → route → fault → limits → retry → timeout → balance →
+           endpoint pool (mTLS to the endpoint's inbound); outlier detection is fed by the
+           balancer; then calllog and the trace's ending (end hooks only)
+inbound:   stats → metrics → trace → authorize → local app pool (h2c over loopback); then
+           calllog and the trace's ending
 
 Metrics (Prometheus counts) and calllog (access log, taps) only act at a call's end; they
 are given ready-made by the process (they belong to it: the admin port and the discovery
 stream read them) and are left out when None. So is trace (``layers.trace.Trace``: starts or
 continues the call's W3C trace at request headers, so every layer below can note its
-decisions on the span); its ending (``Trace.ending()``) sits after every other layer, so
-the span it finishes holds what they noted up to the call's end (an ejection, say).
+decisions on the span); calllog and the trace's ending (``Trace.ending()``) sit after every
+other layer, so the log line, the tap event and the span hold what the layers noted up to
+the call's end (an ejection, say).
 
 Fault comes right after routing and before timeouts, retries and the balancer, as in Envoy:
 an injected abort never reaches an endpoint. Limits come before retry, so a call they refuse
 is answered at once and never retried; the retry layer runs timeout and balance again for
 each attempt. Outlier detection sits on no call's path: the balancer reports every ended
 attempt to it (``on_outcome``) and skips the endpoints it holds out; both share the
-per-endpoint and per-upstream state of one ``Upstreams``. Later layers (metrics, tracing,
-authorize) slot into these lists; nothing else needs to know the order.
+per-endpoint and per-upstream state of one ``Upstreams``. Authorize comes last before the
+app, so a denied call is still counted, traced and logged (PERMISSION_DENIED, with the
+``denied`` span event) and never reaches the app. Later layers slot into these lists;
+nothing else needs to know the order.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from mesh_common.snapshot import Endpoint, Snapshot
 
 from .http2.pool import Pool
 from .http2.relay import Call
+from .layers.authorize import Authorize
 from .layers.balance import Balance
 from .layers.base import Decision, Layer
 from .layers.calllog import CallLog
@@ -124,20 +128,27 @@ def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
     # they were, and the balancers' draws are not the same numbers as theirs.
     balance_rng = random.Random(hash(rng.getstate()))
     outlier = OutlierDetection(snapshot, upstreams, clock)
-    return Stack([*_present(stats, metrics, trace, calllog),
+    # calllog only observes the end: it comes after outlier detection so the access log and
+    # tap carry its notes (ejected, half-open probe) too.
+    return Stack([*_present(stats, metrics, trace),
                   Route(snapshot, rng),
                   Fault(snapshot, rng),
                   UpstreamLimits(snapshot, upstreams),
                   Retry(snapshot, random.Random(hash(rng.getstate()) ^ 1), clock),
                   Timeout(snapshot),
                   Balance(snapshot, upstreams, clock, balance_rng, on_outcome=outlier.observe),
-                  outlier, *_present(trace.ending() if trace is not None else None)],
+                  outlier,
+                  *_present(calllog, trace.ending() if trace is not None else None)],
                  endpoint)
 
 
 def inbound_stack(stats: Stats, app_pool: Pool, *, metrics: Metrics | None = None,
-                  calllog: CallLog | None = None, trace: Trace | None = None) -> Stack:
-    return Stack(_present(stats, metrics, trace, calllog,
+                  calllog: CallLog | None = None, trace: Trace | None = None,
+                  authorize: Authorize | None = None) -> Stack:
+    """The inbound path to the local app (``app_pool``); ``metrics``/``calllog``/``trace``
+    as outbound, ``authorize`` the process's authorization layer (None: left out, every
+    caller reaches the app)."""
+    return Stack(_present(stats, metrics, trace, authorize, calllog,
                           trace.ending() if trace is not None else None), lambda call: app_pool)
 
 

@@ -68,6 +68,13 @@ class EndpointState:
         self.outlier: Any = None
         self.watched = False
 
+    def forget_latency(self, now_s: float) -> None:
+        """Start the latency estimate over, as for a new endpoint: for one that comes back
+        (healthy again, or its breaker CLOSED again), whose old estimate holds the failure
+        penalties of its bad time and would keep peak-EWMA away from it for a long while."""
+        self.ewma_s = DEFAULT_RTT_S
+        self.stamp_s = now_s
+
     def __repr__(self) -> str:
         return (f"EndpointState({self.address}, in_flight={self.in_flight}, "
                 f"ewma_ms={self.ewma_s * 1e3:.2f}, gated={self.gate is not None})")

@@ -216,6 +216,14 @@ class Balance(Layer):
         self._candidates = {}
         self._states = {}
         self.upstreams.retain(e.address for c in snap.clusters for e in c.endpoints)
+        old = self._snap
+        if old is not None:  # endpoints healthy again start their estimate over
+            was_healthy = {e.address for c in old.clusters for e in c.healthy}
+            now_s = self.clock()
+            for c in snap.clusters:
+                for e in c.healthy:
+                    if e.address not in was_healthy:
+                        self.upstreams.endpoint(e.address, now_s).forget_latency(now_s)
         self._snap = snap
 
     def _candidates_of(self, eps: tuple[Endpoint, ...], now_s: float) -> _Candidates:

@@ -272,6 +272,7 @@ class OutlierDetection(Layer):
                     b.succeeded(call, now_s, p.policy)
                     if was is not CLOSED and b.state is CLOSED:
                         self.upstreams.set_gate(st, None)
+                        st.forget_latency(now_s)  # its failures' penalties are history
                         note(call, f"outlier detection: {st.address} is back (CLOSED) after "
                              "its half-open probes", BREAKER,
                              {"mesh.endpoint": st.address, "mesh.breaker": CLOSED}

@@ -228,6 +228,32 @@ def test_endpoint_state_survives_a_snapshot_swap() -> None:
     assert counts[A.address] < 15, counts
 
 
+def test_an_endpoint_healthy_again_starts_its_estimate_over() -> None:
+    m = Mesh(snapshot((A, B), outlier=NO_EJECTIONS))
+    m.spread(50, latency_s={A.address: 0.150}, status={A.address: G.UNAVAILABLE})
+    assert m.state(A).ewma_s > 0.1  # slow failures count
+    m.snap = snapshot((ep(1, healthy=False), B), outlier=NO_EJECTIONS, version="2")
+    m.one()
+    assert m.state(A).ewma_s > 0.1  # still unhealthy: nothing forgotten
+    m.snap = snapshot((ep(1), B), outlier=NO_EJECTIONS, version="3")
+    m.one()
+    assert m.state(A).ewma_s == DEFAULT_RTT_S
+
+
+def test_an_endpoint_whose_breaker_closes_starts_its_estimate_over() -> None:
+    m = Mesh(snapshot((A, B), outlier=OutlierPolicy(consecutive_errors=2, base_ejection_ms=1000)))
+    while m.breaker(A) is None or m.breaker(A).state != OPEN:
+        m.one(latency_s={A.address: 0.3}, status={A.address: G.UNAVAILABLE})
+    assert m.state(A).ewma_s >= 0.3
+    m.clock.now += 1.5  # ejection over: half-open probes go to A and succeed
+    for _ in range(50):
+        m.one()
+        if m.breaker(A).state == CLOSED:
+            break
+    assert m.breaker(A).state == CLOSED
+    assert m.state(A).ewma_s < 0.3  # the penalties are gone with the breaker
+
+
 def test_endpoints_that_left_are_forgotten_unless_calls_are_in_flight() -> None:
     m = Mesh(snapshot((A, B)))
     held, _ = m.start()
