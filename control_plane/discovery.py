@@ -6,7 +6,10 @@ Three parts:
   ``Snapshot`` every sidecar gets: a cluster per service with at least one inbound address,
   its endpoints sorted by instance id (``healthy`` = the app reports SERVING), an empty
   cluster per service the config names that has none, and a route per service compiled from
-  the config (``mesh_common.config.compile_routes``; identity routes without config).
+  the config (``mesh_common.config.compile_routes``; identity routes without config), and
+  the authorization: the AuthorizationPolicy objects with the mesh-wide default
+  (``compile_authz``), and the deny-list of revoked certificate serials
+  (``control_plane.revocation``; the publisher leaves revoked instances out).
 * ``Publisher``: a registry change publishes at once (leading edge); further changes within
   ``push_window_s`` are coalesced into one publish at the end of the window; a config change
   publishes at once (``publish_now``). The version (a decimal integer, monotonic across
@@ -26,12 +29,13 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
 from control_plane.registry import Instance, Key, Registry
 from control_plane.store import Store
-from mesh_common.config import ConfigObject, compile_routes
+from mesh_common.config import ConfigObject, compile_authz, compile_routes
 from mesh_common.snapshot import (
     Cluster,
     Endpoint,
@@ -53,6 +57,7 @@ STALE = "STALE"
 DEFAULT_PUSH_WINDOW_S = 0.1
 DEFAULT_STALE_AFTER_S = 10.0
 MAX_PENDING_QUERIES = 32
+MAX_TRUST_CHARS = 128       # reported serials and hashes are cut to this
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,8 @@ def _preferred(inst: Instance) -> tuple[bool, float, str]:
 
 
 def build_snapshot(instances: Iterable[Instance], version: str,
-                   config: Iterable[ConfigObject] = ()) -> Snapshot:
+                   config: Iterable[ConfigObject] = (), *,
+                   authz_default: str = "allow", revoked: Iterable[str] = ()) -> Snapshot:
     """The snapshot every sidecar gets, for ``instances`` and the ``config`` objects (a valid
     set, as the config state keeps it).
 
@@ -97,9 +103,12 @@ def build_snapshot(instances: Iterable[Instance], version: str,
     instances of a service share an address (a replica restarted under a new id while the
     old one is in its grace period) the connected, then most recently registered, one is
     kept. An unparsable inbound address is left out (the server validates addresses at
-    registration, so this does not happen). Raises ``ConfigError`` for an invalid config
-    set. Pure.
+    registration, so this does not happen). The authorization is the config's
+    AuthorizationPolicy objects with ``authz_default`` (``allow``/``deny``; ``compile_authz``).
+    ``revoked`` is the deny-list of certificate serials (sorted, without duplicates).
+    Raises ``ConfigError`` for an invalid config set. Pure.
     """
+    config = tuple(config)
     by_service: dict[str, dict[str, tuple[Instance, Endpoint]]] = {}
     for inst in instances:
         ep = _endpoint(inst) if inst.inbound else None
@@ -116,7 +125,9 @@ def build_snapshot(instances: Iterable[Instance], version: str,
     routes, empty = compile_routes(config, (c.name for c in registered))
     clusters = tuple(sorted(registered + [Cluster(name, ()) for name in empty],
                             key=lambda c: c.name))
-    return Snapshot(version=version, clusters=clusters, routes=routes)
+    return Snapshot(version=version, clusters=clusters, routes=routes,
+                    authz=compile_authz(config, authz_default),
+                    revoked=tuple(sorted(set(revoked))))
 
 
 @dataclass(frozen=True)
@@ -146,16 +157,25 @@ def raw_published(version: str, text: str) -> Published:
 # ---------------------------------------------------------------------- the publisher
 class Publisher:
     """Publishes the snapshot of the registry and the config (``config()`` returns the current
-    objects): at once on a registry change after a quiet window, and once at the end of a
-    window for all changes within it. Subscribers (``subscribe``) get each new ``Published``;
-    an unchanged content hash publishes nothing. Publishes never overlap."""
+    objects, ``authz_default()`` the mesh-wide authorization default, ``revoked()`` the
+    deny-list of revoked certificate serials, ``excluded()`` the keys of instances left out,
+    whose certificate is revoked): at once on a registry
+    change after a quiet window, and once at the end of a window for all changes within it.
+    Subscribers (``subscribe``) get each new ``Published``; an unchanged content hash
+    publishes nothing. Publishes never overlap."""
 
     def __init__(self, registry: Registry, store: Store | None, push_window_s: float,
                  trust_domain: str | None = None,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                 config: Callable[[], Iterable[ConfigObject]] = tuple) -> None:
+                 config: Callable[[], Iterable[ConfigObject]] = tuple,
+                 authz_default: Callable[[], str] = lambda: "allow",
+                 revoked: Callable[[], Iterable[str]] = tuple,
+                 excluded: Callable[[], AbstractSet[Key]] = frozenset) -> None:
         self._registry = registry
+        self._revoked = revoked      # the deny-list of revoked certificate serials
+        self._excluded = excluded    # instances left out of the snapshot (revoked ones)
         self._config = config
+        self._authz_default = authz_default
         self._lock = asyncio.Lock()
         self._store = store
         self.push_window_s = push_window_s
@@ -221,7 +241,12 @@ class Publisher:
             return await self._publish(force)
 
     async def _publish(self, force: bool = False) -> Published:
-        snap = build_snapshot(self._registry.instances(), "0", self._config())
+        excluded = self._excluded()
+        instances = self._registry.instances()
+        if excluded:
+            instances = [i for i in instances if i.key not in excluded]
+        snap = build_snapshot(instances, "0", self._config(),
+                              authz_default=self._authz_default(), revoked=self._revoked())
         doc = snap.to_doc()
         digest = content_hash(doc)
         if self.latest is not None and digest == self.latest.hash and not force:
@@ -322,6 +347,12 @@ class Session:
         self.opened_at = now
         self.last_seen = now
         self.cert_not_after = cert_not_after
+        # Its identity as it reports it (Register, StateReport): its certificate's serial,
+        # the SHA-256 of its trust bundle and of the CA certificate that issued it ("" =
+        # not reported); what a CA rotation waits on.
+        self.cert_serial = ""
+        self.bundle_sha256 = ""
+        self.issuer_sha256 = ""
         self.sent_version = ""
         self.sent_hash = ""
         self.sent_at: float | None = None
@@ -340,6 +371,19 @@ class Session:
     @property
     def key(self) -> Key:
         return self.instance.key
+
+    def set_trust(self, cert_serial: str, bundle_sha256: str, issuer_sha256: str) -> bool:
+        """Take what the sidecar reports of its identity (each cut to ``MAX_TRUST_CHARS``;
+        an empty report, from a sidecar that reports none, changes nothing). True when it
+        changed."""
+        if not (cert_serial or bundle_sha256 or issuer_sha256):
+            return False
+        new = (cert_serial[:MAX_TRUST_CHARS], bundle_sha256[:MAX_TRUST_CHARS],
+               issuer_sha256[:MAX_TRUST_CHARS])
+        if new == (self.cert_serial, self.bundle_sha256, self.issuer_sha256):
+            return False
+        self.cert_serial, self.bundle_sha256, self.issuer_sha256 = new
+        return True
 
     def state(self, now: float, stale_after_s: float) -> str:
         """``sync_state`` of this session at ``now``."""

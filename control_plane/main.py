@@ -16,6 +16,7 @@ import prometheus_client
 from click.core import ParameterSource
 
 from control_plane import ca as ca_mod
+from control_plane import rotation as rotation_mod
 from control_plane.discovery import DiscoverySettings
 from control_plane.server import ControlPlane, Server, split_hostport
 from control_plane.store import Store
@@ -126,6 +127,16 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
 @click.option("--stale-after-s", type=click.FloatRange(0.1, 3600), default=10.0,
               show_default=True,
               help="A sidecar that has not ACKed the version sent this long is STALE.")
+@click.option("--ca-rotation-phase-timeout-s", type=click.FloatRange(1, 7 * 24 * 3600),
+              default=600.0, show_default=True,
+              help="A CA rotation's phase not done by then is reported stuck (meshctl ca "
+                   "status names the sidecars behind); the rotation keeps waiting.")
+@click.option("--ca-rotation-min-phase-s", type=click.FloatRange(0, 24 * 3600), default=5.0,
+              show_default=True, help="Each phase of a CA rotation lasts at least this long.")
+@click.option("--ca-rotation-retell-s", type=click.FloatRange(0.1, 3600), default=10.0,
+              show_default=True,
+              help="During a CA rotation, a sidecar still behind is told to renew again this "
+                   "often.")
 @click.option("--enable-test-hooks", is_flag=True, default=False,
               help="TEST ONLY: serve Admin.TestPushRawSnapshot (pushes unvalidated snapshots).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -135,7 +146,8 @@ def cli(listen: str, bootstrap_listen: str, admin_http: str, otlp_listen: str,
         ca_cert: str | None,
         ca_key: str | None, data_dir: str, cert_ttl: int, grace_period_s: float,
         push_window_ms: int, report_window_s: float, stale_after_s: float,
-        enable_test_hooks: bool, log_level: str) -> int:
+        ca_rotation_phase_timeout_s: float, ca_rotation_min_phase_s: float,
+        ca_rotation_retell_s: float, enable_test_hooks: bool, log_level: str) -> int:
     """Run the mesh control plane: certificate authority, join tokens, registry and
     discovery, admin API."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -150,7 +162,21 @@ def cli(listen: str, bootstrap_listen: str, admin_http: str, otlp_listen: str,
     except SpiffeError as exc:
         raise click.BadParameter(str(exc), param_hint="--trust-domain") from None
     now = dt.datetime.now(dt.UTC)
-    ca = load_ca(Path(ca_dir), trust_domain, ca_cert, ca_key, now)
+    if bool(ca_cert) != bool(ca_key):
+        raise click.UsageError("--ca-cert and --ca-key go together")
+    # The CA dir's rotation state decides: none (the root there, or --ca-cert/--ca-key), a
+    # rotation under way (both CAs), or a finished one (the CA it brought).
+    restored = rotation_mod.restore(
+        Path(ca_dir), trust_domain, lambda: load_ca(Path(ca_dir), trust_domain, ca_cert, ca_key,
+                                                    now),
+        Path(ca_cert) if ca_cert else None, Path(ca_key) if ca_key else None)
+    if restored.note:
+        log.warning("%s", restored.note)
+    rotation = rotation_mod.RotationManager(
+        restored, ca_dir=Path(ca_dir), settings=rotation_mod.RotationSettings(
+            phase_timeout_s=ca_rotation_phase_timeout_s, min_phase_s=ca_rotation_min_phase_s,
+            retell_s=ca_rotation_retell_s))
+    ca = rotation.trust.signer
     store = Store(Path(data_dir))
     settings = DiscoverySettings(grace_period_s=grace_period_s,
                                  push_window_s=push_window_ms / 1000,
@@ -161,7 +187,7 @@ def cli(listen: str, bootstrap_listen: str, admin_http: str, otlp_listen: str,
     traces = TraceStore(Path(data_dir) / TRACES_FILE, trace_retention_s, trace_max_spans) \
         if otlp_listen else None
     cp = ControlPlane(ca, store, dt.timedelta(seconds=cert_ttl), settings=settings,
-                      traces=traces)
+                      traces=traces, rotation=rotation)
     return asyncio.run(_serve(cp, listen, bootstrap_listen, admin_http=admin_http,
                               admin_http_optional=admin_http_optional,
                               otlp_listen=otlp_listen or None, otlp_optional=otlp_optional))

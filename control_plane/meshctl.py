@@ -3,7 +3,8 @@ control plane.
 
     meshctl token create SERVICE [--ttl 1h] [--uses N]   # prints the token alone
     meshctl token list | meshctl token delete ID
-    meshctl certs [renew [--service S]]
+    meshctl certs [renew [--service S] | revoke SERIAL|--instance I]   # near expiry: marked
+    meshctl audit [--limit N] [--action A]      # who changed what, when, with what result
     meshctl status | meshctl config INSTANCE
     meshctl topology [-o dot] [--svg FILE] [--png FILE]   # services, edges, golden signals
     meshctl top [--interval 2] [--iterations N]           # live services and edges
@@ -11,11 +12,14 @@ control plane.
     meshctl trace ID                            # span tree as a waterfall, events under spans
     meshctl tap SERVICE [--method M] [--duration 60s] [--max N]   # calls as they happen
     meshctl breakers [--service S]              # outlier detection and limits, as reported
-    meshctl apply -f FILE|DIR|- [--dry-run]     # Route, TrafficPolicy, Fault documents
+    meshctl apply -f FILE|DIR|- [--dry-run]     # Route, TrafficPolicy, Fault, Authorization-
+                                                # Policy documents
     meshctl get KIND [NAME] [-o yaml|json] [--revision N]
     meshctl delete KIND NAME | meshctl diff -f FILE|DIR|-
     meshctl fault inject SERVICE [--method M] (--abort CODE | --delay MS) --percent P
     meshctl fault clear SERVICE
+    meshctl authz check SOURCE_ID DEST_SERVICE METHOD   # allow (exit 0) or deny (exit 1)
+    meshctl authz default [allow|deny]
 
 Tables by default, ``-o json|yaml`` for scripts (``tap -o json``: JSON lines); errors are one
 line on stderr and a non-zero exit. The observability commands (topology, top, traces,
@@ -28,6 +32,7 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,7 @@ import click
 import grpc
 import yaml
 
-from control_plane import meshctl_observe
+from control_plane import meshctl_authz, meshctl_observe, meshctl_security
 from control_plane.cli_common import (
     PROG,
     RPC_TIMEOUT_S,
@@ -128,14 +133,33 @@ def token_delete(ctx: click.Context, token_id: str) -> None:
 @_output
 @click.pass_context
 def certs(ctx: click.Context, output: str) -> None:
-    """Certificates the control plane issued: service, instance, serial, not_after."""
+    """Certificates the control plane issued: service, instance, serial, not_after, and
+    whether it is each instance's current one. A current certificate in the last tenth of
+    its lifetime (renewal failing) or expired is marked, with a warning on stderr (for one
+    lifetime after its expiry: an instance gone for longer is not warned about)."""
     if ctx.invoked_subcommand is not None:
         return
     resp = _client(ctx).call("ListCertificates", pb.ListCertificatesRequest())
+    now = time.time()
+    latest: dict[tuple[str, str], int] = {}
+    for i, c in enumerate(resp.certificates):  # issue order: an instance's last is current
+        latest[(c.service, c.instance_id)] = i
+    current = set(latest.values())
+    states = [meshctl_security.expiry_state(c.not_after_unix, now, c.issued_at_unix)
+              if i in current else "" for i, c in enumerate(resp.certificates)]
     doc = [{"service": c.service, "instance": c.instance_id, "serial": c.serial,
             "not_after": _iso(c.not_after_unix)} for c in resp.certificates]
-    rows = [[d["service"], d["instance"], d["serial"], d["not_after"]] for d in doc]
-    _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "SERIAL", "NOT AFTER"], rows)
+    rows = [[d["service"], d["instance"], d["serial"],
+             meshctl_security.expiry_cell(c.not_after_unix, st, now),
+             "yes" if i in current else "-"]
+            for i, (d, c, st) in enumerate(zip(doc, resp.certificates, states, strict=True))]
+    _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "SERIAL", "NOT AFTER", "CURRENT"], rows)
+    warning = meshctl_security.expiry_warning(  # current ones, expired within a lifetime
+        [(f"{c.service}/{c.instance_id}", c.not_after_unix, st)
+         for c, st in zip(resp.certificates, states, strict=True)
+         if st and now - c.not_after_unix < c.not_after_unix - c.issued_at_unix], now)
+    if warning:
+        click.echo(f"{PROG}: {warning}", err=True)
 
 
 @certs.command("renew")
@@ -155,7 +179,14 @@ def certs_renew(ctx: click.Context, service: str) -> None:
 @click.pass_context
 def status(ctx: click.Context, output: str) -> None:
     """One row per sidecar: addresses, snapshot version ACKed, sync state, certificate expiry."""
-    resp = _client(ctx).call("ListSidecars", pb.ListSidecarsRequest())
+    c = _client(ctx)
+    resp = c.call("ListSidecars", pb.ListSidecarsRequest())
+    now = time.time()
+    issued = _issue_times(c) if any(s.cert_not_after_unix for s in resp.sidecars) else {}
+    states = [meshctl_security.expiry_state(
+        s.cert_not_after_unix, now,
+        issued.get((s.service, s.instance, s.cert_not_after_unix), 0.0))
+        for s in resp.sidecars]
     doc = [{"service": s.service, "instance": s.instance, "spiffe_id": s.spiffe_id,
             "inbound": s.inbound, "outbound": s.outbound, "admin": s.admin,
             "labels": dict(sorted(s.labels.items())), "health": s.health,
@@ -164,10 +195,11 @@ def status(ctx: click.Context, output: str) -> None:
             "nack": ({"version": s.nack_version, "reason": s.nack_reason,
                       "at": _iso(s.nack_at_unix)} if s.nack_reason else None),
             "cert_not_after": _iso(s.cert_not_after_unix) if s.cert_not_after_unix else None,
+            "cert_expiry": st or None,
             "last_seen": _iso(int(s.last_seen_unix)) if s.last_seen_unix else None}
-           for s in resp.sidecars]
+           for s, st in zip(resp.sidecars, states, strict=True)]
     rows = []
-    for d, s in zip(doc, resp.sidecars, strict=True):
+    for d, s, st in zip(doc, resp.sidecars, states, strict=True):
         state = d["state"]
         if s.nack_reason and state == "NACKED":
             state = f"NACKED v{s.nack_version}: {s.nack_reason}"
@@ -175,10 +207,27 @@ def status(ctx: click.Context, output: str) -> None:
             state = f"{state} (stream down {_age(s.last_seen_unix)})"
         rows.append([d["service"], d["instance"], d["inbound"] or "-", d["outbound"] or "-",
                      d["admin"] or "-", d["acked_version"] or "-", state,
-                     d["cert_not_after"] or "-"])
+                     meshctl_security.expiry_cell(s.cert_not_after_unix, st, now)
+                     if s.cert_not_after_unix else "-"])
     _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "INBOUND", "OUTBOUND", "ADMIN", "ACKED",
                              "STATE", "CERT NOT AFTER"], rows,
           title=f"latest snapshot version {resp.latest_version or '-'}")
+    warning = meshctl_security.expiry_warning(
+        [(f"{s.service}/{s.instance}", s.cert_not_after_unix, st)
+         for s, st in zip(resp.sidecars, states, strict=True) if s.connected], now)
+    if warning:
+        click.echo(f"{PROG}: {warning}", err=True)
+
+
+def _issue_times(c: Client) -> dict[tuple[str, str, int], float]:
+    """``(service, instance, not_after)`` -> when that certificate was issued (unix
+    seconds), so status can tell a certificate's lifetime; empty when it cannot be asked."""
+    try:
+        certs = c.call("ListCertificates", pb.ListCertificatesRequest()).certificates
+    except MeshctlError:
+        return {}
+    return {(x.service, x.instance_id, x.not_after_unix): float(x.issued_at_unix)
+            for x in certs}
 
 
 _LIMIT_COLUMNS = (("max_connections", "CONNECTIONS"), ("max_pending", "PENDING"),
@@ -355,8 +404,8 @@ _files = click.option("-f", "--filename", "paths", multiple=True, required=True,
               help="Validate and say what would change; store nothing.")
 @click.pass_context
 def apply(ctx: click.Context, paths: tuple[str, ...], dry_run: bool) -> None:
-    """Apply Route, TrafficPolicy and Fault documents: validated whole (with what is stored)
-    before any of it is stored; one line per object."""
+    """Apply Route, TrafficPolicy, Fault and AuthorizationPolicy documents: validated whole
+    (with what is stored) before any of it is stored; one line per object."""
     docs = read_documents(paths)
     resp = _client(ctx).call("ApplyConfig", pb.ApplyConfigRequest(documents=docs,
                                                                    dry_run=dry_run),
@@ -376,9 +425,10 @@ def apply(ctx: click.Context, paths: tuple[str, ...], dry_run: bool) -> None:
               help="That revision of NAME instead of the current one.")
 @click.pass_context
 def get(ctx: click.Context, kind: str, name: str, output: str, revision: int | None) -> None:
-    """Config objects of KIND (route, trafficpolicy, fault; plural too), or NAME's. ``-o
-    yaml``: documents that ``apply -f`` takes back (a revision's restores it); ``-o json``: an
-    object for NAME, else a list, each with revision, applied_at and deleted."""
+    """Config objects of KIND (route, trafficpolicy, fault, authorizationpolicy; plural too),
+    or NAME's. ``-o yaml``: documents that ``apply -f`` takes back (a revision's restores
+    it); ``-o json``: an object for NAME, else a list, each with revision, applied_at and
+    deleted."""
     kind = _kind(kind)
     if revision is not None and not name:
         raise click.UsageError("--revision needs a NAME")
@@ -517,8 +567,12 @@ def fault_clear(ctx: click.Context, service: str) -> None:
     click.echo(f"{_label(r.kind, r.name)} deleted (revision {r.revision})")
 
 
-for _command in meshctl_observe.COMMANDS:
+for _command in meshctl_observe.COMMANDS + meshctl_security.COMMANDS:
     cli.add_command(_command)
+for _command in meshctl_authz.COMMANDS:
+    cli.add_command(_command)
+for _command in meshctl_security.CERTS_COMMANDS:
+    certs.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,9 +8,16 @@
   long-lived stream per sidecar: registration, snapshots and ACK/NACK, live state, queries and
   commands; workload identities only, and the service registered is always the certificate's)
   and ``mesh.v1.Admin`` (admin identities only: ``spiffe://<td>/admin/<name>``), which also
-  serves the declarative config (apply, get, delete, diff; ``config_store``), the traces the
-  OTLP receiver keeps (``ListTraces``, ``GetTrace``; ``traces``) and live taps (``Tap``;
-  ``tap``: TapStart/TapStop go out on the sidecars' discovery streams, TapEvents come back);
+  serves the declarative config (apply, get, delete, diff; ``config_store``), authorization
+  (``CheckAuthz`` decides a call as the sidecars would; ``SetAuthzDefault``/``GetAuthzDefault``:
+  the mesh-wide default, kept in the store's meta table and published in every snapshot),
+  the traces the OTLP receiver keeps (``ListTraces``, ``GetTrace``; ``traces``) and live
+  taps (``Tap``; ``tap``: TapStart/TapStop go out on the sidecars' discovery streams,
+  TapEvents come back), the audit log (``ListAudit``) and certificate revocation
+  (``RevokeCertificate``; ``control_plane.revocation``). Every RPC of this listener passes
+  the ``control_plane.audit.ApiGate`` interceptor first: a revoked client certificate is
+  refused everything, a non-admin every Admin RPC, and the actions that change the mesh
+  are written to the audit log with their caller and result;
 * the **OTLP** listener (``otlp``), behind the same mTLS: the embedded trace receiver
   (``opentelemetry.proto.collector.trace.v1.TraceService/Export``); joins name it in
   ``JoinResponse.otlp_endpoint``.
@@ -39,7 +46,10 @@ import grpc
 from cryptography import x509
 
 from control_plane import otlp
-from control_plane.ca import CertificateAuthority, CsrError
+from control_plane.audit import DEFAULT_LIST_LIMIT as DEFAULT_AUDIT_LIST_LIMIT
+from control_plane.audit import MAX_LIST_LIMIT as MAX_AUDIT_LIST_LIMIT
+from control_plane.audit import ApiGate
+from control_plane.ca import CertificateAuthority, CsrError, parse_ca
 from control_plane.config_store import ConfigNotFound, ConfigState, ConfigStore, Outcome
 from control_plane.discovery import (
     STALE,
@@ -56,7 +66,9 @@ from control_plane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from control_plane.metrics import ControlPlaneMetrics, LiveState, live_state_of
 from control_plane.registry import HEALTH_VALUES, Instance, Registry, normalize_health, sort_labels
 from control_plane.registry.embedded import EmbeddedRegistry
-from control_plane.store import Store, UseResult
+from control_plane.revocation import Revocations, normalize_serial
+from control_plane.rotation import RotationError, RotationManager, ServingCredentials
+from control_plane.store import AuditRow, Store, UseResult
 from control_plane.tap import Tap as TapSession
 from control_plane.tap import TapError, TapHub, tap_spec
 from control_plane.telemetry import (
@@ -71,12 +83,15 @@ from control_plane.traces import DEFAULT_LIST_LIMIT as DEFAULT_TRACE_LIST_LIMIT
 from control_plane.traces import Span as StoredSpan
 from control_plane.traces import TraceStore, normalize_trace_id
 from control_plane.traces import TraceSummary as StoredSummary
+from mesh_common.authz import DEFAULTS as AUTHZ_DEFAULTS
+from mesh_common.authz import decide, decide_dry_run
 from mesh_common.config import (
     UNCHANGED,
     ApplyPlan,
     ConfigError,
     ConfigObject,
     Document,
+    compile_authz,
     describe,
     kind_of,
     to_doc,
@@ -176,8 +191,11 @@ class ControlPlane:
                  clock: Callable[[], float] = time.time,
                  settings: DiscoverySettings | None = None,
                  registry: Registry | None = None,
-                 traces: TraceStore | None = None) -> None:
-        self.ca = ca
+                 traces: TraceStore | None = None,
+                 rotation: RotationManager | None = None) -> None:
+        # The CAs and a CA rotation between them (``control_plane.rotation``); ``ca`` is the
+        # phase's signer. Without ``rotation``, ``ca`` alone (a rotation lives in memory).
+        self.rotation = rotation if rotation is not None else RotationManager.in_memory(ca)
         self.store = store
         self.cert_ttl = cert_ttl
         self.clock = clock
@@ -190,10 +208,21 @@ class ControlPlane:
         for problem in self.config.load():
             log.error("a stored config object no longer validates and is left out: %s", problem)
         self.config_lock = asyncio.Lock()
+        # The mesh-wide authorization default (allow/deny), durable in the store's meta
+        # table; changed under config_lock by Admin.SetAuthzDefault.
+        self.authz_default = store.authz_default()
+        # Revoked certificates: their serials go into every snapshot's deny-list, and the
+        # instances whose latest certificate is revoked leave the snapshot
+        # (``control_plane.revocation``); changed by Admin.RevokeCertificate.
+        self.revocations = Revocations.load(store)
         self.publisher = Publisher(self.registry, store, self.settings.push_window_s,
-                                   ca.trust_domain, config=self.config.objects)
+                                   ca.trust_domain, config=self.config.objects,
+                                   authz_default=lambda: self.authz_default,
+                                   revoked=lambda: self.revocations.deny_list(self.clock()),
+                                   excluded=self.revocations.barred)
         self.hub = SessionHub()
         self.publisher.subscribe(self.hub.broadcast)
+        self.rotation.attach(self.hub.sessions)
         self.telemetry = Telemetry(self.settings.report_window_s)
         self.metrics = ControlPlaneMetrics(self.live_state)
         self.traces = traces          # the embedded OTLP receiver's store (None = no receiver)
@@ -225,12 +254,19 @@ class ControlPlane:
                                    open_breakers=e.open_breakers) for e in topo.edges],
             window_s=topo.window_s)
 
+    @property
+    def ca(self) -> CertificateAuthority:
+        """The CA that signs now, handing out the trust bundle of the rotation's phase."""
+        return self.rotation.trust.signer
+
     async def start(self) -> None:
-        """Start the registry's persistence, publish the first snapshot, start pruning."""
+        """Start the registry's persistence, publish the first snapshot, start pruning and
+        the CA rotation's loop (a rotation under way continues)."""
         await self.registry.start()
         await self.publisher.start()
         if self._prune_task is None:
             self._prune_task = asyncio.create_task(self._prune_loop(), name="registry-prune")
+        await self.rotation.start()
 
     async def stop(self) -> None:
         """Close every stream, stop the background tasks, save the registry. Idempotent."""
@@ -240,6 +276,7 @@ class ControlPlane:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.rotation.stop()
         await self.publisher.stop()
         await self.registry.close()
         if self.traces is not None:
@@ -262,6 +299,42 @@ class ControlPlane:
                 self.prune(self.clock())
             except Exception:
                 log.exception("pruning the registry failed")
+
+    def gate(self) -> ApiGate:
+        """The API listener's interceptor (``control_plane.audit``): refuses revoked
+        certificates everything and non-admins the Admin service, and writes the audit log."""
+        td = self.ca.trust_domain
+
+        def identify(context: grpc.aio.ServicerContext) -> tuple[str, str]:
+            caller = caller_of(context, td)
+            return caller.kind, caller.uri
+
+        async def record(row: AuditRow) -> None:
+            await asyncio.to_thread(self.store.add_audit, row)
+            log.info("audit: %s %s %s: %s", row.identity, row.action, row.object, row.result)
+
+        return ApiGate(identify, self.revocations.is_revoked, record, self.clock)
+
+    async def revoke(self, serials: list[str], identity: str) -> tuple[list[str], str]:
+        """Revoke the issued certificates ``serials`` (by ``identity``): stored, taken into
+        the in-memory revocations, published in the deny-list of a new snapshot at once, and
+        the streams of the instances it bars closed. Returns the serials revoked now (those
+        already revoked are left out) and the version of the snapshot that carries them.
+        Raises what publishing raises (the revocation is stored all the same)."""
+        now = self.clock()
+        done = await asyncio.to_thread(self.store.revoke, serials, now, identity)
+        if done:
+            rows = await asyncio.to_thread(self.store.list_revoked)
+            barred = await asyncio.to_thread(self.store.barred_instances)
+            fresh = set(done)
+            self.revocations.add([r for r in rows if r.serial in fresh], barred)
+        published = await self.publisher.publish_now()
+        for key in self.revocations.barred():
+            session = self.hub.get(key)
+            if session is not None and session.connected:
+                session.close("its certificate is revoked", "PERMISSION_DENIED")
+                log.warning("%s instance %s: certificate revoked, its stream is closed", *key)
+        return done, published.version
 
     def now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
@@ -300,6 +373,12 @@ class BootstrapServicer(pb_grpc.BootstrapServicer):
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "join proof does not match")
         if cp.clock() >= tok.expires_at:
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "join token expired")
+        if cp.revocations.is_barred(tok.service, request.instance_id or "-"):
+            log.warning("join refused: %s instance %s was revoked (token %s)", tok.service,
+                        request.instance_id, tok.token_id)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                         f"{tok.service} instance {request.instance_id} was revoked: it may not "
+                         "join again under that instance id")
         issued = await cp.sign(context, request.csr, tok.service)
         result, _ = await asyncio.to_thread(cp.store.use_token, tok.token_id, cp.clock())
         if result is not UseResult.OK:
@@ -546,6 +625,109 @@ class AdminServicer(pb_grpc.AdminServicer):
                  f" of {request.service}" if request.service else "")
         return pb.RenewCertificatesResponse(instances=told)
 
+    # ------------------------------------------------------------------ CA rotation
+    async def RotateCA(self, request: pb.RotateCARequest,
+                       context: grpc.aio.ServicerContext) -> pb.RotateCAResponse:
+        """Start a CA rotation (``control_plane.rotation``) to the CA given (PEM certificate,
+        maybe with its chain, and key) or to a new root made here; it then proceeds by itself.
+        INVALID_ARGUMENT for a CA that is not usable (one line saying why),
+        FAILED_PRECONDITION while a rotation runs."""
+        caller = await self._require_admin(context, "RotateCA")
+        cp = self.cp
+        if bool(request.ca_cert_pem) != bool(request.ca_key_pem):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "ca_cert_pem and ca_key_pem go together (neither: a new root)")
+        new = None
+        if request.ca_cert_pem:
+            try:
+                new = parse_ca(request.ca_cert_pem.encode(), request.ca_key_pem.encode(),
+                               cp.ca.trust_domain, cp.now())
+            except ValueError as exc:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _one_line(str(exc)))
+        try:
+            state = cp.rotation.begin(new)
+        except RotationError as exc:
+            await _abort(context, getattr(grpc.StatusCode, exc.code), exc.message)
+        except OSError as exc:
+            log.error("could not write the new CA to the CA dir: %s", exc)
+            await _abort(context, grpc.StatusCode.INTERNAL,
+                         f"could not write the new CA to the CA dir: {exc.strerror or exc}")
+        log.info("%s started CA rotation %s (%s)", caller.uri, state.rotation_id,
+                 "to the CA given" if new is not None else "to a new root")
+        return pb.RotateCAResponse(rotation_id=state.rotation_id, phase=state.phase)
+
+    async def GetCAStatus(self, request: pb.GetCAStatusRequest,
+                          context: grpc.aio.ServicerContext) -> pb.GetCAStatusResponse:
+        await self._require_admin(context, "GetCAStatus")
+        return self.cp.rotation.status()
+
+    # ------------------------------------------------------------------ revocation and audit
+    async def RevokeCertificate(self, request: pb.RevokeCertificateRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> pb.RevokeCertificateResponse:
+        """Revoke one certificate (``serial``) or every unexpired one of an instance
+        (``instance``: an id, or ``SERVICE/ID``): never renewed again, in every snapshot's
+        deny-list at once (``ControlPlane.revoke``). INVALID_ARGUMENT unless exactly one is
+        given or for a malformed serial; NOT_FOUND for a serial this control plane never
+        issued or an instance without an unexpired certificate; ALREADY_EXISTS when all of
+        them are already revoked."""
+        caller = await self._require_admin(context, "RevokeCertificate")
+        cp = self.cp
+        if bool(request.serial) == bool(request.instance):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "give either a serial or an instance")
+        if request.serial:
+            try:
+                serial = normalize_serial(request.serial)
+            except ValueError as exc:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            cert = await asyncio.to_thread(cp.store.get_certificate, serial)
+            if cert is None:
+                await _abort(context, grpc.StatusCode.NOT_FOUND,
+                             f"this control plane issued no certificate with serial {serial}")
+            serials = [serial]
+        else:
+            service, _, iid = request.instance.rpartition("/")
+            certs = await asyncio.to_thread(cp.store.certificates_of_instance, iid,
+                                            cp.clock(), service or None)
+            if not certs:
+                await _abort(context, grpc.StatusCode.NOT_FOUND,
+                             f"no unexpired certificate was issued to instance "
+                             f"{request.instance!r}")
+            services = sorted({c.service for c in certs})
+            if len(services) > 1:
+                await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                             f"instance id {iid} is used by several services, name one as "
+                             "SERVICE/INSTANCE: " + ", ".join(f"{s}/{iid}" for s in services))
+            serials = [c.serial for c in certs]
+        try:
+            done, version = await cp.revoke(serials, caller.uri)
+        except Exception as exc:
+            log.exception("revocation stored, but its snapshot could not be published")
+            await _abort(context, grpc.StatusCode.INTERNAL, "revoked, but the snapshot could "
+                         f"not be published: {_one_line(str(exc))}")
+        if not done:
+            await _abort(context, grpc.StatusCode.ALREADY_EXISTS,
+                         "already revoked: " + ", ".join(f"serial {s}" for s in serials))
+        log.warning("%s revoked certificate(s) %s; deny-list in snapshot version %s",
+                    caller.uri, ", ".join(done), version)
+        return pb.RevokeCertificateResponse(serials=done, version=version)
+
+    async def ListAudit(self, request: pb.ListAuditRequest,
+                        context: grpc.aio.ServicerContext) -> pb.ListAuditResponse:
+        """The newest ``limit`` audit entries (0 = 100, at most 10000), of ``action`` only
+        when given, newest first."""
+        await self._require_admin(context, "ListAudit")
+        if not 0 <= request.limit <= MAX_AUDIT_LIST_LIMIT:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"limit: 0 (= {DEFAULT_AUDIT_LIST_LIMIT}) to {MAX_AUDIT_LIST_LIMIT}")
+        rows = await asyncio.to_thread(self.cp.store.list_audit,
+                                       request.limit or DEFAULT_AUDIT_LIST_LIMIT,
+                                       request.action)
+        return pb.ListAuditResponse(entries=[
+            pb.AuditEntry(time_unix=r.time, identity=r.identity, action=r.action,
+                          object=r.object, result=r.result) for r in rows])
+
     # ------------------------------------------------------------------ declarative config
     async def _documents(self, context: grpc.aio.ServicerContext,
                          docs: Sequence[pb.ConfigDocument]) -> list[Document]:
@@ -586,7 +768,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         instances passes the checks every sidecar will make (never expected to: the objects
         are valid; this keeps a bug from storing config that cannot be published)."""
         cp = self.cp
-        doc = build_snapshot(cp.registry.instances(), "0", objects).to_doc()
+        doc = build_snapshot(cp.registry.instances(), "0", objects,
+                             authz_default=cp.authz_default).to_doc()
         if len(json.dumps(doc, separators=(",", ":"))) > MAX_SNAPSHOT_BYTES:
             raise ConfigError(f"the snapshot would be larger than {MAX_SNAPSHOT_BYTES} bytes")
         try:
@@ -732,6 +915,71 @@ class AdminServicer(pb_grpc.AdminServicer):
                     "instance %s", caller.uri, version, session.instance.service,
                     session.instance.instance_id)
         return pb.TestPushRawSnapshotResponse(version=version)
+
+    # ------------------------------------------------------------------ authorization
+    async def CheckAuthz(self, request: pb.CheckAuthzRequest,
+                         context: grpc.aio.ServicerContext) -> pb.CheckAuthzResponse:
+        """What the current policies and default decide for a call from ``source`` (a SPIFFE
+        ID, or a bare service name meaning ``spiffe://<td>/service/<name>``) to ``method``
+        (a gRPC path) of ``service``: exactly what that service's inbound sidecars decide
+        once they hold the current snapshot (``mesh_common.authz.decide``), with the
+        dry-run policies' verdict beside it. INVALID_ARGUMENT for a malformed request."""
+        await self._require_admin(context, "CheckAuthz")
+        cp = self.cp
+        td = cp.ca.trust_domain
+        source, service, method = request.source.strip(), request.service, request.method
+        if not source.startswith("spiffe://"):
+            try:
+                source = SpiffeId(td, source).uri
+            except SpiffeError:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"source: a SPIFFE ID (spiffe://{td}/service/NAME) or a service "
+                             f"name, got {request.source[:200]!r}")
+        elif len(source) > 2048:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "source: too long")
+        try:
+            SpiffeId(td, service)
+        except SpiffeError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"service: {exc}")
+        if not method.startswith("/") or len(method) > 1024:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"method: a gRPC path /package.Service/Method, got "
+                         f"{method[:200]!r}")
+        authz = compile_authz(cp.config.objects(), cp.authz_default)
+        d = decide(authz, service, source, method)
+        dry = decide_dry_run(authz, service, source, method)
+        return pb.CheckAuthzResponse(
+            allowed=d.allowed, policy=d.policy, rule=d.rule, reason=d.reason,
+            dry_run="" if dry is None else ("allow" if dry.allowed else "deny"),
+            dry_run_reason="" if dry is None else dry.reason)
+
+    async def GetAuthzDefault(self, request: pb.GetAuthzDefaultRequest,
+                              context: grpc.aio.ServicerContext) -> pb.GetAuthzDefaultResponse:
+        await self._require_admin(context, "GetAuthzDefault")
+        return pb.GetAuthzDefaultResponse(action=self.cp.authz_default)
+
+    async def SetAuthzDefault(self, request: pb.SetAuthzDefaultRequest,
+                              context: grpc.aio.ServicerContext) -> pb.SetAuthzDefaultResponse:
+        """Set the mesh-wide default (``allow``/``deny``, any case): stored, then published
+        in a new snapshot (none when unchanged); answers the previous value and the version
+        that carries it."""
+        caller = await self._require_admin(context, "SetAuthzDefault")
+        cp = self.cp
+        action = request.action.strip().lower()
+        if action not in AUTHZ_DEFAULTS:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"action: allow or deny, got {request.action[:100]!r}")
+        async with cp.config_lock:
+            previous = cp.authz_default
+            if action == previous:
+                return pb.SetAuthzDefaultResponse(previous=previous,
+                                                  version=self._latest_version())
+            await asyncio.to_thread(cp.store.set_authz_default, action)
+            cp.authz_default = action
+            version = await self._publish_config(context)
+        log.info("%s set the mesh's authorization default to %s (was %s; snapshot %s)",
+                 caller.uri, action, previous, version)
+        return pb.SetAuthzDefaultResponse(previous=previous, version=version)
 
     # ------------------------------------------------------------------ traces and taps
     async def _trace_store(self, context: grpc.aio.ServicerContext) -> TraceStore:
@@ -935,7 +1183,9 @@ class DiscoveryServicer(pb_grpc.DiscoveryServicer):
         session = Session(stored, now, cert_not_after=float(max(0, reg.cert_not_after_unix)),
                           acked_version=reg.version, acked_hash=reg.hash, clock=cp.clock,
                           observer=cp.metrics)
+        session.set_trust(reg.cert_serial, reg.bundle_sha256, reg.issuer_sha256)
         replaced = cp.hub.open(session)
+        cp.rotation.poke()  # a CA rotation under way tells it to renew when it is behind
         log.info("%s instance %s registered (inbound %s, health %s, runs version %s)%s",
                  stored.service, stored.instance_id, stored.inbound or "-",
                  stored.health or "-", reg.version or "-",
@@ -1010,6 +1260,8 @@ class DiscoveryServicer(pb_grpc.DiscoveryServicer):
             cp.metrics.report_received()
             if r.cert_not_after_unix > 0:
                 session.cert_not_after = float(r.cert_not_after_unix)
+            if session.set_trust(r.cert_serial, r.bundle_sha256, r.issuer_sha256):
+                cp.rotation.poke()  # a renewed identity: a CA rotation may move on
             if r.health:
                 self._set_health(session, r.health, now)
         elif kind == "health":
@@ -1116,22 +1368,21 @@ class Server:
         if self.otlp_listen:  # one serving certificate for both mTLS listeners
             odns, oips = server_sans(split_hostport(self.otlp_listen)[0])
             dns, ips = tuple(dict.fromkeys(dns + odns)), tuple(dict.fromkeys(ips + oips))
-        issued, key_pem = cp.ca.issue_keypair(f"spiffe://{cp.ca.trust_domain}/control-plane",
-                                              "mesh control plane", cp.now(), SERVER_CERT_TTL,
-                                              dns=dns, ips=ips)
-        chain = issued.pem
-        if cp.ca.cert.issuer != cp.ca.cert.subject:  # an intermediate: send its chain too
-            chain += cp.ca.bundle_pem
-        creds = grpc.ssl_server_credentials([(key_pem, chain)], root_certificates=cp.ca.bundle_pem,
-                                            require_client_auth=True)
-        api = grpc.aio.server(options=API_SERVER_OPTIONS)
+        # The serving certificate and the client roots follow a CA rotation's phases without
+        # a restart (new handshakes get the new ones, open connections keep theirs).
+        serving = ServingCredentials(cp.rotation.trust,
+                                     f"spiffe://{cp.ca.trust_domain}/control-plane", dns, ips,
+                                     cp.now, SERVER_CERT_TTL)
+        cp.rotation.listeners.append(serving.update)
+        creds = serving.credentials()
+        api = grpc.aio.server(options=API_SERVER_OPTIONS, interceptors=[cp.gate()])
         pb_grpc.add_IdentityServicer_to_server(IdentityServicer(cp), api)
         pb_grpc.add_DiscoveryServicer_to_server(DiscoveryServicer(cp), api)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(cp), api)
         bound_a = _bind(lambda: api.add_secure_port(join_hostport(host, port), creds))
         if bound_a == 0:
             raise OSError(f"cannot listen on {self.listen}")
-        otlp_server = self._otlp_server(creds)
+        otlp_server = self._otlp_server(serving.credentials())
 
         admin_http = await self._start_admin_http()
         cp.join_address = join_hostport(bhost, bound_b)
@@ -1161,7 +1412,8 @@ class Server:
             return caller.kind, caller.uri
 
         receiver = otlp.TraceReceiver(cp.traces, identity, cp.clock)
-        server = grpc.aio.server(options=otlp.OTLP_SERVER_OPTIONS)
+        server = grpc.aio.server(options=otlp.OTLP_SERVER_OPTIONS,
+                                 interceptors=[cp.gate()])  # revoked certificates: refused
         otlp.add_to_server(receiver, server)
         bound = _bind(lambda: server.add_secure_port(join_hostport(host, port), creds))
         if bound == 0:

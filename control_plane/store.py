@@ -1,6 +1,7 @@
 """The control plane's durable state in SQLite (WAL): join tokens, issued certificates, the
-registry's instances and the snapshot version counter (``config_store`` keeps the config
-objects' revisions in the same file, through ``transaction``).
+registry's instances, the snapshot version counter, the revoked certificates and the audit
+log (``config_store`` keeps the config objects' revisions in the same file, through
+``transaction``).
 
 One file under the data dir; every method is one transaction on its own short-lived
 connection, so the class is safe to call from worker threads. Only a digest of each token's
@@ -54,12 +55,28 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS certificates_by_instance ON certificates (instance_id, issued_at);
+CREATE TABLE IF NOT EXISTS audit (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    time     REAL NOT NULL,     -- unix seconds
+    identity TEXT NOT NULL,     -- the caller's SPIFFE ID
+    action   TEXT NOT NULL,     -- apply, delete, token.create, ... (control_plane.audit)
+    object   TEXT NOT NULL,
+    result   TEXT NOT NULL      -- "ok..." or "error: <one line>"
+);
+CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action, id);
+CREATE TABLE IF NOT EXISTS revoked (
+    serial     TEXT PRIMARY KEY, -- of a certificate in the certificates table
+    revoked_at REAL NOT NULL,
+    identity   TEXT NOT NULL     -- who revoked it
+);
 """
 
 # meta keys: the last version number handed out, and the latest published snapshot's
 _VERSION_COUNTER = "snapshot_version_counter"
 _PUBLISHED_VERSION = "snapshot_published_version"
 _PUBLISHED_HASH = "snapshot_published_hash"
+_AUTHZ_DEFAULT = "authz_default"  # the mesh-wide authorization default: allow or deny
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,38 @@ class InstanceRow:
     labels: tuple[tuple[str, str], ...]
     health: str
     registered_at: float
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One audit log entry: who (SPIFFE ID) did what (``action`` on ``object``), when (unix
+    seconds), and how it ended (``result``: ``ok`` or ``error: <one line>``)."""
+
+    time: float
+    identity: str
+    action: str
+    object: str
+    result: str
+
+
+@dataclass(frozen=True)
+class RevokedRow:
+    """A revoked certificate: its serial, when and by whom, and the certificate's owner and
+    expiry as issued."""
+
+    serial: str
+    revoked_at: float
+    identity: str
+    service: str
+    instance_id: str
+    not_after: float
+
+
+MAX_AUDIT_ROWS = 100_000
+"""The audit log keeps the newest this many entries (older ones are deleted as new ones
+come), so callers refused in a loop cannot fill the disk."""
+MAX_AUDIT_FIELD_CHARS = 2048
+"""Each text field of an audit entry is cut to this many characters."""
 
 
 class UseResult(Enum):
@@ -205,6 +254,94 @@ class Store:
                               " issued_at FROM certificates ORDER BY issued_at, serial").fetchall()
         return [CertRow(*r) for r in rows]
 
+    def get_certificate(self, serial: str) -> CertRow | None:
+        """The issued certificate with ``serial`` (lower-case hex, no leading zeros)."""
+        with self._tx() as db:
+            row = db.execute("SELECT serial, service, instance_id, spiffe_id, not_after,"
+                             " issued_at FROM certificates WHERE serial = ?",
+                             (serial,)).fetchone()
+        return CertRow(*row) if row else None
+
+    def certificates_of_instance(self, instance_id: str, now: float,
+                                 service: str | None = None) -> list[CertRow]:
+        """The unexpired certificates (``not_after > now``) issued to ``instance_id`` (of
+        ``service`` when given), oldest first."""
+        sql = ("SELECT serial, service, instance_id, spiffe_id, not_after, issued_at"
+               " FROM certificates WHERE instance_id = ? AND not_after > ?")
+        args: tuple[object, ...] = (instance_id, now)
+        if service is not None:
+            sql += " AND service = ?"
+            args += (service,)
+        with self._tx() as db:
+            rows = db.execute(sql + " ORDER BY issued_at, serial", args).fetchall()
+        return [CertRow(*r) for r in rows]
+
+    # ------------------------------------------------------------------ revocation
+    def revoke(self, serials: list[str], now: float, identity: str) -> list[str]:
+        """Revoke the issued certificates ``serials`` (by ``identity`` at ``now``), in one
+        transaction; returns those revoked now (a serial already revoked, or never issued,
+        is left out)."""
+        done: list[str] = []
+        with self._tx() as db:
+            for serial in serials:
+                if db.execute("SELECT 1 FROM certificates WHERE serial = ?",
+                              (serial,)).fetchone() is None:
+                    continue
+                cur = db.execute("INSERT OR IGNORE INTO revoked (serial, revoked_at, identity)"
+                                 " VALUES (?, ?, ?)", (serial, now, identity))
+                if cur.rowcount > 0:
+                    done.append(serial)
+        return done
+
+    def list_revoked(self) -> list[RevokedRow]:
+        """Every revoked certificate, oldest revocation first."""
+        with self._tx() as db:
+            rows = db.execute("SELECT r.serial, r.revoked_at, r.identity,"
+                              " COALESCE(c.service, ''), COALESCE(c.instance_id, ''),"
+                              " COALESCE(c.not_after, 0) FROM revoked r"
+                              " LEFT JOIN certificates c ON c.serial = r.serial"
+                              " ORDER BY r.revoked_at, r.serial").fetchall()
+        return [RevokedRow(*r) for r in rows]
+
+    def barred_instances(self) -> set[tuple[str, str]]:
+        """``(service, instance_id)`` of the instances whose latest certificate (by issue
+        time) is revoked: they may not join again under that id, and their endpoints leave
+        the snapshot. Instances that joined without an id (``-``) are never barred."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT c.service, c.instance_id FROM certificates c"
+                " JOIN revoked r ON r.serial = c.serial"
+                " WHERE c.instance_id != '-' AND c.issued_at = ("
+                "   SELECT MAX(c2.issued_at) FROM certificates c2"
+                "   WHERE c2.service = c.service AND c2.instance_id = c.instance_id)"
+            ).fetchall()
+        return {(r[0], r[1]) for r in rows}
+
+    # ------------------------------------------------------------------ audit log
+    def add_audit(self, row: AuditRow) -> None:
+        """Append one entry (text fields cut to ``MAX_AUDIT_FIELD_CHARS``); entries beyond
+        the newest ``MAX_AUDIT_ROWS`` are deleted in the same transaction."""
+        cut = MAX_AUDIT_FIELD_CHARS
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO audit (time, identity, action, object, result)"
+                             " VALUES (?, ?, ?, ?, ?)",
+                             (row.time, row.identity[:cut], row.action[:cut],
+                              row.object[:cut], row.result[:cut]))
+            last = cur.lastrowid or 0
+            if last > MAX_AUDIT_ROWS:
+                db.execute("DELETE FROM audit WHERE id <= ?", (last - MAX_AUDIT_ROWS,))
+
+    def list_audit(self, limit: int, action: str = "") -> list[AuditRow]:
+        """The newest ``limit`` entries (of ``action`` only, when given), newest first."""
+        sql = "SELECT time, identity, action, object, result FROM audit"
+        args: tuple[object, ...] = ()
+        if action:
+            sql += " WHERE action = ?"
+            args = (action,)
+        with self._tx() as db:
+            rows = db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [AuditRow(*r) for r in rows]
+
     # ------------------------------------------------------------------ registry instances
     def save_instances(self, upserts: list[InstanceRow],
                        deletes: list[tuple[str, str]]) -> None:
@@ -278,3 +415,19 @@ class Store:
         """Consume the next version number without publishing anything (test hooks)."""
         with self._tx() as db:
             return self._take(db)
+
+    # ------------------------------------------------------------------ authorization
+    def authz_default(self) -> str:
+        """The mesh-wide authorization default (meta key ``authz_default``): ``allow`` until
+        someone sets it, so a new mesh works before it has policies."""
+        with self._tx() as db:
+            value = self._meta(db, _AUTHZ_DEFAULT)
+        return value if value in ("allow", "deny") else "allow"
+
+    def set_authz_default(self, action: str) -> None:
+        """Store the mesh-wide authorization default (``allow`` or ``deny``; ValueError
+        otherwise)."""
+        if action not in ("allow", "deny"):
+            raise ValueError(f"the authorization default is allow or deny, not {action!r}")
+        with self._tx() as db:
+            self._set_meta(db, _AUTHZ_DEFAULT, action)

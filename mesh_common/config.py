@@ -1,10 +1,12 @@
-"""Declarative traffic config: the documents people apply (kinds ``Route``, ``TrafficPolicy``
-and ``Fault``), validated into immutable objects, checked as a whole set and compiled into the
-snapshot's routes.
+"""Declarative config: the documents people apply (kinds ``Route``, ``TrafficPolicy``,
+``Fault`` and ``AuthorizationPolicy``), validated into immutable objects, checked as a whole
+set and compiled into the snapshot's routes (``compile_routes``) and authorization
+(``compile_authz``).
 
 A document is ``{kind, name, spec}``; the spec's shapes that the snapshot already has (rule
-matches, destinations, timeouts, fault delays and aborts) are parsed by
-``mesh_common.snapshot``'s own parsers, so the two can never disagree. Every error is one line,
+matches, destinations, timeouts, fault delays and aborts; authorization rules) are parsed by
+``mesh_common.snapshot``'s and ``mesh_common.authz``'s own parsers, so they can never
+disagree. Every error is one line,
 ``<source>: document <n> (<Kind> <name>): <field>: <reason>`` (``n`` counts from 1; the parts
 not known yet are left out), e.g. ``routes.yaml: document 2 (Route echo-canary):
 spec.rules[1].destinations: weights must sum to 100, they sum to 95``.
@@ -20,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .authz import DEFAULTS as AUTHZ_DEFAULTS
+from .authz import AuthzConfig, AuthzError, AuthzPolicy, AuthzRule, parse_rules, rule_doc
 from .snapshot import (
     DEFAULT_LOAD_BALANCER,
     CircuitLimits,
@@ -35,18 +39,26 @@ from .snapshot import (
     parse_route,
 )
 
-KINDS = ("Route", "TrafficPolicy", "Fault")
-"""The kinds a document may have (the resilience and authorization issues add more)."""
+KINDS = ("Route", "TrafficPolicy", "Fault", "AuthorizationPolicy")
+"""The kinds a document may have."""
+TRAFFIC_KINDS = ("Route", "TrafficPolicy", "Fault")
+"""The kinds ``compile_routes`` reads (an AuthorizationPolicy goes to ``compile_authz``)."""
+AUTHZ_MODES = ("enforce", "dry_run")
+"""An AuthorizationPolicy's ``spec.mode``; the first is the default."""
 
 _KIND_ALIASES = {"route": "Route", "routes": "Route",
                  "trafficpolicy": "TrafficPolicy", "trafficpolicies": "TrafficPolicy",
-                 "fault": "Fault", "faults": "Fault"}
+                 "fault": "Fault", "faults": "Fault",
+                 "authorizationpolicy": "AuthorizationPolicy",
+                 "authorizationpolicies": "AuthorizationPolicy",
+                 "authzpolicy": "AuthorizationPolicy", "authzpolicies": "AuthorizationPolicy"}
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _TOP_KEYS = ("kind", "name", "spec")
 _SPEC_KEYS = {"Route": ("service", "timeout_ms", "rules"),
               "TrafficPolicy": ("service", "load_balancer", "timeout_ms", "retries", "limits",
                                 "outlier_detection"),
-              "Fault": ("service", "method", "delay", "abort")}
+              "Fault": ("service", "method", "delay", "abort"),
+              "AuthorizationPolicy": ("service", "mode", "rules")}
 GRPC_CODE_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
                    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
                    "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
@@ -124,7 +136,25 @@ class FaultSpec:
     abort_percent: float = 0.0
 
 
-Spec = RouteSpec | TrafficPolicySpec | FaultSpec
+@dataclass(frozen=True)
+class AuthzPolicySpec:
+    """Who may call ``service`` (the destination; its inbound sidecars enforce it): ``rules``
+    in order (``mesh_common.authz``: action ALLOW or DENY, sources, methods; DENY wins over
+    ALLOW, and a service with any ALLOW rule denies what no rule allows), and whether the
+    policy is only tried (``dry_run``: its decisions are logged and counted, never
+    enforced)."""
+
+    service: str
+    rules: tuple[AuthzRule, ...]
+    dry_run: bool = False
+
+    @property
+    def mode(self) -> str:
+        """``enforce`` or ``dry_run`` (the document's ``spec.mode``)."""
+        return AUTHZ_MODES[1] if self.dry_run else AUTHZ_MODES[0]
+
+
+Spec = RouteSpec | TrafficPolicySpec | FaultSpec | AuthzPolicySpec
 
 
 @dataclass(frozen=True)
@@ -142,7 +172,8 @@ class ConfigObject:
 
     @property
     def service(self) -> str:
-        """The upstream service the object is about."""
+        """The service the object is about (the upstream of the traffic kinds, the
+        destination of an AuthorizationPolicy)."""
         return self.spec.service
 
     def __str__(self) -> str:
@@ -208,6 +239,8 @@ def parse_object(body: Any, source: str = "", index: int = 0) -> ConfigObject:
             parsed = _route_spec(spec, name)
         elif kind == "TrafficPolicy":
             parsed = _policy_spec(spec)
+        elif kind == "AuthorizationPolicy":
+            parsed = _authz_spec(spec)
         else:
             parsed = _fault_spec(spec, name)
     except SnapshotError as exc:
@@ -267,6 +300,22 @@ def _fault_spec(spec: dict[str, Any], name: str) -> FaultSpec:
     f = parse_fault({k: spec[k] for k in ("method", "delay", "abort") if k in spec}, "spec", name)
     return FaultSpec(service, f.method, f.delay_ms, f.delay_percent, f.abort_code,
                      f.abort_percent)
+
+
+def _authz_spec(spec: dict[str, Any]) -> AuthzPolicySpec:
+    service = parse_route({"service": spec.get("service")}, "spec").service
+    mode = spec.get("mode", AUTHZ_MODES[0])
+    if mode not in AUTHZ_MODES:
+        raise SnapshotError(f"spec.mode: {' or '.join(AUTHZ_MODES)} (default "
+                            f"{AUTHZ_MODES[0]}), got {mode!r}")
+    if "rules" not in spec:
+        raise SnapshotError("spec.rules: required, a non-empty list of {action, sources, "
+                            "methods}")
+    try:
+        rules = parse_rules(spec["rules"], "spec.rules")
+    except AuthzError as exc:
+        raise SnapshotError(str(exc)) from None
+    return AuthzPolicySpec(service, rules, mode == AUTHZ_MODES[1])
 
 
 def parse_documents(documents: Iterable[Document]) -> tuple[tuple[Document, ConfigObject], ...]:
@@ -372,10 +421,10 @@ def compile_routes(objects: Iterable[ConfigObject], cluster_names: Iterable[str]
     (the defaults without one); the faults of every Fault of the service, by name (a fault
     that injects nothing, every percentage 0, is left out). Also returns the services
     named by objects that have no cluster, sorted: they get an empty cluster so their calls
-    fail with "no endpoints" rather than "no route". Raises ``ConfigError`` for an invalid
-    set (``validate_set``).
+    fail with "no endpoints" rather than "no route". AuthorizationPolicy objects are left
+    out (``compile_authz``). Raises ``ConfigError`` for an invalid set (``validate_set``).
     """
-    objs = sorted(objects, key=lambda o: o.key)
+    objs = sorted((o for o in objects if o.kind in TRAFFIC_KINDS), key=lambda o: o.key)
     validate_set(objs)
     clusters = set(cluster_names)
     routes_by: dict[str, RouteSpec] = {}
@@ -400,6 +449,19 @@ def compile_routes(objects: Iterable[ConfigObject], cluster_names: Iterable[str]
                                 policy.load_balancer, tuple(faults_by.get(service, ())),
                                 policy.retries, policy.limits, policy.outlier))
     return tuple(routes), tuple(sorted(named - clusters))
+
+
+def compile_authz(objects: Iterable[ConfigObject], default: str = "allow") -> AuthzConfig:
+    """The snapshot's authorization for a set of objects and the mesh-wide ``default``
+    (``allow`` or ``deny``: what services without ALLOW rules do): one ``AuthzPolicy`` per
+    AuthorizationPolicy object, named after it, sorted by name (other kinds are ignored).
+    Raises ``ConfigError`` for a default other than allow or deny."""
+    if default not in AUTHZ_DEFAULTS:
+        raise ConfigError(f"authorization default: allow or deny, got {default!r}")
+    policies = tuple(AuthzPolicy(o.name, o.spec.service, o.spec.rules, o.spec.dry_run)
+                     for o in sorted(objects, key=lambda o: o.key)
+                     if isinstance(o.spec, AuthzPolicySpec))
+    return AuthzConfig(default, policies)
 
 
 # ---------------------------------------------------------------------- canonical form
@@ -468,11 +530,17 @@ def _outlier_doc(p: OutlierPolicy) -> dict[str, Any]:
 def to_doc(obj: ConfigObject) -> dict[str, Any]:
     """The canonical document of ``obj``: ``{kind, name, spec}`` with defaults left out
     (a rule's default name, an empty match or subset, unset timeouts, every retry, limit and
-    outlier detection field at its default, and such a section when all are) and status
-    codes by name. ``parse_object(to_doc(obj)) == obj``. JSON-able."""
+    outlier detection field at its default, and such a section when all are, an
+    AuthorizationPolicy's mode when it is enforce) and status codes by name; authorization
+    rules in ``mesh_common.authz.rule_doc``'s form (every field, patterns as written).
+    ``parse_object(to_doc(obj)) == obj``. JSON-able."""
     s = obj.spec
     spec: dict[str, Any] = {"service": s.service}
-    if isinstance(s, RouteSpec):
+    if isinstance(s, AuthzPolicySpec):
+        if s.dry_run:
+            spec["mode"] = s.mode
+        spec["rules"] = [rule_doc(r) for r in s.rules]
+    elif isinstance(s, RouteSpec):
         if s.timeout_ms is not None:
             spec["timeout_ms"] = s.timeout_ms
         if s.rules:

@@ -320,13 +320,20 @@ def content_hash(doc: Mapping[str, Any]) -> str:
 
 
 def merge(base: Snapshot, extra: Snapshot, version: str) -> Snapshot:
-    """``base``'s clusters and routes plus those of ``extra`` whose names ``base`` lacks."""
+    """``base``'s clusters and routes plus those of ``extra`` whose names ``base`` lacks;
+    ``base``'s authorization unless it is the default (then ``extra``'s: a dynamic sidecar's
+    static base has none, the control plane's is the one in force); the revoked serials of
+    both (sorted)."""
     names = {c.name for c in base.clusters}
     services = {r.service for r in base.routes}
+    revoked = base.revoked
+    if extra.revoked:
+        revoked = tuple(sorted(set(base.revoked) | set(extra.revoked)))
     return Snapshot(version=version,
                     clusters=base.clusters + tuple(c for c in extra.clusters if c.name not in names),
                     routes=base.routes + tuple(r for r in extra.routes if r.service not in services),
-                    authz=base.authz, revoked=base.revoked)
+                    authz=extra.authz if base.authz.is_default else base.authz,
+                    revoked=revoked)
 
 
 # ---------------------------------------------------------------------- validation

@@ -14,7 +14,9 @@ The sidecar registers (``Register`` first, on every new stream: a resync), then 
   the stream;
 * sends a ``StateReport`` every ``report_interval_s`` (calls per upstream by status, a latency
   histogram, per endpoint its health, requests/failures and breaker, per upstream its limits
-  in use) and a ``HealthChange`` as soon as the local app's health changes.
+  in use, its certificate's serial and the hashes of its trust bundle and issuing CA), one at
+  once after each renewal (``report_now``: a CA rotation waits on it) and a ``HealthChange``
+  as soon as the local app's health changes.
 
 When the stream fails or the control plane goes away the data plane keeps serving on its last
 snapshot, and the client reconnects with capped exponential backoff and full jitter, trying
@@ -29,6 +31,7 @@ I/O around them, with an injectable channel factory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -50,6 +53,7 @@ from .upstream import ResilienceReport
 if TYPE_CHECKING:
     from .dynamic import DynamicIdentity
     from .health import AppHealth
+    from .identity import TrustFields
     from .process import Sidecar
 
 log = logging.getLogger("mesh.sidecar.discovery")
@@ -93,22 +97,29 @@ class Registration:
 
 
 def register_message(reg: Registration, *, health: str, version: str, hash: str,
-                     cert_not_after_unix: int) -> pb.SidecarMessage:
+                     cert_not_after_unix: int,
+                     trust: TrustFields | None = None) -> pb.SidecarMessage:
     """The first message of every stream. ``health`` is the app's ("" = no app); ``version``
-    and ``hash`` those of the control plane's snapshot in force ("" = none yet)."""
+    and ``hash`` those of the control plane's snapshot in force ("" = none yet); ``trust``
+    the identity's serial and hashes (None = none to report)."""
     return pb.SidecarMessage(register=pb.Register(
         instance_id=reg.instance_id, inbound=reg.inbound, outbound=reg.outbound,
         admin=reg.admin, labels=dict(reg.labels), health=health, version=version, hash=hash,
-        cert_not_after_unix=cert_not_after_unix))
+        cert_not_after_unix=cert_not_after_unix,
+        cert_serial=trust.cert_serial if trust else "",
+        bundle_sha256=trust.bundle_sha256 if trust else "",
+        issuer_sha256=trust.issuer_sha256 if trust else ""))
 
 
 def report_message(report: StatsReport, snapshot: Snapshot, *, health: str,
                    cert_not_after_unix: int,
-                   resilience: ResilienceReport | None = None) -> pb.SidecarMessage:
+                   resilience: ResilienceReport | None = None,
+                   trust: TrustFields | None = None) -> pb.SidecarMessage:
     """A ``StateReport``: the upstreams that carried calls in ``report``, and every endpoint of
     ``snapshot``'s clusters (an address once, under its first cluster) with its health,
     requests/failures in ``report`` (0 when none) and, from ``resilience``, its breaker
-    (state "" when it has none) and every limit of every upstream."""
+    (state "" when it has none) and every limit of every upstream; ``trust``: the identity's
+    serial and hashes (None = none to report)."""
     breakers = resilience.breakers if resilience is not None else {}
     upstreams = [pb.UpstreamStats(service=name, by_code=up.by_code,
                                   latency=pb.Histogram(bounds_ms=report.bounds_ms,
@@ -138,7 +149,10 @@ def report_message(report: StatsReport, snapshot: Snapshot, *, health: str,
               for v in (resilience.limits if resilience is not None else ())]
     return pb.SidecarMessage(report=pb.StateReport(
         interval_s=report.interval_s, upstreams=upstreams, endpoints=endpoints,
-        cert_not_after_unix=cert_not_after_unix, health=health, limits=limits))
+        cert_not_after_unix=cert_not_after_unix, health=health, limits=limits,
+        cert_serial=trust.cert_serial if trust else "",
+        bundle_sha256=trust.bundle_sha256 if trust else "",
+        issuer_sha256=trust.issuer_sha256 if trust else ""))
 
 
 def tap_message(batch: TapBatch, instance: str) -> pb.SidecarMessage:
@@ -270,8 +284,9 @@ class DiscoveryClient:
     ``take_report()`` gives the call deltas for the next ``StateReport``, ``resilience()``
     (when given) the breakers and limits it carries; ``health()`` the
     app's health ("" = no app); ``cert_not_after_unix()`` the certificate's expiry;
-    ``first_health``, when given, is awaited (at most ``FIRST_HEALTH_WAIT_S``) before the
-    first registration so it carries a checked health.
+    ``trust()`` (when given) the identity's serial and hashes for ``Register`` and every
+    ``StateReport``; ``first_health``, when given, is awaited (at most
+    ``FIRST_HEALTH_WAIT_S``) before the first registration so it carries a checked health.
     """
 
     def __init__(self, state: DiscoveryState, registration: Registration, *,
@@ -281,7 +296,8 @@ class DiscoveryClient:
                  first_health: Callable[[], Awaitable[object]] | None = None,
                  report_interval_s: float = 5.0, max_backoff_s: float = 5.0,
                  rng: random.Random | None = None,
-                 resilience: Callable[[], ResilienceReport] | None = None) -> None:
+                 resilience: Callable[[], ResilienceReport] | None = None,
+                 trust: Callable[[], TrustFields] | None = None) -> None:
         if not addresses:
             raise ValueError("at least one control plane address is needed")
         self.state = state
@@ -292,6 +308,8 @@ class DiscoveryClient:
         self._resilience = resilience
         self._health = health
         self._cert_not_after_unix = cert_not_after_unix
+        self._trust = trust
+        self._report_wake = asyncio.Event()
         self._first_health = first_health
         self.report_interval_s = report_interval_s
         self.max_backoff_s = max_backoff_s
@@ -328,6 +346,11 @@ class DiscoveryClient:
         if self._outbox is not None:
             status = "NOT_SERVING" if self._draining else status
             self._send(self._outbox, pb.SidecarMessage(health=pb.HealthChange(health=status)))
+
+    def report_now(self) -> None:
+        """Send a ``StateReport`` now (e.g. the identity was renewed), not at the next
+        interval; the regular reports go on from then."""
+        self._report_wake.set()
 
     def draining(self) -> None:
         """The sidecar started to drain: from now on it reports NOT_SERVING, so the control
@@ -389,7 +412,8 @@ class DiscoveryClient:
             outbox: asyncio.Queue[pb.SidecarMessage] = asyncio.Queue(OUTBOX_MAX)
             outbox.put_nowait(register_message(
                 self.registration, health=self.health(), version=self.state.version,
-                hash=self.state.hash, cert_not_after_unix=self._cert_not_after_unix()))
+                hash=self.state.hash, cert_not_after_unix=self._cert_not_after_unix(),
+                trust=self._trust() if self._trust is not None else None))
             self._outbox = outbox  # health changes from now on follow the registration
             tasks = [asyncio.create_task(self._write(call, outbox), name="discovery-write"),
                      asyncio.create_task(self._read(call, outbox, address),
@@ -436,13 +460,16 @@ class DiscoveryClient:
 
     async def _report(self, outbox: asyncio.Queue[pb.SidecarMessage]) -> None:
         while True:
-            await asyncio.sleep(self.report_interval_s)
+            with contextlib.suppress(TimeoutError):  # the interval, or ``report_now``
+                await asyncio.wait_for(self._report_wake.wait(), self.report_interval_s)
+            self._report_wake.clear()
             if not self.connected:  # the deltas wait for a stream that works
                 continue
             self._send(outbox, report_message(
                 self._take_report(), self.state.current(), health=self.health(),
                 cert_not_after_unix=self._cert_not_after_unix(),
-                resilience=self._resilience() if self._resilience is not None else None))
+                resilience=self._resilience() if self._resilience is not None else None,
+                trust=self._trust() if self._trust is not None else None))
             self.reports += 1
 
     async def _taps(self, outbox: asyncio.Queue[pb.SidecarMessage], taps: Taps) -> None:
@@ -498,7 +525,8 @@ def for_dynamic_sidecar(sidecar: Sidecar, identity: DynamicIdentity, health: App
         cert_not_after_unix=lambda: identity.cert_not_after_unix,
         first_health=health.first_check if health is not None else None,
         report_interval_s=report_interval_s, max_backoff_s=max_backoff_s,
-        resilience=sidecar.resilience_report)
+        resilience=sidecar.resilience_report, trust=lambda: identity.trust)
+    identity.on_renewed.append(client.report_now)
     if health is not None:
         health.on_change = client.notify_health
     sidecar.on_drain.append(client.draining)

@@ -7,6 +7,11 @@ pin and the certificate is ours (``check_issued``). Renewing: at two thirds of t
 once when told, ``renew_now``), a new CSR over mTLS with the current certificate
 (``mesh.v1.Identity/Renew``, trying the control plane's API addresses in turn); the new identity is
 swapped into the relay's TLS state (new handshakes use it, open connections keep theirs). A
+renewed trust bundle is taken as the control plane sends it (a CA rotation adds a CA, then
+drops the old one): the answer came over mTLS, authenticated by the bundle already trusted,
+so only the first join checks the token's pin (and a join again accepts the token's pin or a
+CA key already trusted). After each renewal ``on_renewed`` callbacks run (the discovery
+stream reports the new identity at once: ``trust`` is what it reports). A
 certificate that expired because the control plane was out of reach makes ``/ready`` say so,
 and the next success (a renewal is refused for an expired certificate, so a new join with
 the token) restores it. The key is never written to disk or logged; the token's secret is
@@ -31,7 +36,16 @@ from mesh_common.spiffe import SpiffeId
 from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 
-from .identity import IdentityError, MemoryTlsFiles, WorkloadKey, check_issued, renew_at
+from .identity import (
+    IdentityError,
+    MemoryTlsFiles,
+    TrustFields,
+    WorkloadKey,
+    bundle_key_hashes,
+    check_issued,
+    renew_at,
+    trust_fields,
+)
 from .tls import TlsFiles
 
 log = logging.getLogger("mesh.sidecar.identity")
@@ -85,6 +99,8 @@ class DynamicIdentity:
         self.otlp_endpoint = ""
         """The control plane's OTLP receiver (``HOST:PORT``, mTLS) from the last join answer
         ("" = it runs none): where spans go unless ``--otlp-endpoint`` says otherwise."""
+        self.trust = TrustFields()
+        """The current certificate's serial, bundle and issuer hashes (what is reported)."""
         self.renewals = 0
         self.rejoins = 0
         self.last_error: str | None = None
@@ -93,6 +109,8 @@ class DynamicIdentity:
         self._wake = asyncio.Event()
         # Set by the owner before renewals start: swap new files into the relay's TLS state.
         self.on_new_files: Callable[[TlsFiles], None] = lambda files: None
+        # Called after each renewal or join again (e.g. report the new identity now).
+        self.on_renewed: list[Callable[[], None]] = []
 
     @property
     def api_address(self) -> str:
@@ -139,16 +157,20 @@ class DynamicIdentity:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
-    async def _join_once(self) -> None:
+    async def _join_once(self, again: bool = False) -> None:
+        """One join. ``again`` (a join after a renewal failed or the certificate expired):
+        the answer's bundle may carry the token's pin or a CA key already trusted."""
         csr = self.key.csr_der(self.spiffe_id)
         request = pb.JoinRequest(token_id=self.token.token_id, csr=csr,
                                  proof=join_proof(self.token.secret, csr),
                                  instance_id=self.instance_id)
         async with grpc.aio.insecure_channel(self.join_address) as channel:
             resp = await pb_grpc.BootstrapStub(channel).Join(request, timeout=RPC_TIMEOUT_S)
+        pins = {self.token.ca_key_sha256}
+        if again and self.bundle_pem:
+            pins |= bundle_key_hashes(self.bundle_pem)
         try:
-            self._accept(resp.certificate_pem.encode(), resp.trust_bundle_pem.encode(),
-                         self.token.ca_key_sha256)
+            self._accept(resp.certificate_pem.encode(), resp.trust_bundle_pem.encode(), pins)
         except IdentityError as exc:
             raise JoinRefused(f"refusing to join via {self.join_address}: {exc}") from None
         self.otlp_endpoint = resp.otlp_endpoint
@@ -167,7 +189,7 @@ class DynamicIdentity:
         # No pin: the bundle we already trust authenticated this answer (mTLS).
         self._accept(resp.certificate_pem.encode(), resp.trust_bundle_pem.encode(), None)
 
-    def _accept(self, cert_pem: bytes, bundle_pem: bytes, pin: str | None) -> None:
+    def _accept(self, cert_pem: bytes, bundle_pem: bytes, pin: set[str] | None) -> None:
         now = _now()
         cert = check_issued(self.key, self.spiffe_id, cert_pem, bundle_pem, pin, now)
         new = MemoryTlsFiles(cert_pem, self.key, bundle_pem)
@@ -183,6 +205,7 @@ class DynamicIdentity:
                 raise
         self.memfiles = new
         self.cert_pem, self.bundle_pem = cert_pem, bundle_pem
+        self.trust = trust_fields(cert, bundle_pem)
         self.not_after = cert.not_valid_after_utc
         self.renew_time = renew_at(cert, received=now)
         self._expired_logged = False
@@ -218,15 +241,18 @@ class DynamicIdentity:
                           self.last_error, self.join_address)
             try:
                 if expired:
-                    await self._join_once()
+                    await self._join_once(again=True)
                     self.rejoins += 1
                 else:
                     await self._renew_once()
                 self.renewals += 1
                 self.last_error = None
                 backoff = 0.2
-                log.info("certificate renewed (valid until %s, next renewal at %s)",
-                         _rfc3339(self.not_after), _rfc3339(self.renew_time))
+                log.info("certificate renewed (valid until %s, next renewal at %s; serial %s, "
+                         "issuer %s, bundle %s)", _rfc3339(self.not_after),
+                         _rfc3339(self.renew_time), self.trust.cert_serial,
+                         self.trust.issuer_sha256[:12], self.trust.bundle_sha256[:12])
+                self._renewed()
                 continue
             except grpc.aio.AioRpcError as exc:
                 what = "join again" if expired else "renew"
@@ -236,11 +262,12 @@ class DynamicIdentity:
                     log.warning("renewal refused (%s); joining again with the token",
                                 self.last_error)
                     try:
-                        await self._join_once()
+                        await self._join_once(again=True)
                         self.rejoins += 1
                         self.renewals += 1
                         self.last_error = None
                         backoff = 0.2
+                        self._renewed()
                         continue
                     except grpc.aio.AioRpcError as exc2:
                         self.last_error = f"join again: {exc2.code().name}: {exc2.details()}"
@@ -255,6 +282,13 @@ class DynamicIdentity:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
+    def _renewed(self) -> None:
+        for callback in self.on_renewed:
+            try:
+                callback()
+            except Exception:  # a listener's bug must not stop renewals
+                log.exception("a callback after the renewal failed")
+
     # ------------------------------------------------------------- admin
     def not_ready_reason(self) -> str | None:
         return "certificate expired" if self.expired() else None
@@ -266,7 +300,9 @@ class DynamicIdentity:
                 "renew_at": _rfc3339(self.renew_time) if self.renew_time else None,
                 "renewals": self.renewals, "rejoins": self.rejoins,
                 "last_error": self.last_error, "expired": self.expired(),
-                "control_plane": self.api_address}
+                "control_plane": self.api_address, "cert_serial": self.trust.cert_serial,
+                "issuer_sha256": self.trust.issuer_sha256,
+                "bundle_sha256": self.trust.bundle_sha256}
 
     def close(self) -> None:
         if self.memfiles is not None:

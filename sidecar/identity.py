@@ -9,7 +9,10 @@ and never appears in a log. ``cryptography`` is imported here only (dynamic mode
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
+from collections.abc import Collection
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -57,19 +60,25 @@ class WorkloadKey:
 
 
 def check_issued(key: WorkloadKey, spiffe_id: SpiffeId, cert_pem: bytes, bundle_pem: bytes,
-                 pinned_ca_sha256: str | None, now: dt.datetime) -> x509.Certificate:
-    """Accept a certificate and trust bundle only if the bundle carries the pinned CA key
-    (when a pin is given, as when joining with a token), the certificate chains to the
-    bundle, carries our own public key and exactly our SPIFFE ID, and is valid now.
-    Returns the certificate; raises IdentityError naming the failed check."""
-    if pinned_ca_sha256 is not None and not bundle_matches(bundle_pem, pinned_ca_sha256):
-        raise IdentityError("the trust bundle's CA key does not match the join token's pin")
+                 pinned_ca_sha256: str | Collection[str] | None,
+                 now: dt.datetime) -> x509.Certificate:
+    """Accept a certificate and trust bundle only if the bundle carries a pinned CA key
+    (when pins are given, as when joining with a token: the token's, and when joining again
+    the CA keys already trusted), the certificate chains to the bundle, carries our own
+    public key and exactly our SPIFFE ID, and is valid now. Returns the certificate;
+    raises IdentityError naming the failed check."""
+    if pinned_ca_sha256 is not None:
+        pins = [pinned_ca_sha256] if isinstance(pinned_ca_sha256, str) else pinned_ca_sha256
+        if not any(bundle_matches(bundle_pem, pin) for pin in pins):
+            raise IdentityError("the trust bundle's CA key does not match the join token's "
+                                "pin (was the mesh's CA rotated after the token was made? "
+                                "then make a new token)")
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         roots = x509.load_pem_x509_certificates(bundle_pem)
     except ValueError as exc:
         raise IdentityError(f"unreadable certificate or bundle: {exc}") from None
-    if not any(_issued_by(cert, ca) for ca in roots):
+    if issuer_of(cert, roots) is None:
         raise IdentityError("the certificate does not chain to the trust bundle")
     if cert.public_key().public_numbers() != key.public_numbers():  # type: ignore[union-attr]
         raise IdentityError("the certificate is not for our key")
@@ -83,6 +92,48 @@ def check_issued(key: WorkloadKey, spiffe_id: SpiffeId, cert_pem: bytes, bundle_
     if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
         raise IdentityError("the certificate is not valid now (check the clocks)")
     return cert
+
+
+def issuer_of(cert: x509.Certificate,
+              roots: Collection[x509.Certificate]) -> x509.Certificate | None:
+    """The certificate of ``roots`` that issued ``cert`` directly (None: none did)."""
+    return next((ca for ca in roots if _issued_by(cert, ca)), None)
+
+
+@dataclass(frozen=True)
+class TrustFields:
+    """What a sidecar reports of its identity (``Register``, ``StateReport``): the
+    certificate's serial (lower-case hex), the SHA-256 (hex) of its trust bundle's PEM bytes
+    and of the DER of the CA certificate that issued it ("" = not in the bundle)."""
+
+    cert_serial: str = ""
+    bundle_sha256: str = ""
+    issuer_sha256: str = ""
+
+
+def trust_fields(cert: x509.Certificate, bundle_pem: bytes) -> TrustFields:
+    """The ``TrustFields`` of ``cert`` verified with ``bundle_pem``."""
+    try:
+        roots = x509.load_pem_x509_certificates(bundle_pem)
+    except ValueError:
+        roots = []
+    issuer = issuer_of(cert, roots)
+    return TrustFields(
+        format(cert.serial_number, "x"), hashlib.sha256(bundle_pem).hexdigest(),
+        hashlib.sha256(issuer.public_bytes(serialization.Encoding.DER)).hexdigest()
+        if issuer is not None else "")
+
+
+def bundle_key_hashes(bundle_pem: bytes) -> set[str]:
+    """SHA-256 (hex) of each CA public key (SubjectPublicKeyInfo, DER) in a bundle: the
+    pins a bundle satisfies."""
+    try:
+        roots = x509.load_pem_x509_certificates(bundle_pem)
+    except ValueError:
+        return set()
+    return {hashlib.sha256(c.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ).hexdigest() for c in roots}
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:

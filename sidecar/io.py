@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 
 from mesh_common.limits import Limits
 from mesh_common.spiffe import spiffe_ids_from_sans
@@ -26,13 +27,43 @@ log = logging.getLogger("mesh.sidecar.io")
 
 
 class PeerInfo:
-    """Who is on the other end of a downstream connection."""
+    """Who is on the other end of a downstream connection (``serial``: its certificate's,
+    lower-case hex without leading zeros; None without TLS)."""
 
-    __slots__ = ("peer_id", "address")
+    __slots__ = ("peer_id", "address", "serial")
 
-    def __init__(self, peer_id: str | None, address: str) -> None:
+    def __init__(self, peer_id: str | None, address: str, serial: str | None = None) -> None:
         self.peer_id = peer_id
         self.address = address
+        self.serial = serial
+
+
+X509_V_ERR_CERT_NOT_YET_VALID = 9
+X509_V_ERR_CERT_HAS_EXPIRED = 10
+_VERIFY_REASONS = {X509_V_ERR_CERT_HAS_EXPIRED: "certificate_expired",
+                   X509_V_ERR_CERT_NOT_YET_VALID: "certificate_not_yet_valid"}
+
+
+def serial_of(peercert: Mapping[str, object]) -> str:
+    """The serial of a peer certificate as ``getpeercert()`` decodes it (upper-case hex,
+    maybe with a leading zero), the way snapshots' ``revoked`` lists write it: lower-case
+    hex without leading zeros; "" when there is none."""
+    raw = peercert.get("serialNumber")
+    if not isinstance(raw, str) or not raw:
+        return ""
+    return raw.lower().lstrip("0") or "0"
+
+
+def tls_failure_reason(exc: BaseException) -> str:
+    """The reason a TLS handshake failed, as metrics count it: ``certificate_expired`` and
+    ``certificate_not_yet_valid`` for a peer certificate outside its validity, else
+    OpenSSL's reason (``CERTIFICATE_VERIFY_FAILED``, ``SSLV3_ALERT_CERTIFICATE_EXPIRED``:
+    the peer refused ours as expired, ...) or the exception's type."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = _VERIFY_REASONS.get(exc.verify_code)
+        if reason:
+            return reason
+    return str(getattr(exc, "reason", None) or type(exc).__name__)
 
 
 class Flusher:
@@ -76,6 +107,8 @@ class H2Protocol(asyncio.Protocol):
         self.ping_sent_s: float | None = None
         self.tick_handle: asyncio.TimerHandle | None = None
         self.lost = False
+        self.peer_serial: str | None = None
+        """An upstream TLS connection's peer certificate serial (``serial_of``)."""
         self.opened = [False]
         """Set once the connection is accepted (after its TLS handshake, if any)."""
         conn.io = self
@@ -213,17 +246,26 @@ def pool_key(host: str, port: int, spiffe_id: str | None) -> str:
 
 
 class Connector:
-    """Opens upstream connections for pools: mTLS with an identity check, or h2c."""
+    """Opens upstream connections for pools: mTLS with an identity check, or h2c.
+
+    ``revoked()`` (when given) is the set of revoked certificate serials: an endpoint that
+    presents one is refused after the handshake. ``refused`` counts upstream connections
+    refused after the handshake by reason (``revoked``, ``wrong_identity``, ``no_alpn_h2``),
+    ``tls_failures`` failed handshakes by ``tls_failure_reason``."""
 
     def __init__(self, relay: Relay, flusher: Flusher, limits: Limits,
-                 client_context: Callable[[], ssl.SSLContext | None]) -> None:
+                 client_context: Callable[[], ssl.SSLContext | None],
+                 revoked: Callable[[], AbstractSet[str]] | None = None) -> None:
         self.relay = relay
         self.flusher = flusher
         self.limits = limits
         self.client_context = client_context
+        self.revoked = revoked
         self.pools: dict[str, Pool] = {}
         self.protocols: set[H2Protocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.refused: dict[str, int] = {}
+        self.tls_failures: dict[str, int] = {}
 
     def pool(self, host: str, port: int, *, spiffe_id: str | None, label: str) -> Pool:
         """The pool for an endpoint; TLS with ``spiffe_id`` verified when given, else h2c."""
@@ -252,12 +294,29 @@ class Connector:
                                        server_hostname=host if ctx else None),
                 timeout=self.limits.connect_timeout_s)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
+            if isinstance(exc, ssl.SSLError):
+                reason = tls_failure_reason(exc)
+                self.tls_failures[reason] = self.tls_failures.get(reason, 0) + 1
+                if reason == "certificate_expired":
+                    log.warning("upstream %s:%d refused: its certificate has expired", host,
+                                port)
             self.relay.pool_failed(pool, describe_error(exc))
             return
         if ctx is not None:
             problem = self._check_peer(transport, spiffe_id)
+            why = "wrong_identity"
+            if not problem:
+                serial = serial_of(transport.get_extra_info("peercert") or {})
+                proto.peer_serial = serial
+                if self.revoked is not None and serial in self.revoked():
+                    problem = (f"endpoint {spiffe_id} presented a revoked certificate "
+                               f"(serial {serial})")
+                    why = "revoked"
+            elif problem.startswith("peer did not negotiate"):
+                why = "no_alpn_h2"
             if problem:
                 log.warning("upstream %s:%d rejected: %s", host, port, problem)
+                self.refused[why] = self.refused.get(why, 0) + 1
                 transport.abort()
                 self.relay.pool_failed(pool, problem)
                 return
@@ -296,6 +355,19 @@ class Connector:
             del self.pools[key]
             retired.append(key)
         return retired
+
+    def cut_revoked(self, revoked: AbstractSet[str]) -> int:
+        """GOAWAY the upstream connections whose peer certificate serial is in ``revoked``
+        (they take no new stream; each closes once its streams are done); returns how many."""
+        cut = 0
+        for proto in list(self.protocols):
+            if proto.peer_serial and proto.peer_serial in revoked and not proto.conn.goaway_sent:
+                cut += 1
+                proto.conn.goaway()
+                proto.flush()
+                if not proto.conn.active_streams:
+                    proto.close()
+        return cut
 
     def close_all(self) -> None:
         for proto in list(self.protocols):

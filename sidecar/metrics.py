@@ -16,10 +16,22 @@ families (Prometheus naming, base units):
   ``mesh_breaker_state{destination,endpoint,state}`` (1 for the breaker's state, 0 for the
   two others; ``destination`` is the endpoint's cluster), for the endpoints of the snapshot
   in force;
+* ``mesh_authz_decisions_total{decision,policy,mode}`` (the inbound side's authorization:
+  ``allow``/``deny``, the policy that decided, ``(default)`` for the mesh default or ``(no
+  rule)`` when the service's ALLOW rules matched nothing, and ``enforce``/``dry_run``; from
+  ``sidecar.layers.authorize``);
 * ``mesh_tls_handshakes_total`` and ``mesh_tls_handshake_failures_total{reason}`` (the
-  inbound listener's; failures the event loop reported with a reason are counted by it, the
-  others as ``other``);
-* ``mesh_connections_refused_total{listener,reason}``, ``mesh_active_calls{direction}``;
+  inbound listener's, by reason: ``certificate_expired`` / ``certificate_not_yet_valid``
+  for a peer certificate outside its validity, else OpenSSL's reason; failures that never
+  reached the handshake's verdict as ``other``);
+* ``mesh_connections_refused_total{listener,reason}``: connections refused after the
+  handshake by the ``inbound`` and ``outbound`` listeners (``revoked``: the peer's
+  certificate serial is in the snapshot's deny-list; ``foreign_trust_domain``, ...), and as
+  ``listener="upstream"`` upstream endpoints the outbound side refused (``revoked``,
+  ``wrong_identity``, ``no_alpn_h2``);
+* ``mesh_upstream_tls_failures_total{reason}``: failed handshakes to upstream endpoints
+  (``certificate_expired`` when the endpoint's certificate has expired);
+* ``mesh_active_calls{direction}``;
 * ``mesh_certificate_expiry_timestamp_seconds`` (Unix seconds; absent when unreadable);
 * ``mesh_snapshot_version`` (the version as a number, absent when it is not digits) and
   ``mesh_snapshot_info{version,hash}`` = 1.
@@ -44,6 +56,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from .admin import Raw
+from .layers.authorize import Authorize
 from .layers.limits import UpstreamLimits
 from .layers.metrics import Metrics
 from .layers.outlier import CLOSED, HALF_OPEN, OPEN, OutlierDetection
@@ -133,6 +146,7 @@ class SidecarCollector:
                                            1.0 if row.get("state") == state else 0.0)
         yield ejections
         yield breaker
+        yield self._authz()
 
         inbound = sc.inbound
         handshakes = inbound.handshakes if inbound is not None else 0
@@ -156,7 +170,19 @@ class SidecarCollector:
             if listener is not None:
                 for reason, n in sorted(listener.rejected.items()):
                     refused.add_metric((listener.name, reason), n)
+        connectors: Mapping[str, Any] = getattr(sc, "connectors", {})
+        upstream = connectors.get("outbound")
+        if upstream is not None:
+            for reason, n in sorted(upstream.refused.items()):
+                refused.add_metric(("upstream", reason), n)
         yield refused
+        upstream_tls = CounterMetricFamily("mesh_upstream_tls_failures", "TLS handshakes to "
+                                           "upstream endpoints that failed, by reason.",
+                                           labels=("reason",))
+        if upstream is not None:
+            for reason, n in sorted(upstream.tls_failures.items()):
+                upstream_tls.add_metric((reason,), n)
+        yield upstream_tls
 
         active = GaugeMetricFamily("mesh_active_calls", "Calls in flight.",
                                    labels=("direction",))
@@ -183,6 +209,18 @@ class SidecarCollector:
         info.add_metric((version, snap.content_hash()), 1.0)
         yield info
         yield from self._spans()
+
+    def _authz(self) -> Metric:
+        decisions = CounterMetricFamily("mesh_authz_decisions", "Inbound authorization "
+                                        "decisions, by decision, deciding policy and mode "
+                                        "(dry_run: counted, never enforced).",
+                                        labels=("decision", "policy", "mode"))
+        inbound = self.sidecar.stacks.get("inbound")
+        layer = inbound.layer(Authorize) if inbound is not None else None
+        if layer is not None:
+            for decision, policy, mode, n in layer.counts():
+                decisions.add_metric((decision, policy, mode), n)
+        return decisions
 
     def _spans(self) -> Iterator[Metric]:
         sampled = CounterMetricFamily("mesh_spans_sampled", "Calls that got a span, by "

@@ -13,6 +13,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from mesh_common.bootstrap import Bootstrap
@@ -23,7 +24,16 @@ from mesh_common.spiffe import SpiffeError, SpiffeId, spiffe_ids_from_sans
 from .admin import AdminServer
 from .http2.connection import H2Connection
 from .http2.relay import Hooks, LocalReply, Relay
-from .io import Connector, Flusher, H2Protocol, PeerInfo, pool_key
+from .io import (
+    Connector,
+    Flusher,
+    H2Protocol,
+    PeerInfo,
+    pool_key,
+    serial_of,
+    tls_failure_reason,
+)
+from .layers.authorize import Authorize
 from .layers.calllog import AccessLog, CallLog, Taps
 from .layers.limits import UpstreamLimits
 from .layers.metrics import Metrics
@@ -38,11 +48,14 @@ log = logging.getLogger("mesh.sidecar")
 
 
 class Listener:
-    """Accepts downstream connections and drives each into one relay."""
+    """Accepts downstream connections and drives each into one relay. With TLS, a peer
+    whose certificate serial is in ``revoked()`` is refused right after the handshake."""
 
     def __init__(self, name: str, relay: Relay, flusher: Flusher, limits: Limits,
-                 ssl_ctx: ssl.SSLContext | None, trust_domain: str | None) -> None:
+                 ssl_ctx: ssl.SSLContext | None, trust_domain: str | None,
+                 revoked: Callable[[], AbstractSet[str]] | None = None) -> None:
         self.name = name
+        self.revoked = revoked
         self.relay = relay
         self.flusher = flusher
         self.limits = limits
@@ -106,10 +119,31 @@ class Listener:
             if sid.trust_domain != self.trust_domain:
                 return self._reject("foreign_trust_domain", address)
             peer_id = sid.uri
-        proto.conn.owner = PeerInfo(peer_id, address)
+            serial = serial_of(cert)
+            if self.revoked is not None and serial in self.revoked():
+                return self._reject("revoked", f"{address} ({peer_id}, certificate serial "
+                                               f"{serial})")
+            proto.conn.owner = PeerInfo(peer_id, address, serial)
+        else:
+            proto.conn.owner = PeerInfo(peer_id, address)
         self.protocols.add(proto)
         self.accepted += 1
         return True
+
+    def cut_revoked(self, revoked: AbstractSet[str]) -> int:
+        """GOAWAY the open connections of peers whose certificate serial is in ``revoked``:
+        they open no new stream, and each closes once its calls are done; returns how many."""
+        cut = 0
+        for proto in list(self.protocols):
+            peer = proto.conn.owner
+            if isinstance(peer, PeerInfo) and peer.serial and peer.serial in revoked \
+                    and not proto.conn.goaway_sent:
+                cut += 1
+                proto.conn.goaway()
+                proto.flush()
+                if not proto.conn.active_streams:
+                    proto.close()
+        return cut
 
     def stop_accepting(self) -> None:
         if self.server is not None:
@@ -183,6 +217,10 @@ class Sidecar:
         self.stats: dict[str, Stats] = {}
         self.stacks: dict[str, Stack] = {}
         self.tls_failures: dict[str, int] = {}
+        # Revoked certificate serials (the snapshot's deny-list, as a set): peers presenting
+        # one are refused at their next connection, in and out (``apply_snapshot``).
+        self.revoked: frozenset[str] = frozenset(boot.snapshot.revoked)
+        self._tls_logged: dict[str, tuple[float, int]] = {}  # reason -> (logged at, since)
         # Observability: the JSON-lines access log (``access_log``: its path, None = off;
         # opened by ``start``) and the taps the control plane starts, shared by both stacks.
         self.access_log_path = access_log
@@ -201,7 +239,8 @@ class Sidecar:
         stats = Stats(clock=time.monotonic)
         relay = Relay(_NO_HOOKS, self.limits, time.monotonic, loop.call_later,
                       lambda conn: conn.io.close())  # type: ignore[attr-defined]
-        connector = Connector(relay, flusher, self.limits, lambda: self.tls.client)
+        connector = Connector(relay, flusher, self.limits, lambda: self.tls.client,
+                              revoked=lambda: self.revoked)
         relay.hooks = hooks_for(connector, stats)  # the stack needs the relay's connector
         if isinstance(relay.hooks, Stack):
             self.stacks[name] = relay.hooks
@@ -227,11 +266,16 @@ class Sidecar:
                                       label=f"{app} (local app of {boot.service})")
                 return inbound_stack(stats, pool, metrics=self._metrics("inbound", stats),
                                      calllog=self._calllog("inbound", stats),
-                                     trace=self._trace("inbound"))
+                                     trace=self._trace("inbound"),
+                                     authorize=Authorize(lambda: self.snapshot, boot.service))
 
             relay = self._relay("inbound", inbound_hooks, loop, flusher)
             self.inbound = Listener("inbound", relay, flusher, self.limits, self.tls.server,
-                                    boot.trust_domain)
+                                    boot.trust_domain, revoked=lambda: self.revoked)
+            # Handshakes the event loop drops silently (a peer's expired certificate, one
+            # from another CA): counted by reason and logged, through the context's
+            # SSLObject class (the same context object lives across certificate reloads).
+            self.tls.server.sslobject_class = _observed_sslobject(self._handshake_failed)
             port = await self.inbound.start(boot.inbound.host,
                                             boot.inbound.port if inbound_port is None else inbound_port)
             self.ports["inbound"] = f"{boot.inbound.host}:{port}"
@@ -329,14 +373,36 @@ class Sidecar:
             return
         loop.default_exception_handler(context)
 
+    def _handshake_failed(self, exc: ssl.SSLError) -> None:
+        """An inbound TLS handshake failed: count it by ``tls_failure_reason`` and log it
+        (per reason at most once every ``TLS_LOG_INTERVAL_S``, with how many since; a
+        peer's certificate outside its validity as a warning)."""
+        reason = tls_failure_reason(exc)
+        self.tls_failures[reason] = self.tls_failures.get(reason, 0) + 1
+        now = time.monotonic()
+        logged_at, since = self._tls_logged.get(reason, (-TLS_LOG_INTERVAL_S, 0))
+        if now - logged_at < TLS_LOG_INTERVAL_S:
+            self._tls_logged[reason] = (logged_at, since + 1)
+            return
+        self._tls_logged[reason] = (now, 0)
+        more = f" ({since} more since the last line)" if since else ""
+        detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        level = logging.WARNING if reason.startswith("certificate_") else logging.INFO
+        log.log(level, "inbound: refused a TLS handshake: %s (%s)%s", detail, reason, more)
+
     # ------------------------------------------------------------- configuration
     def apply_snapshot(self, snapshot: Snapshot) -> None:
         """Route new calls on ``snapshot`` from now on. One assignment, so atomic: the
         layers read ``self.snapshot`` once per call each (within one synchronous decision, so
         the same one), calls already routed keep what they got,
         and connections to endpoints that stay are reused (pools are keyed by address).
-        Connections to endpoints that left are closed once their calls are done."""
+        Connections to endpoints that left are closed once their calls are done. A new
+        deny-list of revoked serials applies to new connections at once, and the open
+        connections of newly revoked peers get GOAWAY."""
+        revoked_changed = snapshot.revoked != self.snapshot.revoked
         self.snapshot = snapshot
+        if revoked_changed:
+            self._apply_revoked(frozenset(snapshot.revoked))
         connector = self.connectors.get("outbound")
         if connector is not None:
             keep = {pool_key(ep.host, ep.port, ep.spiffe_id)
@@ -344,6 +410,17 @@ class Sidecar:
             for key in connector.retain(keep):
                 log.info("endpoint %s left the snapshot: its connections are closed",
                          key.split("|")[0])
+
+    def _apply_revoked(self, revoked: frozenset[str]) -> None:
+        fresh = revoked - self.revoked
+        self.revoked = revoked
+        if not fresh:
+            return
+        cut = sum(x.cut_revoked(fresh) for x in (*self.connectors.values(), self.inbound)
+                  if x is not None)
+        log.warning("certificate serial(s) %s revoked: peers presenting them are refused from "
+                    "now on%s", ", ".join(sorted(fresh)),
+                    f"; {cut} open connection(s) of theirs get GOAWAY" if cut else "")
 
     def take_report(self) -> StatsReport:
         """The outbound side's call deltas since the previous call (``Stats.take_report``);
@@ -399,6 +476,8 @@ class Sidecar:
                 "accepted_connections": listener.accepted if listener else 0,
                 "upstream_connections": len(connector.protocols),
                 "refused_connections": dict(listener.rejected) if listener else {},
+                "refused_upstream_connections": dict(connector.refused),
+                "upstream_tls_failures": dict(connector.tls_failures),
             }
             stack = self.stacks.get(name)
             counted = stack.counters() if stack is not None else {}
@@ -464,7 +543,33 @@ class Sidecar:
         await asyncio.sleep(0)
 
 
+TLS_LOG_INTERVAL_S = 5.0
+"""Failed inbound handshakes are logged at most once per reason in this many seconds."""
+
+
+def _observed_sslobject(on_failure: Callable[[ssl.SSLError], None]) -> type[ssl.SSLObject]:
+    """An ``SSLObject`` class whose failed handshakes call ``on_failure(exc)`` before they
+    raise (the event loop then drops the connection without telling anyone why). Costs
+    nothing once the handshake is done."""
+
+    class ObservedSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                try:
+                    on_failure(exc)
+                except Exception:  # counting must never change the handshake's outcome
+                    log.exception("counting a failed TLS handshake failed")
+                raise
+
+    return ObservedSSLObject
+
+
 _NO_HOOKS: Hooks = Stack([], lambda call: LocalReply(14, "sidecar starting"))
-_OWN_SECTIONS = ("breakers", "limits", "balancers")
-"""Sections of the outbound stack's counters that ``/stats`` shows next to ``routing``
-(per upstream x endpoint: outlier detection; per upstream: limits; the balancers' state)."""
+_OWN_SECTIONS = ("breakers", "limits", "balancers", "authz")
+"""Sections of a stack's counters that ``/stats`` shows next to ``routing`` (outbound, per
+upstream x endpoint: outlier detection; per upstream: limits; the balancers' state;
+inbound: the authorization's default, policies and decisions)."""

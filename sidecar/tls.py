@@ -2,8 +2,12 @@
 
 The inbound context requires a client certificate chained to the mesh CA; the outbound
 context presents ours and verifies the upstream's chain (its SPIFFE ID is checked by the
-connector, not by hostname). Reloading keeps the server context object (new handshakes get
-the new chain, connections already open keep theirs) and builds a new client context.
+connector, not by hostname). Reloading builds a new server and a new client context from
+the files, certificate and trust bundle together, and swaps both at once: the listener keeps
+one "front" server context whose SNI callback (called at every ClientHello) moves each new
+handshake onto the current server context, so a bundle that drops a CA (the end of a CA
+rotation) stops trusting it at once for new connections, while connections already open
+keep theirs. The cost is one attribute assignment per handshake, none per call.
 """
 
 from __future__ import annotations
@@ -48,21 +52,35 @@ def client_context(files: TlsFiles) -> ssl.SSLContext:
 
 
 class TlsState:
-    """The current contexts; ``reload`` picks up new files (raising leaves the old ones)."""
+    """The current contexts; ``reload`` picks up new files (raising leaves the old ones).
+
+    ``server`` is the front context listeners are built with (it never changes; each
+    handshake is moved onto ``server_current``); ``client`` is the context for new outbound
+    connections (a new object at each reload)."""
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
         self.server = server_context(files)
+        self.server_current = self.server
+        self.server.sni_callback = self._select
         self.client = client_context(files)
         self._mtimes = files.mtimes()
         self.reloads = 0
 
+    def _select(self, ssl_obj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                front: ssl.SSLContext) -> None:
+        """SNI callback of the front context: hand the handshake to the current context
+        (certificate, key and trusted CAs of the last reload)."""
+        current = self.server_current
+        if current is not front:
+            ssl_obj.context = current
+
     def reload(self) -> None:
-        """Load the files again. A broken file raises and changes nothing."""
+        """Load the files again: certificate, key and trust bundle together, for new
+        handshakes in both directions. A broken file raises and changes nothing."""
         client = client_context(self.files)  # validates the files first
-        self.server.load_cert_chain(self.files.cert, self.files.key)
-        self.server.load_verify_locations(cafile=self.files.ca)
-        self.client = client
+        server = server_context(self.files)
+        self.server_current, self.client = server, client
         self._mtimes = self.files.mtimes()
         self.reloads += 1
         log.info("certificates reloaded from %s", self.files.cert)

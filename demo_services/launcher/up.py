@@ -1,7 +1,10 @@
 """Bringing the demo mesh up and down.
 
 ``bring_up``: the control plane, a join token per service (files under ``<dir>/tokens``,
-mode 0600), two replicas each of inventory, payment and order with their dynamic sidecars,
+mode 0600), the demo's authorization (the mesh default set to deny and the
+AuthorizationPolicy documents of ``demo_services/policies/`` applied, before any sidecar
+joins: loadgen may call order, order may call payment and inventory, nothing else), two
+replicas each of inventory, payment and order with their dynamic sidecars,
 and the load generator (paused) with its outbound-only sidecar; then it waits until every
 sidecar is SYNCED and holds both replicas of each service, healthy, and resumes the load.
 ``state.json`` is rewritten after each start, so whatever was started can be taken down even
@@ -14,6 +17,7 @@ plane last, then removes the file. Safe to run twice.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sys
 import time
@@ -25,6 +29,9 @@ from pathlib import Path
 from subprocess import Popen
 
 import grpc
+import yaml
+
+from protos.mesh.v1 import control_pb2 as pb
 
 from . import procs
 from .admin import AdminClient, sync_gaps
@@ -35,6 +42,11 @@ TOKEN_TTL_S = 7 * 24 * 3600
 SYNC_POLL_S = 0.25
 TRACE_EXPORT_DELAY_MS = 500
 """Sidecars send their spans at least this often: a trace shows in ``meshctl traces`` soon."""
+POLICIES_DIR = Path(__file__).resolve().parent.parent / "policies"
+"""The demo's AuthorizationPolicy documents (``*.yaml``), applied by ``bring_up``."""
+AUTHZ_DEFAULT = "deny"
+"""The mesh-wide authorization default the demo sets: only what a policy allows."""
+POLICY_RPC_TIMEOUT_S = 10.0
 Log = Callable[[str], None]
 
 
@@ -85,6 +97,19 @@ def _write_secret(path: Path, text: str) -> None:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+def policy_documents(directory: Path = POLICIES_DIR) -> list[pb.ConfigDocument]:
+    """Every YAML document of the ``*.yaml`` files of ``directory`` (by file name), as the
+    Admin API's ``ConfigDocument`` (source: the file, index: from 1). Raises OSError or
+    yaml.YAMLError for an unreadable or invalid file."""
+    out: list[pb.ConfigDocument] = []
+    for path in sorted(directory.glob("*.yaml")):
+        for index, body in enumerate(yaml.safe_load_all(path.read_text()), start=1):
+            if body is not None:
+                out.append(pb.ConfigDocument(source=str(path), index=index,
+                                             json=json.dumps(body)))
+    return out
 
 
 def _py(*args: str) -> list[str]:
@@ -149,6 +174,22 @@ class _Launch:
                 self.tokens[service] = path
         finally:
             client.close()
+
+    def apply_authz(self, api: str) -> None:
+        """Set the mesh's authorization default to ``AUTHZ_DEFAULT`` and apply the demo's
+        policies (kept by the control plane across restarts; unchanged on a second up)."""
+        docs = policy_documents()
+        client = AdminClient(api, self.s.ca_dir)
+        try:
+            if docs:
+                client.stub.ApplyConfig(pb.ApplyConfigRequest(documents=docs),
+                                        timeout=POLICY_RPC_TIMEOUT_S)
+            client.stub.SetAuthzDefault(pb.SetAuthzDefaultRequest(action=AUTHZ_DEFAULT),
+                                        timeout=POLICY_RPC_TIMEOUT_S)
+        finally:
+            client.close()
+        self.log(f"authorization: default {AUTHZ_DEFAULT}, {len(docs)} policies applied "
+                 f"({POLICIES_DIR.name}/)")
 
     def app_cmd(self, service: str, instance: str, outbound: str) -> list[str]:
         cmd = _py("-m", f"demo_services.{service}", "serve", "--instance", instance,
@@ -266,6 +307,7 @@ class _Launch:
         api = self.start_control_plane()
         self.log(f"control plane ready at {api} (CA dir {self.s.ca_dir})")
         self.make_tokens(api)
+        self.apply_authz(api)
         self.start_everything()
         self.log(f"{len(self.state.processes)} processes started; waiting for every sidecar "
                  f"to sync")

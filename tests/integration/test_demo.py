@@ -1,6 +1,7 @@
 """The demo end to end, as a user runs it: ``python -m demo_services.demo up`` (on free ports
-in a tmp dir, by environment), the saga's paths through real sidecars (the load generator's
-outbound-only sidecar is the test's way in: authority ``order`` or ``payment``), an order
+in a tmp dir, by environment), the saga's paths through real sidecars (the test's way in is
+the load generator's outbound-only sidecar for ``order``, an order replica's sidecar for
+``payment`` and ``inventory``, as the demo's authorization allows), an order
 replica SIGKILLed mid-saga, ``python -m demo_services.check``, a second ``up`` and ``down``
 twice. One demo is shared by the module; the tests run in file order and each says what it
 leaves behind.

@@ -1,7 +1,9 @@
 """One demo mesh for a test module, as a user runs it: ``python -m demo_services.demo up``
 on free ports in a tmp dir (by environment), and ``down`` at the end, asserting nothing it
-started is left running. ``Demo`` reaches the services through the load generator's
-outbound-only sidecar (authority ``order``, ``payment``, ``inventory``)."""
+started is left running. ``Demo`` reaches each service through the outbound port of a sidecar
+whose service the demo's authorization lets call it (it denies by default): order through the
+load generator's outbound-only sidecar, payment and inventory through an order replica's
+sidecar (``CALLER``)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ from protos.payment import payment_pb2_grpc
 from tests.support import procs
 from tests.support.sidecar import REPO_ROOT
 
+CALLER = {"payment": "order", "inventory": "order"}
+"""Whose sidecar a test calls a service through (default: the load generator's): the demo's
+policies let loadgen call order only, and order call payment and inventory."""
+
 
 @dataclass
 class Demo:
@@ -43,9 +49,12 @@ class Demo:
         return self.cli("demo_services.demo", *args)
 
     def channel(self, authority: str) -> grpc.Channel:
-        """Through the load generator's sidecar (outbound, h2c) to ``authority``."""
+        """Through the outbound port (h2c) of a sidecar allowed to call ``authority``: the
+        load generator's, or for payment and inventory the last order replica's
+        (``CALLER``)."""
         if authority not in self.channels:
-            outbound = self.state.one("sidecar", "loadgen").outbound
+            caller = CALLER.get(authority, "loadgen")
+            outbound = self.state.find("sidecar", caller)[-1].outbound
             self.channels[authority] = grpc.insecure_channel(
                 outbound, options=[("grpc.default_authority", authority)])
         return self.channels[authority]
