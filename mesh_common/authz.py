@@ -162,38 +162,31 @@ def _fail(where: str, why: str) -> AuthzError:
     return AuthzError(f"{where}: {why}")
 
 
-def parse_source(value: Any, where: str) -> Match:
-    if not isinstance(value, str) or not value or len(value) > 2048:
-        raise _fail(where, "expected '*', a SPIFFE ID, or a SPIFFE ID prefix ending in '*'")
+def _pattern(value: Any, where: str, max_len: int, head: str, what: str,
+             bad_head: str) -> Match:
+    """``*``, an exact value starting with ``head``, or such a prefix ending in ``*``."""
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise _fail(where, f"expected {what}")
     if value == "*":
         return Match("any")
-    if not value.startswith("spiffe://"):
-        raise _fail(where, f"not a SPIFFE ID (spiffe://...) or '*': {value!r}")
-    if value.endswith("*"):
-        if "*" in value[:-1]:
-            raise _fail(where, "'*' only at the end (a prefix)")
-        return Match("prefix", value[:-1])
-    if "*" in value:
+    if not value.startswith(head):
+        raise _fail(where, f"{bad_head}: {value!r}")
+    if "*" in value[:-1]:
         raise _fail(where, "'*' only at the end (a prefix)")
-    return Match("exact", value)
+    return Match("prefix", value[:-1]) if value.endswith("*") else Match("exact", value)
+
+
+def parse_source(value: Any, where: str) -> Match:
+    return _pattern(value, where, 2048, "spiffe://",
+                    "'*', a SPIFFE ID, or a SPIFFE ID prefix ending in '*'",
+                    "not a SPIFFE ID (spiffe://...) or '*'")
 
 
 def parse_method(value: Any, where: str) -> Match:
-    if not isinstance(value, str) or not value or len(value) > 1024:
-        raise _fail(where, "expected '*' or a gRPC path /package.Service/Method (or a prefix)")
-    if value == "*":
-        return Match("any")
-    if not value.startswith("/"):
-        raise _fail(where, f"a gRPC path starts with '/': {value!r}")
-    if value.endswith("*"):
-        if "*" in value[:-1]:
-            raise _fail(where, "'*' only at the end (a prefix)")
-        return Match("prefix", value[:-1])
-    if "*" in value:
-        raise _fail(where, "'*' only at the end (a prefix)")
-    if value.endswith("/"):
-        return Match("prefix", value)
-    return Match("exact", value)
+    m = _pattern(value, where, 1024, "/",
+                 "'*' or a gRPC path /package.Service/Method (or a prefix)",
+                 "a gRPC path starts with '/'")
+    return Match("prefix", m.value) if m.kind == "exact" and m.value.endswith("/") else m
 
 
 def _list(value: Any, where: str) -> list[Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 
 from mesh_common.limits import Limits
@@ -359,18 +359,28 @@ class Connector:
     def cut_revoked(self, revoked: AbstractSet[str]) -> int:
         """GOAWAY the upstream connections whose peer certificate serial is in ``revoked``
         (they take no new stream; each closes once its streams are done); returns how many."""
-        cut = 0
-        for proto in list(self.protocols):
-            if proto.peer_serial and proto.peer_serial in revoked and not proto.conn.goaway_sent:
-                cut += 1
-                proto.conn.goaway()
-                proto.flush()
-                if not proto.conn.active_streams:
-                    proto.close()
-        return cut
+        return goaway_revoked(self.protocols, lambda proto: proto.peer_serial, revoked)
 
     def close_all(self) -> None:
         for proto in list(self.protocols):
             proto.close()
         for task in list(self.tasks):
             task.cancel()
+
+
+def goaway_revoked(protocols: Iterable[H2Protocol],
+                   serial_of: Callable[[H2Protocol], str | None],
+                   revoked: AbstractSet[str]) -> int:
+    """GOAWAY every connection of ``protocols`` whose peer's certificate serial
+    (``serial_of``) is in ``revoked`` and that has not been told yet; one without streams
+    closes at once. Returns how many were told."""
+    cut = 0
+    for proto in list(protocols):
+        serial = serial_of(proto)
+        if serial and serial in revoked and not proto.conn.goaway_sent:
+            cut += 1
+            proto.conn.goaway()
+            proto.flush()
+            if not proto.conn.active_streams:
+                proto.close()
+    return cut

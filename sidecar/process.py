@@ -29,6 +29,7 @@ from .io import (
     Flusher,
     H2Protocol,
     PeerInfo,
+    goaway_revoked,
     pool_key,
     serial_of,
     tls_failure_reason,
@@ -133,17 +134,10 @@ class Listener:
     def cut_revoked(self, revoked: AbstractSet[str]) -> int:
         """GOAWAY the open connections of peers whose certificate serial is in ``revoked``:
         they open no new stream, and each closes once its calls are done; returns how many."""
-        cut = 0
-        for proto in list(self.protocols):
+        def serial(proto: H2Protocol) -> str | None:
             peer = proto.conn.owner
-            if isinstance(peer, PeerInfo) and peer.serial and peer.serial in revoked \
-                    and not proto.conn.goaway_sent:
-                cut += 1
-                proto.conn.goaway()
-                proto.flush()
-                if not proto.conn.active_streams:
-                    proto.close()
-        return cut
+            return peer.serial if isinstance(peer, PeerInfo) else None
+        return goaway_revoked(self.protocols, serial, revoked)
 
     def stop_accepting(self) -> None:
         if self.server is not None:
