@@ -11,6 +11,7 @@ from pathlib import Path
 SERVICES = ("inventory", "payment", "order")   # started in this order, apps then sidecars
 REPLICAS = 2
 LOADGEN = "loadgen"
+GATEWAY = "gateway"    # the API gateway (HTTP/JSON at the edge) and its outbound-only sidecar
 
 
 class SettingsError(ValueError):
@@ -37,6 +38,14 @@ class Settings:
     ready_timeout_s: float      # MESH_DEMO_READY_TIMEOUT_S: all ready and synced within
     stop_timeout_s: float       # MESH_DEMO_STOP_TIMEOUT_S: SIGTERM, then SIGKILL after this
     drain_timeout_s: float      # MESH_DEMO_DRAIN_TIMEOUT_S: sidecars' --drain-timeout-s
+    gateway: str = "127.0.0.1:8080"   # MESH_DEMO_GATEWAY: the API gateway's HTTP listener
+    via_gateway: bool = False   # MESH_DEMO_VIA_GATEWAY=1: the load generator goes through it
+
+    @property
+    def gateway_key_dir(self) -> Path:
+        """The demo's token signing key (created by ``up``; the gateway's config names its
+        public half as ``${MESH_DEMO_DIR}/gateway/...``)."""
+        return self.dir / "gateway"
 
     @property
     def state_path(self) -> Path:
@@ -95,6 +104,15 @@ def _hostport(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name}: expected 1 or 0, got {env.get(name)!r}")
+
+
 def from_env(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Settings:
     """The settings for ``env`` (default ``os.environ``); raises SettingsError naming the
     variable and the reason."""
@@ -121,4 +139,6 @@ def from_env(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> S
         ready_timeout_s=_number(env, "MESH_DEMO_READY_TIMEOUT_S", 60.0, 1.0),
         stop_timeout_s=_number(env, "MESH_DEMO_STOP_TIMEOUT_S", 10.0, 0.1),
         drain_timeout_s=_number(env, "MESH_DEMO_DRAIN_TIMEOUT_S", 5.0, 0.0),
+        gateway=_hostport(env, "MESH_DEMO_GATEWAY", "127.0.0.1:8080"),
+        via_gateway=_flag(env, "MESH_DEMO_VIA_GATEWAY"),
     )

@@ -8,9 +8,10 @@ listens, so ``down``, ``check``, the chaos script and tests find them.
                        "admin_http": "127.0.0.1:15014", "otlp": "127.0.0.1:15012",
                        "data_dir": ".../.mesh/control-plane", "ca_dir": ".../certs"},
      "settings": {"rps": 20.0, "lease_s": 5.0, ...},
-     "processes": [{"role": "control-plane" | "app" | "sidecar" | "loadgen",
+     "processes": [{"role": "control-plane" | "app" | "sidecar" | "loadgen" | "gateway",
                     "service": "payment", "instance": "payment-1", "pid": 4242,
-                    "address": "127.0.0.1:P",     # app: its gRPC address (h2c, loopback)
+                    "address": "127.0.0.1:P",     # app: its gRPC address (h2c, loopback);
+                                                  # gateway: its HTTP listener
                     "control": "127.0.0.1:C",     # app, loadgen: the HTTP control endpoint
                     "inbound": "", "outbound": "", "admin": "",   # sidecar: its ports
                     "db": ".../payment.sqlite",   # app: the service's database
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_VERSION = 1
-ROLES = ("control-plane", "app", "sidecar", "loadgen")
+ROLES = ("control-plane", "app", "sidecar", "loadgen", "gateway")
 
 
 class StateError(Exception):

@@ -5,13 +5,14 @@ mode 0600), the demo's authorization (the mesh default set to deny and the
 AuthorizationPolicy documents of ``demo_services/policies/`` applied, before any sidecar
 joins: loadgen may call order, order may call payment and inventory, nothing else), two
 replicas each of inventory, payment and order with their dynamic sidecars,
-and the load generator (paused) with its outbound-only sidecar; then it waits until every
+the load generator (paused) and the API gateway (on ``MESH_DEMO_GATEWAY``, its demo token
+key under ``<dir>/gateway``), each with its outbound-only sidecar; then it waits until every
 sidecar is SYNCED and holds both replicas of each service, healthy, and resumes the load.
 ``state.json`` is rewritten after each start, so whatever was started can be taken down even
 if ``up`` fails or is interrupted (it takes down what it started itself before it raises).
 
 ``bring_down``: stops every process in ``state.json`` by pid, load first and the control
-plane last, then removes the file. Safe to run twice.
+plane last (the load and the gateway first), then removes the file. Safe to run twice.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from subprocess import Popen
 import grpc
 import yaml
 
+from demo_services.gateway.keys import demo_keys
 from protos.mesh.v1 import control_pb2 as pb
 
 from . import procs
 from .admin import AdminClient, sync_gaps
-from .settings import LOADGEN, REPLICAS, SERVICES, Settings
+from .settings import GATEWAY, LOADGEN, REPLICAS, SERVICES, Settings
 from .state import DemoState, ProcessRecord, StateError, load, save
 
 TOKEN_TTL_S = 7 * 24 * 3600
@@ -47,6 +49,8 @@ POLICIES_DIR = Path(__file__).resolve().parent.parent / "policies"
 AUTHZ_DEFAULT = "deny"
 """The mesh-wide authorization default the demo sets: only what a policy allows."""
 POLICY_RPC_TIMEOUT_S = 10.0
+GATEWAY_CONFIG = Path(__file__).resolve().parent.parent / "gateway" / "gateway.yaml"
+"""The demo gateway's config (routes, the demo's token issuer, 20 rps burst 40 a subject)."""
 Log = Callable[[str], None]
 
 
@@ -139,9 +143,9 @@ class _Launch:
         self.tokens: dict[str, Path] = {}
 
     # -- starting ----------------------------------------------------------------------
-    def spawn(self, name: str, cmd: list[str], role: str, service: str,
-              instance: str) -> tuple[procs.Spawned, ProcessRecord]:
-        sp = procs.spawn(name, cmd, self.s.logs_dir / f"{name}.log")
+    def spawn(self, name: str, cmd: list[str], role: str, service: str, instance: str,
+              env: dict[str, str] | None = None) -> tuple[procs.Spawned, ProcessRecord]:
+        sp = procs.spawn(name, cmd, self.s.logs_dir / f"{name}.log", env)
         self.children[sp.pid] = sp.popen
         rec = procs.record_for(sp, role, service, instance)
         self.state.processes.append(rec)
@@ -168,7 +172,7 @@ class _Launch:
         os.chmod(self.s.tokens_dir, 0o700)
         client = AdminClient(api, self.s.ca_dir)
         try:
-            for service in (*SERVICES, LOADGEN):
+            for service in (*SERVICES, LOADGEN, GATEWAY):
                 path = self.s.tokens_dir / f"{service}.token"
                 _write_secret(path, client.create_token(service, TOKEN_TTL_S) + "\n")
                 self.tokens[service] = path
@@ -218,7 +222,8 @@ class _Launch:
     def start_everything(self) -> None:
         self.s.data_dir.mkdir(parents=True, exist_ok=True)
         order_ids = instance_ids("order")
-        order_out = dict(zip(order_ids, procs.free_ports(len(order_ids)), strict=True))
+        *ports, gw_port = procs.free_ports(len(order_ids) + 1)
+        order_out = dict(zip(order_ids, ports, strict=True))
         # Apps first (their ports come from their ready lines), with the load generator's
         # outbound-only sidecar, all at once.
         apps: dict[str, tuple[procs.Spawned, ProcessRecord]] = {}
@@ -230,11 +235,18 @@ class _Launch:
         lg_inst = f"{LOADGEN}-1"
         lg_side = self.spawn(f"{lg_inst}.sidecar", self.sidecar_cmd(LOADGEN, lg_inst, None),
                              "sidecar", LOADGEN, lg_inst)
-        ready = procs.wait_ready([sp for sp, _ in (*apps.values(), lg_side)], self.deadline)
+        gw_inst = f"{GATEWAY}-1"
+        # A fixed outbound port (as order's): a restarted sidecar is where the gateway calls.
+        gw_side = self.spawn(f"{gw_inst}.sidecar",
+                             self.sidecar_cmd(GATEWAY, gw_inst, None, gw_port),
+                             "sidecar", GATEWAY, gw_inst)
+        ready = procs.wait_ready([sp for sp, _ in (*apps.values(), lg_side, gw_side)],
+                                 self.deadline)
         for sp, rec in apps.values():
             rec.address, rec.control = ready[sp.name]["address"], ready[sp.name]["control"]
             rec.db = str(self.s.db_path(rec.service))
         self._set_sidecar_ports(lg_side[1], ready[lg_side[0].name])
+        self._set_sidecar_ports(gw_side[1], ready[gw_side[0].name])
         save(self.state, self.s.state_path)
 
         # Then each app's sidecar, and the load generator (paused until the mesh is synced).
@@ -244,9 +256,17 @@ class _Launch:
                                     self.sidecar_cmd(app.service, inst, app.address,
                                                      order_out.get(inst, 0)),
                                     "sidecar", app.service, inst))
+        gw = self.spawn(gw_inst, self.gateway_cmd(gw_side[1].outbound), "gateway", GATEWAY,
+                        gw_inst, env={"MESH_DEMO_DIR": str(self.s.dir)})
+        gw_ready = procs.wait_ready([gw[0]], self.deadline)[gw[0].name]
+        gw[1].address, gw[1].outbound = gw_ready["listen"], gw_side[1].outbound
+        save(self.state, self.s.state_path)
         lg_cmd = _py("-m", "demo_services.loadgen", "--rps", f"{self.s.rps:g}",
                      "--outbound", lg_side[1].outbound, "--control-listen", "127.0.0.1:0",
                      "--paused")
+        if self.s.via_gateway:
+            lg_cmd += ["--via-gateway", gw_ready["url"],
+                       "--gateway-key-dir", str(self.s.gateway_key_dir)]
         lg = self.spawn(lg_inst, lg_cmd, "loadgen", LOADGEN, lg_inst)
         ready = procs.wait_ready([sp for sp, _ in (*sides, lg)], self.deadline)
         for sp, rec in sides:
@@ -254,6 +274,13 @@ class _Launch:
         lg[1].control = ready[lg[0].name]["control"]
         lg[1].outbound = lg_side[1].outbound
         save(self.state, self.s.state_path)
+
+    def gateway_cmd(self, outbound: str) -> list[str]:
+        """The API gateway on ``settings.gateway`` through its sidecar's ``outbound`` port,
+        with the demo's config; the demo's token key is made first (the config names it)."""
+        demo_keys(self.s.gateway_key_dir)
+        return _py("-m", "demo_services.gateway", "serve", "--config", str(GATEWAY_CONFIG),
+                   "--listen", self.s.gateway, "--outbound", outbound)
 
     @staticmethod
     def _set_sidecar_ports(rec: ProcessRecord, ready: dict[str, str]) -> None:
@@ -344,9 +371,10 @@ def bring_up(settings: Settings, log: Log) -> Started:
 
 
 def stop_groups(state: DemoState) -> list[list[ProcessRecord]]:
-    """The processes in the order they stop: the load, order apps (their sagas still reach
-    payment and inventory), the other apps, the sidecars, the control plane."""
-    groups = [state.find("loadgen"), state.find("app", "order"),
+    """The processes in the order they stop: the load and the gateway (what sends requests
+    in), order apps (their sagas still reach payment and inventory), the other apps, the
+    sidecars, the control plane."""
+    groups = [state.find("loadgen") + state.find("gateway"), state.find("app", "order"),
               [p for p in state.find("app") if p.service != "order"], state.find("sidecar"),
               state.find("control-plane")]
     grouped = {id(p) for g in groups for p in g}

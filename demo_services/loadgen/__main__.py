@@ -1,8 +1,10 @@
 """``python -m demo_services.loadgen --rps N [--duration S] [--outbound HOST:PORT]
-[--control-listen 127.0.0.1:0] [--paused]``
+[--via-gateway URL [--gateway-key-dir DIR]] [--control-listen 127.0.0.1:0] [--paused]``
 
 Creates orders through the mesh (the sidecar's outbound port, authority ``order``) at N per
-second, open loop; prints ``{"ready": {...}}`` once its control endpoint serves, then one
+second, open loop; with ``--via-gateway`` over the API gateway's HTTP/JSON API instead
+(``POST /v1/orders``, ``GET /v1/orders/{id}``; a demo bearer token per customer, minted with
+the demo's key in ``--gateway-key-dir``, default ``$MESH_DEMO_DIR/gateway``); prints ``{"ready": {...}}`` once its control endpoint serves, then one
 line of counts per second, and a summary at the end (after --duration, or on SIGTERM/SIGINT;
 the last line is ``{"summary": {...}}``). Exit 0, or 1 if an answer broke idempotency.
 
@@ -18,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from demo_services.common.control import ControlServer
@@ -39,6 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds to run (default: until SIGTERM)")
     p.add_argument("--outbound", default="127.0.0.1:15001",
                    help="the sidecar's outbound listener (HOST:PORT)")
+    p.add_argument("--via-gateway", default=None, metavar="URL",
+                   help="create orders through the API gateway at URL (http://HOST:PORT)")
+    p.add_argument("--gateway-key-dir", type=Path, default=None,
+                   help="the demo's token key (default $MESH_DEMO_DIR/gateway)")
     p.add_argument("--control-listen", default="127.0.0.1:0",
                    help="the HTTP control endpoint (HOST:PORT; port 0 = a free one)")
     p.add_argument("--paused", action="store_true", help="start paused (POST /resume)")
@@ -50,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rps < 0 or (args.duration is not None and args.duration <= 0):
         p.error("--rps must be >= 0 and --duration > 0")
+    if args.via_gateway is not None and not args.via_gateway.startswith(("http://",
+                                                                         "https://")):
+        p.error("--via-gateway: expected http://HOST:PORT or https://HOST:PORT")
     try:
         split_hostport(args.outbound)
         split_hostport(args.control_listen)
@@ -64,9 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.monotonic
     tally = Tally(started_at=clock())
     channel = outbound_channel(args.outbound, "order")
+    client = None
+    if args.via_gateway:
+        from demo_services.gateway.keys import demo_key_dir
+
+        from .via_gateway import GatewayOrderClient, TokenCache, demo_minter
+        client = GatewayOrderClient(args.via_gateway,
+                                    TokenCache(demo_minter(args.gateway_key_dir
+                                                           or demo_key_dir())),
+                                    max_in_flight=args.max_in_flight)
     gen = LoadGenerator(channel, args.rps, Mix(random.Random(args.seed)), tally,
                         deadline_s=args.deadline_s, max_in_flight=args.max_in_flight,
-                        paused=args.paused, clock=clock)
+                        paused=args.paused, clock=clock, stub=client)
 
     def stats(body: Any) -> tuple[int, Any]:
         return 200, {**tally.snapshot(clock()), "paused": gen.paused, "target_rps": args.rps}
@@ -88,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     control.start()
     gen.start()
     print(json.dumps({"ready": {"control": control.address, "outbound": args.outbound,
+                                "via_gateway": args.via_gateway or "",
                                 "service": SERVICE, "rps": args.rps, "paused": gen.paused}}),
           flush=True)
     end = None if args.duration is None else clock() + args.duration
@@ -104,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {v}" for k, v in sorted(doc["cancel_reasons"].items())), flush=True)
     print(json.dumps({"summary": doc}), flush=True)
     control.stop()
+    if client is not None:
+        client.close()
     channel.close()
     return 1 if doc["mismatches"] else 0
 

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -30,10 +31,12 @@ MAX_LAG_S = 1.0
 class LoadGenerator:
     """Drives ``mix`` at ``rps`` against the Order service on ``channel``."""
 
-    def __init__(self, channel: grpc.Channel, rps: float, mix: Mix, tally: Tally, *,
+    def __init__(self, channel: grpc.Channel | None, rps: float, mix: Mix, tally: Tally, *,
                  deadline_s: float = 5.0, max_in_flight: int = 64, paused: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.stub = order_pb2_grpc.OrderStub(channel)
+                 clock: Callable[[], float] = time.monotonic, stub: Any = None) -> None:
+        """``stub``: instead of ``channel``, an object with OrderStub's ``CreateOrder``
+        (and ``.future``) and ``GetOrder`` (e.g. via_gateway.GatewayOrderClient)."""
+        self.stub = stub if stub is not None else order_pb2_grpc.OrderStub(channel)
         self.rps = rps
         self.mix = mix
         self.tally = tally

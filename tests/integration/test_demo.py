@@ -37,6 +37,7 @@ LEASE_S = 1.5
 RPS = 8
 SICK_LATENCY_MS = 1200
 EXPECTED = {("control-plane", ""): 1, ("loadgen", "loadgen"): 1, ("sidecar", "loadgen"): 1,
+            ("gateway", "gateway"): 1, ("sidecar", "gateway"): 1,
             **{(role, svc): 2 for role in ("app", "sidecar")
                for svc in ("inventory", "payment", "order")}}
 
@@ -95,7 +96,10 @@ def test_up_starts_every_process_and_syncs_the_mesh(demo: Demo) -> None:
         assert p.address.startswith("127.0.0.1:") and p.control.startswith("127.0.0.1:"), p
         assert p.db == str(demo.base / ".mesh" / "data" / f"{p.service}.sqlite")
     for p in st.find("sidecar"):
-        assert p.outbound and p.admin and (p.inbound == "") == (p.service == "loadgen"), p
+        outbound_only = p.service in ("loadgen", "gateway")
+        assert p.outbound and p.admin and (p.inbound == "") == outbound_only, p
+    gw = st.one("gateway")
+    assert gw.address == demo.env["MESH_DEMO_GATEWAY"] and gw.outbound, gw
     assert st.control_plane["api"] == demo.env["MESH_CONTROL_PLANE"]
     for token in (demo.base / ".mesh" / "tokens").iterdir():
         assert stat.S_IMODE(token.stat().st_mode) == 0o600, token

@@ -100,16 +100,16 @@ class Demo:
 def demo_env(base: Path, *, rps: float, lease_s: float) -> dict[str, str]:
     """The environment of a demo under ``base`` on free ports, with short timers."""
     ports: list[int] = []
-    while len(ports) < 4:
+    while len(ports) < 5:
         port = procs.free_port()
         if port not in ports:
             ports.append(port)
-    api, boot, admin_http, otlp = ports
+    api, boot, admin_http, otlp, gateway = ports
     return {**os.environ, "PYTHONUNBUFFERED": "1",
             "MESH_DEMO_DIR": str(base / ".mesh"), "MESH_CERTS_DIR": str(base / "certs"),
             "MESH_CONTROL_PLANE": f"127.0.0.1:{api}", "MESH_DEMO_BOOTSTRAP": f"127.0.0.1:{boot}",
             "MESH_DEMO_ADMIN_HTTP": f"127.0.0.1:{admin_http}",
-            "MESH_DEMO_OTLP": f"127.0.0.1:{otlp}",
+            "MESH_DEMO_OTLP": f"127.0.0.1:{otlp}", "MESH_DEMO_GATEWAY": f"127.0.0.1:{gateway}",
             "MESH_DEMO_RPS": str(rps), "MESH_DEMO_LEASE_S": str(lease_s),
             "MESH_DEMO_REPORT_INTERVAL_S": "1", "MESH_DEMO_HEALTH_INTERVAL_S": "0.5",
             "MESH_DEMO_GRACE_PERIOD_S": "5", "MESH_DEMO_STOP_TIMEOUT_S": "10"}
