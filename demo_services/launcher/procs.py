@@ -112,14 +112,43 @@ def wait_ready(spawned: Iterable[Spawned], deadline: float) -> dict[str, dict[st
     return found
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports that were free a moment ago (held together while picked)."""
-    socks = []
+LISTEN_PORTS = (20000, 32000)
+"""Where ``free_ports`` picks (inclusive): below Linux's ephemeral range (32768-60999 by
+default), so an outgoing connection's source port can never take a port between the moment
+it is picked and the moment its listener binds it (the kernel picks those above)."""
+
+
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(n):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that were free a moment ago (held together while picked),
+    outside the ephemeral range (see ``LISTEN_PORTS``). Raises OSError if none is found."""
+    import random
+
+    low, high = LISTEN_PORTS
+    eph_low, eph_high = _ephemeral_range()
+    candidates = [p for p in range(low, high + 1) if not eph_low <= p <= eph_high]
+    rng = random.Random()
+    socks: list[socket.socket] = []
+    try:
+        for port in rng.sample(candidates, min(len(candidates), 64 * n + 64)):
+            if len(socks) == n:
+                break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
+        if len(socks) < n:
+            raise OSError(f"no {n} free TCP ports in {low}-{high} on {host}")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

@@ -12,7 +12,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -20,6 +19,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from demo_services.launcher.procs import free_ports
 
 _LIVE: dict[int, Proc] = {}
 _LIVE_LOCK = threading.Lock()
@@ -30,10 +31,10 @@ class ProcError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (prefer `--port 0` + the ready line when possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that was free a moment ago, outside the ephemeral range, so no outgoing
+    connection takes it before its listener binds it (prefer `--port 0` + the ready line
+    when possible)."""
+    return free_ports(1, host)[0]
 
 
 def wait_for(

@@ -130,3 +130,12 @@ def test_the_tally_counts_orders_not_calls_and_sees_idempotency_broken() -> None
     assert doc["mismatches"] == 2 and doc["errors"] == {"UNAVAILABLE": 1}
     assert (doc["confirmed"], doc["cancelled"], doc["in_flight"]) == (1, 1, 0)
     assert reason_kind("insufficient funds: cust-broke has 0") == "insufficient funds"
+
+
+def test_free_ports_are_distinct_and_outside_the_ephemeral_range() -> None:
+    from demo_services.launcher import procs as launcher_procs
+
+    low, high = launcher_procs._ephemeral_range()
+    ports = launcher_procs.free_ports(20)
+    assert len(set(ports)) == 20
+    assert all(not low <= p <= high for p in ports), ports
