@@ -316,9 +316,15 @@ def test_dashboard_page_answers(demo: Demo) -> None:
 
 
 # ----------------------------------------------------------------------------- decisions
-def test_a_retried_call_shows_its_retry_event(demo: Demo) -> None:
+def test_a_retried_call_shows_its_retry_event(demo: Demo, tmp_path: Path) -> None:
     """payment-1 fails every call: the order sidecars retry its calls on payment-2 (until
-    outlier detection ejects it), and the traces of those orders carry the retry event."""
+    outlier detection ejects it), and the traces of those orders carry the retry event.
+    Round robin for the test: peak-EWMA, rightly, might never pick the replica that lost."""
+    policy = tmp_path / "payment-rr.yaml"
+    policy.write_text("kind: TrafficPolicy\nname: payment\nspec:\n  service: payment\n"
+                      "  load_balancer: round_robin\n")
+    r = meshctl(demo, "apply", "-f", str(policy))
+    assert r.returncode == 0, r.stderr
     payment1 = demo.app("payment-1")
     lg = demo.state.one("loadgen")
     demo.control(lg, "POST", "/pause", {})  # only this test's orders reach payment now
@@ -345,6 +351,8 @@ def test_a_retried_call_shows_its_retry_event(demo: Demo) -> None:
         demo.control(payment1, "DELETE", "/sickness")
         demo.control(lg, "POST", "/resume", {})
         channel.close()
+        r = meshctl(demo, "delete", "trafficpolicy", "payment")
+        assert r.returncode == 0, r.stderr
 
 
 def test_an_injected_abort_shows_on_exactly_that_edge(demo: Demo) -> None:
