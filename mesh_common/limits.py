@@ -22,7 +22,36 @@ class Limits:
     max_concurrent_streams: int = 256
     """Streams a peer may open on one connection to us."""
     max_connections: int = 1024
-    """Downstream connections per listener; further ones are closed at once."""
+    """Downstream connections per listener, counted from accept (TLS handshakes in progress
+    included); further ones are closed at once (``max_connections``)."""
+    max_connections_per_peer: int = 128
+    """Downstream connections per listener from one peer IP address, counted from accept;
+    further ones from that address are closed at once (``max_connections_per_peer``). Below
+    ``max_connections``, so one peer's flood is refused before it can take the total."""
+    handshake_timeout_s: float = 10.0
+    """A downstream connection must finish its TLS handshake and send the HTTP/2 preface
+    (client magic and first SETTINGS) within this; else it is closed (``handshake_timeout``)."""
+    max_resets_per_s: int = 200
+    """RST_STREAM frames a peer may send on one connection per second; over it the connection
+    gets GOAWAY ENHANCE_YOUR_CALM (``rapid_reset``, CVE-2023-44487)."""
+    max_control_frames_per_s: int = 200
+    """PING, SETTINGS (not ACK), PRIORITY and unknown-type frames a peer may send on one
+    connection per second, and WINDOW_UPDATE frames beyond two per DATA frame we sent in that
+    second; over it GOAWAY ENHANCE_YOUR_CALM (``control_flood``)."""
+    max_empty_frames_per_s: int = 100
+    """DATA frames with no payload and no END_STREAM, and empty CONTINUATION frames, a peer
+    may send on one connection per second; over it GOAWAY ENHANCE_YOUR_CALM
+    (``empty_frame_flood``)."""
+    max_continuation_frames: int = 32
+    """CONTINUATION frames in one header block; over it GOAWAY ENHANCE_YOUR_CALM
+    (``continuation_flood``). The block's bytes are also capped at twice
+    ``max_header_list_bytes``."""
+    stall_timeout_s: float = 30.0
+    """A connection holding DATA for a peer whose flow-control windows stay shut, with no
+    window opened for this long, is closed (``stall``); 0 disables."""
+    max_pending_calls: int = 1024
+    """Calls of one listener waiting for an upstream connection or stream slot; further calls
+    are answered RESOURCE_EXHAUSTED at once (``pending_calls``)."""
     stream_window_bytes: int = 1 * MiB
     """Receive window per stream: bytes buffered per stream are bounded by it."""
     connection_window_bytes: int = 4 * MiB
@@ -60,5 +89,12 @@ class Limits:
             raise ValueError("limits.max_concurrent_streams must be at least 1")
         if self.max_header_list_bytes < 1024:
             raise ValueError("limits.max_header_list_bytes must be at least 1024")
+        for name in ("max_connections", "max_connections_per_peer", "max_resets_per_s",
+                     "max_control_frames_per_s", "max_empty_frames_per_s",
+                     "max_continuation_frames", "max_pending_calls"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limits.{name} must be at least 1")
+        if self.handshake_timeout_s <= 0:
+            raise ValueError("limits.handshake_timeout_s must be positive")
         if self.max_message_bytes < 1:
             raise ValueError("limits.max_message_bytes must be positive")
