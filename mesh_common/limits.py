@@ -32,12 +32,16 @@ class Limits:
     """A downstream connection must finish its TLS handshake and send the HTTP/2 preface
     (client magic and first SETTINGS) within this; else it is closed (``handshake_timeout``)."""
     max_resets_per_s: int = 200
-    """RST_STREAM frames a peer may send on one connection per second; over it the connection
-    gets GOAWAY ENHANCE_YOUR_CALM (``rapid_reset``, CVE-2023-44487)."""
+    """Stream resets on one connection per second: RST_STREAM frames the peer sends, ours for
+    its stream errors, and streams refused over ``max_concurrent_streams`` once it has our
+    SETTINGS; over it the connection gets GOAWAY ENHANCE_YOUR_CALM (``rapid_reset``,
+    CVE-2023-44487 and its provoked-reset variant)."""
     max_control_frames_per_s: int = 200
-    """PING, SETTINGS (not ACK), PRIORITY and unknown-type frames a peer may send on one
-    connection per second, and WINDOW_UPDATE frames beyond two per DATA frame we sent in that
-    second; over it GOAWAY ENHANCE_YOUR_CALM (``control_flood``)."""
+    """PING, SETTINGS (not ACK), PRIORITY, GOAWAY and unknown-type frames, and ACKs of
+    nothing we sent, a peer may send on one connection per second; WINDOW_UPDATE frames count
+    too beyond two per DATA frame we sent and one per stream opened in that second, and a
+    PING after DATA we sent since its last PING (gRPC's BDP probe) is free. Over it GOAWAY
+    ENHANCE_YOUR_CALM (``control_flood``)."""
     max_empty_frames_per_s: int = 100
     """DATA frames with no payload and no END_STREAM, and empty CONTINUATION frames, a peer
     may send on one connection per second; over it GOAWAY ENHANCE_YOUR_CALM

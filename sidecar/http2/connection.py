@@ -7,8 +7,31 @@ per-stream outboxes for DATA the peer's windows do not yet admit. It never touch
 a clock or the event loop.
 
 Memory bounds: the input buffer holds at most one frame (our max frame size plus header);
-a header block being assembled is capped at twice the header list limit; an outbox holds only
-what the owner queued, and the relay queues no more than the source's flow-control window.
+a header block being assembled is capped at twice the header list limit and at
+``max_continuation_frames`` CONTINUATION frames; an outbox holds only what the owner queued,
+and the relay queues no more than the source's flow-control window.
+
+Work bounds (flood budgets): frames that cost us work but carry no request are counted per
+budget window, and the I/O driver calls ``new_window()`` once a second to start the counts
+over (the core reads no clock). Over a budget the connection ends with GOAWAY
+ENHANCE_YOUR_CALM and ``error_kind`` names the budget:
+
+* ``rapid_reset``: RST_STREAM frames the peer sent, plus the resets it provoked (our
+  RST_STREAM for its stream errors, and REFUSED_STREAM over our stream limit once it has
+  acknowledged our SETTINGS), over ``max_resets_per_s`` (CVE-2023-44487 and its
+  provoked-reset variant).
+* ``control_flood``: PING, SETTINGS (non-ACK), PRIORITY, GOAWAY and unknown-type frames,
+  unsolicited PING and SETTINGS ACKs, and WINDOW_UPDATE frames beyond an allowance of two
+  per DATA frame we sent plus one per stream opened in the window, over
+  ``max_control_frames_per_s``. A PING that follows DATA we sent since the previous PING is
+  free (what gRPC's BDP probing does, and what gRPC's own servers allow).
+* ``empty_frame_flood``: DATA frames with no payload and no END_STREAM (after padding), and
+  empty CONTINUATION frames, over ``max_empty_frames_per_s``.
+* ``continuation_flood``: more than ``max_continuation_frames`` CONTINUATION frames in one
+  header block.
+
+The DATA and HEADERS paths pay nothing for this: a non-empty DATA frame is not counted, and
+sending a DATA frame costs one integer add.
 """
 
 from __future__ import annotations
@@ -39,12 +62,18 @@ _FRAME_HEADER = struct.Struct(">HBBBL")
 
 
 class ProtocolError(Exception):
-    """Raised internally for a connection error; turned into GOAWAY + ConnectionTerminated."""
+    """Raised internally for a connection error; turned into GOAWAY + ConnectionTerminated.
 
-    def __init__(self, code: int, reason: str) -> None:
+    ``code`` is the HTTP/2 error code sent in the GOAWAY, ``reason`` its debug text, and
+    ``kind`` a short metric label (``protocol_error``, ``frame_size``, ``bad_hpack``,
+    ``bad_preface``, ``flow_control``, ``header_block_too_large``, ``rapid_reset``,
+    ``control_flood``, ``empty_frame_flood``, ``continuation_flood``)."""
+
+    def __init__(self, code: int, reason: str, kind: str = "protocol_error") -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.kind = kind
 
 
 class Stream:
@@ -100,6 +129,26 @@ class H2Connection:
         self.next_stream_id = 1  # client role: ids we open
         self.last_peer_stream = 0  # server role: highest id the peer opened
         self.streams_opened = 0
+        self.error_kind: str | None = None
+        """The ``kind`` of the ProtocolError that ended the connection in ``receive``."""
+        self.refused_streams = 0
+        """Peer streams refused with REFUSED_STREAM over ``max_concurrent_streams``."""
+        self.window_opened = 0
+        """Bumped whenever the peer opens a send window of ours (a positive WINDOW_UPDATE on
+        the connection or a live stream, or a SETTINGS_INITIAL_WINDOW_SIZE increase)."""
+        # flood budgets: counts in the current window (see new_window)
+        self._resets = 0
+        self._control = 0
+        self._empty = 0
+        self._window_updates = 0
+        self._data_sent = 0  # DATA frames we ever wrote (one add per frame on the send path)
+        self._data_sent_base = 0  # ... as of the window's start
+        self._opened_base = 0  # streams_opened as of the window's start
+        self._ping_mark = 0  # _data_sent when the peer's last PING came
+        self._pings_out = 0  # our PINGs not yet acknowledged
+        self._settings_out = 0  # our SETTINGS not yet acknowledged
+        self._settings_acked = False
+        self._cont_frames = 0  # CONTINUATION frames in the header block being assembled
         self._reader = HeaderReader(limits.max_header_list_bytes)
         self._in = bytearray()
         self._preface_needed = not client
@@ -126,6 +175,7 @@ class H2Connection:
             settings[F.SETTINGS_ENABLE_PUSH] = 0
             self._write(F.PREFACE)
         self._write(F.settings_frame(settings))
+        self._settings_out += 1
         extra = self.limits.connection_window_bytes - F.DEFAULT_WINDOW_BYTES
         if extra > 0:
             self._write(F.window_update_frame(0, extra))
@@ -153,6 +203,37 @@ class H2Connection:
     @property
     def active_streams(self) -> int:
         return len(self.streams)
+
+    @property
+    def preface_received(self) -> bool:
+        """True once the peer's preface is complete: the client magic (server role) and the
+        peer's first SETTINGS frame (either role)."""
+        return self.peer_settings_seen
+
+    def new_window(self) -> None:
+        """Start a new budget window: the per-second counts of resets, control frames, empty
+        frames and WINDOW_UPDATEs start over. The I/O driver calls this once a second; the
+        core reads no clock. O(1)."""
+        self._resets = 0
+        self._control = 0
+        self._empty = 0
+        self._window_updates = 0
+        self._data_sent_base = self._data_sent
+        self._opened_base = self.streams_opened
+
+    def blocked_bytes(self) -> int:
+        """DATA bytes queued in stream outboxes that wait for the peer's flow-control window
+        (the stream's or the connection's is shut); 0 when none. Bytes held only because the
+        transport is paused are not counted. O(blocked streams)."""
+        if not self._blocked:
+            return 0
+        conn_shut = self.conn_send_window <= 0
+        total = 0
+        for sid in self._blocked:
+            st = self.streams.get(sid)
+            if st is not None and (conn_shut or st.send_window <= 0):
+                total += st.outbox_bytes
+        return total
 
     def can_open_stream(self) -> bool:
         """Client role: may a new stream be opened now (peer limit, GOAWAY, closed)?"""
@@ -210,6 +291,7 @@ class H2Connection:
             # Fast path: the whole chunk fits the windows and one frame.
             st.send_window -= n
             self.conn_send_window -= n
+            self._data_sent += 1
             out = self._out
             out.append(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 0, 1 if end_stream else 0, sid) + data)
             if len(out) == 1 and self.on_output is not None:
@@ -249,6 +331,7 @@ class H2Connection:
                 self.conn_send_window -= n
                 sent += n
                 last = not st.outbox and st.outbox_end and st.outbox_trailers is None
+                self._data_sent += 1
                 self._write(F.data_frame(st.id, part, last))
                 if last:
                     st.send_closed = True
@@ -262,6 +345,7 @@ class H2Connection:
                     self._write(F.headers_frames(st.id, block, True, self.peer_max_frame))
                     st.send_closed = True
                 elif st.outbox_end:
+                    self._data_sent += 1
                     self._write(F.data_frame(st.id, b"", True))
                     st.send_closed = True
             if st.send_closed:
@@ -325,6 +409,7 @@ class H2Connection:
 
     def ping(self, opaque: bytes) -> None:
         if not self.closed:
+            self._pings_out += 1
             self._write(F.ping_frame(opaque))
 
     def goaway(self, code: int = F.NO_ERROR, debug: bytes = b"") -> None:
@@ -362,13 +447,14 @@ class H2Connection:
         try:
             self._receive(data)
         except ProtocolError as exc:
-            self._fail(exc.code, exc.reason)
+            self._fail(exc.code, exc.reason, exc.kind)
         finally:
             self._inside = False
         events, self._events = self._events, []
         return events
 
-    def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: int, reason: str, kind: str = "protocol_error") -> None:
+        self.error_kind = kind
         self.terminate(code, reason)
         self._in.clear()
         self._events.append(ConnectionTerminated(code, reason))
@@ -381,19 +467,25 @@ class H2Connection:
         else:
             view = data
         pos = 0
-        if self._preface_needed:
-            need = len(F.PREFACE)
-            if len(view) < need:
-                if not F.PREFACE.startswith(bytes(view)):
-                    raise ProtocolError(F.PROTOCOL_ERROR, "bad connection preface")
-                if not buf:
-                    buf += data
-                return
-            if bytes(view[:need]) != F.PREFACE:
-                raise ProtocolError(F.PROTOCOL_ERROR, "bad connection preface")
-            self._preface_needed = False
-            pos = need
         n = len(view)
+        if not self.peer_settings_seen:
+            if self._preface_needed:
+                need = len(F.PREFACE)
+                if n < need:
+                    if not F.PREFACE.startswith(bytes(view)):
+                        raise ProtocolError(F.PROTOCOL_ERROR, "bad connection preface",
+                                            "bad_preface")
+                    if not buf:
+                        buf += data
+                    return
+                if bytes(view[:need]) != F.PREFACE:
+                    raise ProtocolError(F.PROTOCOL_ERROR, "bad connection preface", "bad_preface")
+                self._preface_needed = False
+                pos = need
+            # The preface ends with a SETTINGS frame, which must come first (RFC 9113 §3.4).
+            if n - pos >= 9 and (view[pos + 3] != F.SETTINGS or view[pos + 4] & F.FLAG_ACK):
+                raise ProtocolError(F.PROTOCOL_ERROR, "connection preface without SETTINGS",
+                                    "bad_preface")
         max_frame = self.max_frame
         unpack = _FRAME_HEADER.unpack_from
         while n - pos >= 9:
@@ -401,7 +493,8 @@ class H2Connection:
             length = (hi << 8) | lo
             sid &= 0x7FFFFFFF
             if length > max_frame:
-                raise ProtocolError(F.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {max_frame}")
+                raise ProtocolError(F.FRAME_SIZE_ERROR,
+                                    f"frame of {length} bytes exceeds {max_frame}", "frame_size")
             end = pos + 9 + length
             if end > n:
                 break
@@ -427,6 +520,8 @@ class H2Connection:
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self._cont is not None and ftype != F.CONTINUATION:
             raise ProtocolError(F.PROTOCOL_ERROR, "expected CONTINUATION")
+        if ftype > F.CONTINUATION or ftype == F.PRIORITY or ftype == F.GOAWAY:
+            self._control_frame()  # PING and SETTINGS are counted by their handlers
         if ftype == F.DATA:
             self._on_data(flags, sid, payload)
         elif ftype == F.HEADERS:
@@ -452,6 +547,34 @@ class H2Connection:
             raise ProtocolError(F.PROTOCOL_ERROR, "PUSH_PROMISE is disabled")
         # unknown frame types are ignored (RFC 9113 §4.1)
 
+    # ----------------------------------------------------------------- flood budgets
+    def _control_frame(self) -> None:
+        """Count one control frame against the window's budget; raise when over it."""
+        self._control += 1
+        if self._control > self.limits.max_control_frames_per_s:
+            raise ProtocolError(
+                F.ENHANCE_YOUR_CALM,
+                f"control flood: more than {self.limits.max_control_frames_per_s} control "
+                "frames in a second", "control_flood")
+
+    def _empty_frame(self) -> None:
+        """Count one empty DATA or CONTINUATION frame; raise when over the budget."""
+        self._empty += 1
+        if self._empty > self.limits.max_empty_frames_per_s:
+            raise ProtocolError(
+                F.ENHANCE_YOUR_CALM,
+                f"empty frame flood: more than {self.limits.max_empty_frames_per_s} empty "
+                "frames in a second", "empty_frame_flood")
+
+    def _reset_counted(self) -> None:
+        """Count one reset the peer sent or provoked; raise when over the budget."""
+        self._resets += 1
+        if self._resets > self.limits.max_resets_per_s:
+            raise ProtocolError(
+                F.ENHANCE_YOUR_CALM,
+                f"rapid reset: more than {self.limits.max_resets_per_s} RST_STREAM in a second",
+                "rapid_reset")
+
     def _is_idle(self, sid: int) -> bool:
         """A stream id the peer or we have not yet used."""
         if self.client:
@@ -459,6 +582,8 @@ class H2Connection:
         return sid > self.last_peer_stream if sid % 2 else True
 
     def _stream_error(self, sid: int, code: int) -> None:
+        """Reset one stream for the peer's error on it (counted as a provoked reset)."""
+        self._reset_counted()
         st = self.streams.pop(sid, None)
         self._write(F.rst_stream_frame(sid, code))
         if st is not None:
@@ -481,16 +606,20 @@ class H2Connection:
             raise ProtocolError(F.PROTOCOL_ERROR, "DATA on stream 0")
         flow = len(payload)
         if flow > self.conn_recv_window:
-            raise ProtocolError(F.FLOW_CONTROL_ERROR, "connection window exceeded")
+            raise ProtocolError(F.FLOW_CONTROL_ERROR, "connection window exceeded", "flow_control")
         self.conn_recv_window -= flow
         if flow:
             self.conn_owed += flow
             if self.conn_owed >= self._conn_update_threshold:
                 self._credit_connection(0)
+        elif not flags & F.FLAG_END_STREAM:
+            self._empty_frame()
         st = self.streams.get(sid)
         if st is None or st.recv_closed:
             if self._is_idle(sid):
                 raise ProtocolError(F.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            if not flow and flags & F.FLAG_END_STREAM:
+                self._empty_frame()  # an empty END_STREAM on a stream already over
             if st is not None:
                 self._stream_error(sid, F.STREAM_CLOSED)
             return
@@ -498,10 +627,12 @@ class H2Connection:
             self._stream_error(sid, F.FLOW_CONTROL_ERROR)
             return
         st.recv_window -= flow
+        end = flags & F.FLAG_END_STREAM
         if flags & F.FLAG_PADDED:
             payload, pad = self._strip_padding(flags, payload)
             self.ack_data(sid, pad)
-        end = flags & F.FLAG_END_STREAM
+            if not payload and not end:
+                self._empty_frame()  # only padding: as empty as it gets
         if end:
             st.recv_closed = True
             self._events.append(DataReceived(sid, payload, True))
@@ -518,7 +649,8 @@ class H2Connection:
             block, _ = self._strip_padding(flags, payload)
             if flags & F.FLAG_PRIORITY:
                 if len(block) < 5:
-                    raise ProtocolError(F.FRAME_SIZE_ERROR, "HEADERS priority fields truncated")
+                    raise ProtocolError(F.FRAME_SIZE_ERROR, "HEADERS priority fields truncated",
+                                        "frame_size")
                 block = block[5:]
         new = False
         if sid not in self.streams:
@@ -533,15 +665,25 @@ class H2Connection:
             self._headers_complete(sid, flags, block, new)
         else:
             self._cont = (sid, flags, bytearray(block), new)
+            self._cont_frames = 0
             self._check_cont_size(self._cont[2])
 
     def _check_cont_size(self, block: bytearray) -> None:
         if len(block) > 2 * self.limits.max_header_list_bytes:
-            raise ProtocolError(F.ENHANCE_YOUR_CALM, "header block exceeds its size limit")
+            raise ProtocolError(F.ENHANCE_YOUR_CALM, "header block exceeds its size limit",
+                                "header_block_too_large")
 
     def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
         if self._cont is None or self._cont[0] != sid:
             raise ProtocolError(F.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        self._cont_frames += 1
+        if self._cont_frames > self.limits.max_continuation_frames:
+            raise ProtocolError(
+                F.ENHANCE_YOUR_CALM,
+                f"continuation flood: more than {self.limits.max_continuation_frames} "
+                "CONTINUATION frames in a header block", "continuation_flood")
+        if not payload:
+            self._empty_frame()
         c_sid, c_flags, block, new = self._cont
         block += payload
         self._check_cont_size(block)
@@ -555,7 +697,8 @@ class H2Connection:
         try:
             hb = self._reader.read(block)
         except HpackError as exc:
-            raise ProtocolError(F.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
+            raise ProtocolError(F.COMPRESSION_ERROR, f"bad header block: {exc}",
+                                "bad_hpack") from exc
         except HeaderListTooLarge as exc:
             rejected = str(exc)
             hb = None
@@ -565,6 +708,9 @@ class H2Connection:
                 self._write(F.rst_stream_frame(sid, F.REFUSED_STREAM))
                 return
             if len(self.streams) >= self.limits.max_concurrent_streams:
+                self.refused_streams += 1
+                if self._settings_acked:  # it knew our limit: a reset it provoked
+                    self._reset_counted()
                 self._write(F.rst_stream_frame(sid, F.REFUSED_STREAM))
                 return
             st = Stream(sid, self.limits.stream_window_bytes, self.peer_initial_window)
@@ -592,15 +738,21 @@ class H2Connection:
             self._maybe_forget(st)
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
+        self._window_updates += 1
+        if self._window_updates > (2 * (self._data_sent - self._data_sent_base)
+                                   + self.streams_opened - self._opened_base):
+            self._control_frame()  # beyond what the DATA we sent explains
         if len(payload) != 4:
-            raise ProtocolError(F.FRAME_SIZE_ERROR, "WINDOW_UPDATE must be 4 bytes")
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "WINDOW_UPDATE must be 4 bytes", "frame_size")
         inc = F.unpack_u32(payload) & 0x7FFFFFFF
         if sid == 0:
             if inc == 0:
                 raise ProtocolError(F.PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
             self.conn_send_window += inc
             if self.conn_send_window > F.MAX_WINDOW_BYTES:
-                raise ProtocolError(F.FLOW_CONTROL_ERROR, "connection window overflow")
+                raise ProtocolError(F.FLOW_CONTROL_ERROR, "connection window overflow",
+                                    "flow_control")
+            self.window_opened += 1
             self._flush_blocked()
             return
         st = self.streams.get(sid)
@@ -615,16 +767,18 @@ class H2Connection:
         if st.send_window > F.MAX_WINDOW_BYTES:
             self._stream_error(sid, F.FLOW_CONTROL_ERROR)
             return
+        self.window_opened += 1
         if st.outbox and not self.paused:
             n = self._flush_stream(st)
             if n:
                 self._events.append(DataSent(sid, n))
 
     def _on_rst(self, sid: int, payload: bytes) -> None:
+        self._reset_counted()
         if sid == 0:
             raise ProtocolError(F.PROTOCOL_ERROR, "RST_STREAM on stream 0")
         if len(payload) != 4:
-            raise ProtocolError(F.FRAME_SIZE_ERROR, "RST_STREAM must be 4 bytes")
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "RST_STREAM must be 4 bytes", "frame_size")
         if self._is_idle(sid):
             raise ProtocolError(F.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
         st = self.streams.pop(sid, None)
@@ -636,22 +790,33 @@ class H2Connection:
         if sid != 0:
             raise ProtocolError(F.PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & F.FLAG_ACK:
+            if self._settings_out:
+                self._settings_out -= 1
+                self._settings_acked = True
+            else:
+                self._control_frame()  # an ACK of nothing
             if payload:
-                raise ProtocolError(F.FRAME_SIZE_ERROR, "SETTINGS ack with a payload")
+                raise ProtocolError(F.FRAME_SIZE_ERROR, "SETTINGS ack with a payload", "frame_size")
             return
+        self._control_frame()
         if len(payload) % 6:
-            raise ProtocolError(F.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6",
+                                "frame_size")
         for off in range(0, len(payload), 6):
             key, value = F.unpack_setting(payload, off)
             if key == F.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > F.MAX_WINDOW_BYTES:
-                    raise ProtocolError(F.FLOW_CONTROL_ERROR, "initial window too large")
+                    raise ProtocolError(F.FLOW_CONTROL_ERROR, "initial window too large",
+                                        "flow_control")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
+                if delta > 0:
+                    self.window_opened += 1
                 for st in self.streams.values():
                     st.send_window += delta
                     if st.send_window > F.MAX_WINDOW_BYTES:
-                        raise ProtocolError(F.FLOW_CONTROL_ERROR, "stream window overflow")
+                        raise ProtocolError(F.FLOW_CONTROL_ERROR, "stream window overflow",
+                                            "flow_control")
             elif key == F.SETTINGS_MAX_FRAME_SIZE:
                 if not F.DEFAULT_MAX_FRAME_BYTES <= value <= F.MAX_FRAME_BYTES_LIMIT:
                     raise ProtocolError(F.PROTOCOL_ERROR, f"bad SETTINGS_MAX_FRAME_SIZE {value}")
@@ -670,17 +835,24 @@ class H2Connection:
         if sid != 0:
             raise ProtocolError(F.PROTOCOL_ERROR, "PING on a stream")
         if len(payload) != 8:
-            raise ProtocolError(F.FRAME_SIZE_ERROR, "PING must be 8 bytes")
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "PING must be 8 bytes", "frame_size")
         if flags & F.FLAG_ACK:
+            if self._pings_out:
+                self._pings_out -= 1
+            else:
+                self._control_frame()  # an ACK of nothing
             self._events.append(PingAcked(payload))
         else:
+            if self._ping_mark == self._data_sent:
+                self._control_frame()
+            self._ping_mark = self._data_sent  # a PING after DATA we sent is free
             self._write(F.ping_frame(payload, ack=True))
 
     def _on_goaway(self, sid: int, payload: bytes) -> None:
         if sid != 0:
             raise ProtocolError(F.PROTOCOL_ERROR, "GOAWAY on a stream")
         if len(payload) < 8:
-            raise ProtocolError(F.FRAME_SIZE_ERROR, "GOAWAY too short")
+            raise ProtocolError(F.FRAME_SIZE_ERROR, "GOAWAY too short", "frame_size")
         last, code = F.unpack_goaway(payload)
         if self.goaway_received is not None:
             last = min(last, self.goaway_received)
