@@ -719,7 +719,10 @@ class H2Connection:
         else:
             st = self.streams.get(sid)
             if st is None:
-                return  # late headers on a stream we already closed or reset: ignored
+                # Late headers on a stream already closed or reset: ignored (RFC 9113 §5.1),
+                # but each cost a decode, so they count against the control-frame budget.
+                self._control_frame()
+                return
             if st.recv_closed:
                 self._stream_error(sid, F.STREAM_CLOSED)
                 return

@@ -844,3 +844,17 @@ def test_fuzz_hostile_frames_under_tight_budgets_never_raise(frames, cuts, windo
 def test_fuzz_interleavings_under_the_budgets_never_end_the_connection(traffic, batch) -> None:
     test_interleavings_under_the_budgets_never_end_the_connection.hypothesis.inner_test(
         traffic, batch)
+
+
+def test_headers_on_closed_streams_count_as_control_frames() -> None:
+    """HEADERS on a stream already over are ignored (RFC 9113 §5.1) but each costs a decode:
+    a peer that keeps sending them is ended as a control flood."""
+    lim = Limits(max_control_frames_per_s=5)
+    s = _server_with_stream(lim)
+    assert of(s.receive(_headers(3, flags=F.FLAG_END_HEADERS | F.FLAG_END_STREAM)), HeadersReceived)
+    s.reset_stream(3, F.CANCEL)
+    s.data_to_send()
+    s.new_window()
+    ignored = b"".join(_headers(3, flags=F.FLAG_END_HEADERS | F.FLAG_END_STREAM) for _ in range(5))
+    assert s.receive(ignored) == [] and not s.closed
+    _flooded(s, _headers(3, flags=F.FLAG_END_HEADERS | F.FLAG_END_STREAM), "control_flood", "control flood")
