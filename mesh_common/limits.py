@@ -39,7 +39,7 @@ class Limits:
     max_control_frames_per_s: int = 200
     """PING, SETTINGS (not ACK), PRIORITY, GOAWAY and unknown-type frames, and ACKs of
     nothing we sent, a peer may send on one connection per second; WINDOW_UPDATE frames count
-    too beyond two per DATA frame we sent and one per stream opened in that second, and a
+    too beyond ten per DATA frame we sent or stream opened in that second, and a
     PING after DATA we sent since its last PING (gRPC's BDP probe) is free. Over it GOAWAY
     ENHANCE_YOUR_CALM (``control_flood``)."""
     max_empty_frames_per_s: int = 100
@@ -81,8 +81,9 @@ class Limits:
         for f in fields(self):
             value = getattr(self, f.name)
             kind = int | float if f.name.endswith("_s") else int  # bytes and counts go on the wire
-            if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
-                what = "number" if kind is not int else "integer"
+            if (isinstance(value, bool) or not isinstance(value, kind) or not value >= 0
+                    or value == float("inf")):
+                what = "finite number" if kind is not int else "integer"
                 raise ValueError(f"limits.{f.name} must be a non-negative {what}, got {value!r}")
         for name in ("stream_window_bytes", "connection_window_bytes"):
             if not 65535 <= getattr(self, name) <= 2**31 - 1:

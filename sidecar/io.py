@@ -5,6 +5,15 @@ Writes are batched: frames a connection queues during one loop iteration go out 
 ``transport.write`` at the end of it. A transport over its high-water mark pauses the relayed
 DATA bound for it (the source's credit is withheld, so the source stops) and stops reading
 from its own peer, so a peer that does not read cannot make us queue replies.
+
+Besides moving bytes, ``H2Protocol`` gives the core its clock-driven duties: it starts the
+core's per-second budgets over (``H2Connection.new_window``) when a read comes a second or
+more after the last start, and its timer tick runs keepalive, idle timeout, connection age and
+the flow-control stall check on downstream connections (``stall_timeout_s``: DATA held for
+a client whose windows stay shut is the client's doing; an upstream that reads a request
+slowly is a slow app, bounded by the windows, and is left alone). ``AdmissionCounter`` and
+``LogThrottle`` are the pure parts the listeners use to count connections from accept and
+to keep a flood of refusals out of the log.
 """
 
 from __future__ import annotations
@@ -66,6 +75,77 @@ def tls_failure_reason(exc: BaseException) -> str:
     return str(getattr(exc, "reason", None) or type(exc).__name__)
 
 
+class AdmissionCounter:
+    """Open connections of one listener, counted from accept, in total and per peer address
+    (the key: the peer's IP address). Pure bookkeeping; the listener calls ``admit`` when it
+    accepts a connection and ``release`` exactly once when an admitted one ends."""
+
+    __slots__ = ("max_total", "max_per_peer", "total", "per_peer")
+
+    def __init__(self, max_total: int, max_per_peer: int) -> None:
+        self.max_total = max_total
+        self.max_per_peer = max_per_peer
+        self.total = 0
+        self.per_peer: dict[str, int] = {}
+        """Peer address -> its open connections (only addresses with at least one)."""
+
+    def admit(self, peer: str) -> str | None:
+        """Count a new connection from ``peer`` and return None, or return the refusal's
+        reason without counting it: ``max_connections_per_peer`` when ``peer`` already holds
+        its limit (checked first, so one peer's flood is named as such), ``max_connections``
+        when the listener holds its total."""
+        held = self.per_peer.get(peer, 0)
+        if held >= self.max_per_peer:
+            return "max_connections_per_peer"
+        if self.total >= self.max_total:
+            return "max_connections"
+        self.per_peer[peer] = held + 1
+        self.total += 1
+        return None
+
+    def release(self, peer: str) -> None:
+        """An admitted connection from ``peer`` ended (call once per ``admit`` that
+        returned None)."""
+        held = self.per_peer.get(peer, 0)
+        if held <= 1:
+            self.per_peer.pop(peer, None)
+        else:
+            self.per_peer[peer] = held - 1
+        if held > 0:
+            self.total -= 1
+
+
+class LogThrottle:
+    """At most one log line per key (a refusal's reason) in ``interval_s``; the next line
+    says how many were held back. Keys are a small fixed set of labels, so memory is bounded.
+    Pure: the caller passes the time (s, any monotonic clock)."""
+
+    __slots__ = ("interval_s", "_last")
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (logged at, held back since)
+
+    def allow(self, key: str, now_s: float) -> int | None:
+        """None: hold this line back (counted). Otherwise log it now, mentioning the
+        returned number of lines held back since the last one of this key (0 for none)."""
+        last = self._last.get(key)
+        if last is not None and now_s - last[0] < self.interval_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        self._last[key] = (now_s, 0)
+        return last[1] if last is not None else 0
+
+
+STALL_ABORT_GRACE_S = 1.0
+"""A connection closed for a flow-control stall gets this long to take its GOAWAY; then its
+transport is aborted (a peer that reads nothing must not keep our write buffer)."""
+
+
+_STALL_LOG = LogThrottle(10.0)
+"""Connections closed for a stall are logged at most once in this many seconds."""
+
+
 class Flusher:
     """Collects connections with queued output and writes each once per loop iteration."""
 
@@ -109,8 +189,25 @@ class H2Protocol(asyncio.Protocol):
         self.lost = False
         self.peer_serial: str | None = None
         """An upstream TLS connection's peer certificate serial (``serial_of``)."""
-        self.opened = [False]
-        """Set once the connection is accepted (after its TLS handshake, if any)."""
+        self.peer_key: str | None = None
+        """The peer address a listener counted this connection under (``AdmissionCounter``),
+        until it releases it; None when not counted."""
+        self.handshake_timer: asyncio.TimerHandle | None = None
+        """A listener's handshake deadline for this connection, until it fires or the
+        connection ends."""
+        self.ended_by: str | None = None
+        """Why the sidecar ended this connection for its peer's misbehaviour: the core's
+        ``error_kind`` (set when the connection is lost) or ``stall``; None otherwise."""
+        self.window_s = self.last_rx_s
+        """When the core's per-second budgets last started over (loop time, s)."""
+        self.stall_since_s: float | None = None
+        """Since when DATA has waited for this peer's windows with none opened (loop time)."""
+        self.stall_mark = 0
+        """``conn.window_opened`` when ``stall_since_s`` was set."""
+        self.stall_timeout_s = 0.0 if conn.client else limits.stall_timeout_s
+        """The stall check's span (0 = off). Downstream connections only: an upstream that
+        takes a request slowly is a slow app, whose back-pressure the windows already bound;
+        a listener may lengthen it for peers that relay for clients of their own."""
         conn.io = self
         conn.on_output = self._output
 
@@ -126,7 +223,10 @@ class H2Protocol(asyncio.Protocol):
         self._schedule_tick()
 
     def data_received(self, data: bytes) -> None:
-        self.last_rx_s = self.loop.time()
+        now = self.last_rx_s = self.loop.time()
+        if now - self.window_s >= 1.0:  # the core's per-second budgets start over
+            self.window_s = now
+            self.conn.new_window()
         self.ping_sent_s = None
         try:
             if self.conn.client:
@@ -157,6 +257,8 @@ class H2Protocol(asyncio.Protocol):
         if self.tick_handle is not None:
             self.tick_handle.cancel()
         reason = f"connection lost: {exc}" if exc else "connection closed by peer"
+        if self.ended_by is None:
+            self.ended_by = self.conn.error_kind
         self.conn.closed = True
         self.relay.connection_lost(self.conn, reason)
         if self.on_close is not None:
@@ -183,10 +285,17 @@ class H2Protocol(asyncio.Protocol):
             self.transport.close()
 
     # ------------------------------------------------------------- timers
+    def abort(self) -> None:
+        """Drop the connection now, without flushing (its peer does not read)."""
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
     def _tick_interval_s(self) -> float:
+        """Seconds between timer ticks: a quarter of the shortest enabled span (keepalive,
+        idle, age, stall), at least 20 ms; 0 = no tick."""
         lim = self.limits
         spans = [s for s in (lim.keepalive_interval_s, lim.keepalive_timeout_s, lim.idle_timeout_s,
-                             lim.max_connection_age_s) if s > 0]
+                             lim.max_connection_age_s, self.stall_timeout_s) if s > 0]
         return max(0.02, min(spans) / 4) if spans else 0.0
 
     def _schedule_tick(self) -> None:
@@ -202,6 +311,18 @@ class H2Protocol(asyncio.Protocol):
         conn = self.conn
         if conn.active_streams:
             self.idle_since_s = now
+        if self.stall_timeout_s > 0 and self._stalled(now):
+            held = _STALL_LOG.allow("stall", now)
+            if held is not None:
+                log.info("downstream connection: no flow-control window opened for %.1fs with "
+                         "%d bytes waiting for the peer; closing it%s",
+                         now - (self.stall_since_s or now), conn.blocked_bytes(),
+                         f" ({held} more since the last line)" if held else "")
+            self.ended_by = "stall"
+            conn.terminate(F.ENHANCE_YOUR_CALM, "flow-control stall")
+            self.close()
+            self.loop.call_later(STALL_ABORT_GRACE_S, self.abort)
+            return
         if lim.keepalive_interval_s > 0:
             if self.ping_sent_s is not None:
                 if now - self.ping_sent_s > lim.keepalive_timeout_s:
@@ -223,6 +344,20 @@ class H2Protocol(asyncio.Protocol):
             self.close()
             return
         self._schedule_tick()
+
+    def _stalled(self, now: float) -> bool:
+        """True when DATA has waited for the peer's flow-control windows, with no window
+        opened, for ``stall_timeout_s`` (tracked across ticks)."""
+        conn = self.conn
+        if conn.blocked_bytes() <= 0:
+            self.stall_since_s = None
+            return False
+        opened = conn.window_opened
+        if self.stall_since_s is None or opened != self.stall_mark:
+            self.stall_since_s = now
+            self.stall_mark = opened
+            return False
+        return now - self.stall_since_s >= self.stall_timeout_s
 
 
 def describe_error(exc: BaseException) -> str:
@@ -251,7 +386,9 @@ class Connector:
     ``revoked()`` (when given) is the set of revoked certificate serials: an endpoint that
     presents one is refused after the handshake. ``refused`` counts upstream connections
     refused after the handshake by reason (``revoked``, ``wrong_identity``, ``no_alpn_h2``),
-    ``tls_failures`` failed handshakes by ``tls_failure_reason``."""
+    ``tls_failures`` failed handshakes by ``tls_failure_reason``, ``terminated`` upstream
+    connections ended for the peer's misbehaviour by ``H2Protocol.ended_by`` (the core's
+    error kind, or ``stall``)."""
 
     def __init__(self, relay: Relay, flusher: Flusher, limits: Limits,
                  client_context: Callable[[], ssl.SSLContext | None],
@@ -266,6 +403,7 @@ class Connector:
         self.tasks: set[asyncio.Task[None]] = set()
         self.refused: dict[str, int] = {}
         self.tls_failures: dict[str, int] = {}
+        self.terminated: dict[str, int] = {}
 
     def pool(self, host: str, port: int, *, spiffe_id: str | None, label: str) -> Pool:
         """The pool for an endpoint; TLS with ``spiffe_id`` verified when given, else h2c."""
@@ -286,7 +424,7 @@ class Connector:
         loop = self.flusher.loop
         conn = H2Connection(client=True, limits=self.limits)
         proto = H2Protocol(self.relay, conn, self.flusher, self.limits,
-                           on_close=self.protocols.discard)
+                           on_close=self._closed)
         ctx = self.client_context() if spiffe_id else None
         try:
             transport, _ = await asyncio.wait_for(
@@ -325,6 +463,11 @@ class Connector:
             return
         self.protocols.add(proto)
         self.relay.pool_connected(pool, conn)
+
+    def _closed(self, proto: H2Protocol) -> None:
+        self.protocols.discard(proto)
+        if proto.ended_by is not None:
+            self.terminated[proto.ended_by] = self.terminated.get(proto.ended_by, 0) + 1
 
     @staticmethod
     def _check_peer(transport: asyncio.BaseTransport, expected: str | None) -> str:

@@ -24,11 +24,25 @@ families (Prometheus naming, base units):
   inbound listener's, by reason: ``certificate_expired`` / ``certificate_not_yet_valid``
   for a peer certificate outside its validity, else OpenSSL's reason; failures that never
   reached the handshake's verdict as ``other``);
-* ``mesh_connections_refused_total{listener,reason}``: connections refused after the
-  handshake by the ``inbound`` and ``outbound`` listeners (``revoked``: the peer's
-  certificate serial is in the snapshot's deny-list; ``foreign_trust_domain``, ...), and as
-  ``listener="upstream"`` upstream endpoints the outbound side refused (``revoked``,
+* ``mesh_connections_refused_total{listener,reason}``: connections the ``inbound`` and
+  ``outbound`` listeners refused: at accept (``max_connections_per_peer``,
+  ``max_connections``: counted from accept, handshakes in progress included), for a TLS
+  handshake or HTTP/2 preface not done within the handshake timeout (``handshake_timeout``),
+  and after the handshake (``revoked``: the peer's certificate serial is in the snapshot's
+  deny-list; ``foreign_trust_domain``, ``no_spiffe_id``, ``no_alpn_h2``, ...); and as
+  ``listener="upstream"`` upstream endpoints the sidecar refused (``revoked``,
   ``wrong_identity``, ``no_alpn_h2``);
+* ``mesh_connections_terminated_total{listener,reason}``: connections the sidecar ended for
+  the peer's misbehaviour: the HTTP/2 core's error kind (``rapid_reset``, ``control_flood``,
+  ``empty_frame_flood``, ``continuation_flood``, ``header_block_too_large``, ``frame_size``,
+  ``bad_hpack``, ``bad_preface``, ``flow_control``, ``protocol_error``) or ``stall`` (no
+  flow-control window opened for ``stall_timeout_s`` while DATA waited); ``listener`` is
+  ``inbound``/``outbound`` for downstream connections, ``upstream`` for the sidecar's own
+  connections to endpoints and local apps;
+* ``mesh_calls_refused_total{listener,reason}``: single calls refused by a limit:
+  ``message_too_large`` (either way), ``header_list_too_large`` (request or response
+  headers), ``pending_calls`` (``max_pending_calls`` waiting already),
+  ``max_concurrent_streams`` (streams refused with REFUSED_STREAM);
 * ``mesh_upstream_tls_failures_total{reason}``: failed handshakes to upstream endpoints
   (``certificate_expired`` when the endpoint's certificate has expired);
 * ``mesh_active_calls{direction}``;
@@ -74,6 +88,10 @@ class _Listener(Protocol):
     handshakes: int
     handshake_failures: int
     rejected: dict[str, int]
+    terminated: dict[str, int]
+    """Reason -> connections ended for the peer's misbehaviour (may be absent: none)."""
+    refused_calls: Mapping[str, int]
+    """Reason -> calls refused by a limit (may be absent: none)."""
 
 
 class SidecarView(Protocol):
@@ -176,6 +194,7 @@ class SidecarCollector:
             for reason, n in sorted(upstream.refused.items()):
                 refused.add_metric(("upstream", reason), n)
         yield refused
+        yield from self._terminated_and_refused_calls(connectors)
         upstream_tls = CounterMetricFamily("mesh_upstream_tls_failures", "TLS handshakes to "
                                            "upstream endpoints that failed, by reason.",
                                            labels=("reason",))
@@ -209,6 +228,29 @@ class SidecarCollector:
         info.add_metric((version, snap.content_hash()), 1.0)
         yield info
         yield from self._spans()
+
+    def _terminated_and_refused_calls(self, connectors: Mapping[str, Any]) -> Iterator[Metric]:
+        sc = self.sidecar
+        terminated = CounterMetricFamily("mesh_connections_terminated", "Connections the "
+                                         "sidecar ended for the peer's misbehaviour, by "
+                                         "listener and reason.", labels=("listener", "reason"))
+        calls = CounterMetricFamily("mesh_calls_refused", "Calls refused by a limit, by "
+                                    "listener and reason.", labels=("listener", "reason"))
+        for listener in (sc.inbound, sc.outbound):
+            if listener is None:
+                continue
+            for reason, n in sorted(getattr(listener, "terminated", {}).items()):
+                terminated.add_metric((listener.name, reason), n)
+            for reason, n in sorted(getattr(listener, "refused_calls", {}).items()):
+                calls.add_metric((listener.name, reason), n)
+        upstream: dict[str, int] = {}
+        for connector in connectors.values():
+            for reason, n in getattr(connector, "terminated", {}).items():
+                upstream[reason] = upstream.get(reason, 0) + n
+        for reason, n in sorted(upstream.items()):
+            terminated.add_metric(("upstream", reason), n)
+        yield terminated
+        yield calls
 
     def _authz(self) -> Metric:
         decisions = CounterMetricFamily("mesh_authz_decisions", "Inbound authorization "

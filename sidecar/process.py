@@ -1,17 +1,24 @@
 """The sidecar process: inbound (mTLS) and outbound (h2c, loopback) listeners around two
-relays, the admin endpoint, certificate reloads and a graceful drain."""
+relays, the admin endpoint, certificate reloads and a graceful drain.
+
+The listeners enforce the connection limits of ``mesh_common.limits.Limits`` (per peer
+address and in total, counted from accept; the handshake timeout) and count every refusal,
+termination and refused call; ``/stats`` shows them per listener ("refused_connections",
+"terminated_connections", "refused_calls", "counted_connections", "pending_calls") and
+``sidecar.metrics`` exports them."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import signal
 import socket
 import ssl
+import struct
 import time
-import weakref
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -25,9 +32,11 @@ from .admin import AdminServer
 from .http2.connection import H2Connection
 from .http2.relay import Hooks, LocalReply, Relay
 from .io import (
+    AdmissionCounter,
     Connector,
     Flusher,
     H2Protocol,
+    LogThrottle,
     PeerInfo,
     goaway_revoked,
     pool_key,
@@ -48,13 +57,45 @@ from .upstream import ResilienceReport
 log = logging.getLogger("mesh.sidecar")
 
 
+REFUSAL_LOG_INTERVAL_S = 10.0
+"""Refused downstream connections are logged at most once per reason in this many seconds
+(with how many were held back), so a flood of them cannot flood the log."""
+MESH_PEER_STALL_FACTOR = 2.0
+"""The TLS (inbound) listener's peers are sidecars relaying for clients of their own: a client
+that stops reading makes its sidecar stop opening our windows too. That sidecar closes the
+client after ``stall_timeout_s`` and cancels its streams here; waiting this many times as long
+before calling a mesh peer's connection stalled lets it act first, so a shared connection is
+never cut for one slow client behind it."""
+ACCEPT_BATCH = 64
+"""Connections a TLS listener accepts per readiness callback."""
+ACCEPT_RETRY_S = 1.0
+"""A TLS listener out of file descriptors stops accepting for this long (as asyncio does)."""
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 class Listener:
-    """Accepts downstream connections and drives each into one relay. With TLS, a peer
-    whose certificate serial is in ``revoked()`` is refused right after the handshake."""
+    """Accepts downstream connections and drives each into one relay.
+
+    Connections are counted from accept (``admission``: per peer IP address and in total,
+    TLS handshakes in progress included); one over ``limits.max_connections_per_peer`` or
+    ``limits.max_connections`` is closed at once, before any TLS work. A TLS listener
+    accepts sockets itself and hands each to ``loop.connect_accepted_socket(ssl=...)`` (the
+    peer's address is known at accept, and a failed handshake comes back as its exception);
+    the h2c listener is a plain ``create_server``. A connection must finish its TLS handshake
+    and send the HTTP/2 preface within ``limits.handshake_timeout_s`` of accept. After the
+    handshake, a peer without ALPN h2, without exactly one SPIFFE ID of our trust domain, or
+    whose certificate serial is in ``revoked()``, is refused. A flow-control stall closes a
+    connection after ``limits.stall_timeout_s`` (TLS: ``MESH_PEER_STALL_FACTOR`` times that).
+
+    Counters: ``rejected`` (refused connections by reason), ``terminated`` (connections ended
+    for the peer's misbehaviour, by ``H2Protocol.ended_by``), ``handshakes`` /
+    ``handshake_failures`` (TLS; a failure with a reason is also reported to
+    ``on_tls_failure``), ``refused_calls`` (calls refused by a limit, with the relay's)."""
 
     def __init__(self, name: str, relay: Relay, flusher: Flusher, limits: Limits,
                  ssl_ctx: ssl.SSLContext | None, trust_domain: str | None,
-                 revoked: Callable[[], AbstractSet[str]] | None = None) -> None:
+                 revoked: Callable[[], AbstractSet[str]] | None = None,
+                 on_tls_failure: Callable[[str, str], None] | None = None) -> None:
         self.name = name
         self.revoked = revoked
         self.relay = relay
@@ -62,50 +103,200 @@ class Listener:
         self.limits = limits
         self.ssl_ctx = ssl_ctx
         self.trust_domain = trust_domain
+        self.on_tls_failure = on_tls_failure
+        """Called with (reason, detail) for each failed TLS handshake that has a reason
+        (``tls_failure_reason``, or ``handshake_timeout``)."""
         self.protocols: set[H2Protocol] = set()
+        self.handshaking: dict[H2Protocol, asyncio.Task[None]] = {}
+        """Admitted TLS connections in their handshake, with the task driving it."""
         self.server: asyncio.base_events.Server | None = None
+        self.lsock: socket.socket | None = None
+        """The TLS listener's listening socket (the h2c one has ``server``)."""
+        self.admission = AdmissionCounter(limits.max_connections, limits.max_connections_per_peer)
         self.rejected: dict[str, int] = {}
+        self.terminated: dict[str, int] = {}
         self.accepted = 0
         self.handshakes = 0
         self.handshake_failures = 0
+        self.refused_streams_closed = 0
+        """Streams refused over max_concurrent_streams on connections that have ended."""
+        self._log_throttle = LogThrottle(REFUSAL_LOG_INTERVAL_S)
 
     async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the port."""
         loop = self.flusher.loop
-        self.server = await loop.create_server(self._protocol, host, port, ssl=self.ssl_ctx,
-                                               backlog=1024)
-        return self.server.sockets[0].getsockname()[1]
+        if self.ssl_ctx is None:
+            self.server = await loop.create_server(self._new_protocol, host, port, backlog=1024)
+            return self.server.sockets[0].getsockname()[1]
+        self.lsock = _listening_socket(host, port, backlog=1024)
+        loop.add_reader(self.lsock.fileno(), self._accept_ready)
+        return self.lsock.getsockname()[1]
 
-    def _protocol(self) -> H2Protocol:
+    @property
+    def refused_calls(self) -> dict[str, int]:
+        """Calls refused by a limit, by reason: the relay's (``message_too_large``,
+        ``header_list_too_large``, ``pending_calls``) and streams the connections refused
+        over ``max_concurrent_streams``."""
+        out = dict(self.relay.refused_calls)
+        streams = self.refused_streams_closed + sum(p.conn.refused_streams for p in self.protocols)
+        if streams:
+            out["max_concurrent_streams"] = streams
+        return out
+
+    # ------------------------------------------------------------- accept
+    def _new_protocol(self) -> H2Protocol:
         conn = H2Connection(client=False, limits=self.limits)
         proto = H2Protocol(self.relay, conn, self.flusher, self.limits,
-                           on_open=self._on_open, on_close=self.protocols.discard)
+                           on_open=self._on_open, on_close=self._closed)
         if self.ssl_ctx is not None:
-            # The event loop drops a failed handshake silently (connection_made never comes):
-            # a protocol collected without having been opened is that failure, counted.
-            weakref.finalize(proto, self._handshake_gone, proto.opened)
+            proto.stall_timeout_s = self.limits.stall_timeout_s * MESH_PEER_STALL_FACTOR
         return proto
 
-    def _handshake_gone(self, opened: list[bool]) -> None:
-        if not opened[0]:
-            self.handshake_failures += 1
+    def _admit(self, peername: Any) -> str | None:
+        """Count a new connection under its peer's address and return that key, or refuse
+        it (counted and logged) and return None."""
+        peer = str(peername[0]) if peername else "?"
+        why = self.admission.admit(peer)
+        if why is not None:
+            self._reject(why, _address(peername))
+            return None
+        return peer
 
+    def _admitted(self, proto: H2Protocol, peer: str) -> None:
+        """``proto`` holds the count of ``peer`` until ``_release``; its handshake deadline
+        starts now."""
+        proto.peer_key = peer
+        proto.handshake_timer = self.flusher.loop.call_later(
+            self.limits.handshake_timeout_s, self._handshake_deadline, proto)
+
+    def _release(self, proto: H2Protocol) -> None:
+        if proto.peer_key is not None:
+            self.admission.release(proto.peer_key)
+            proto.peer_key = None
+        if proto.handshake_timer is not None:  # a closed connection is not kept for it
+            proto.handshake_timer.cancel()
+            proto.handshake_timer = None
+
+    def _accept_ready(self) -> None:
+        """The TLS listening socket is readable: accept what is waiting (a batch)."""
+        lsock = self.lsock
+        if lsock is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peername = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    if self._log_throttle.allow("accept_failed", time.monotonic()) is not None:
+                        log.warning("%s: cannot accept connections (%s); pausing for %gs",
+                                    self.name, exc.strerror or exc, ACCEPT_RETRY_S)
+                    loop = self.flusher.loop
+                    loop.remove_reader(lsock.fileno())
+                    loop.call_later(ACCEPT_RETRY_S, self._resume_accepting, lsock)
+                    return
+                continue  # ECONNABORTED and the like: that peer is gone
+            self._tls_accepted(sock, peername)
+
+    def _resume_accepting(self, lsock: socket.socket) -> None:
+        if self.lsock is lsock:
+            self.flusher.loop.add_reader(lsock.fileno(), self._accept_ready)
+
+    def _tls_accepted(self, sock: socket.socket, peername: Any) -> None:
+        peer = self._admit(peername)
+        if peer is None:
+            _drop(sock)
+            return
+        proto = self._new_protocol()
+        self._admitted(proto, peer)
+        sock.setblocking(False)
+        task = self.flusher.loop.create_task(self._handshake(sock, proto, peername))
+        self.handshaking[proto] = task
+
+    async def _handshake(self, sock: socket.socket, proto: H2Protocol, peername: Any) -> None:
+        """The TLS handshake of an admitted connection; ``proto`` is opened (``_on_open``)
+        by the event loop when it completes."""
+        loop = self.flusher.loop
+        try:
+            await loop.connect_accepted_socket(
+                lambda: proto, sock, ssl=self.ssl_ctx,
+                ssl_handshake_timeout=self.limits.handshake_timeout_s)
+        except asyncio.CancelledError:
+            return  # our handshake deadline (counted there) or the sidecar's shutdown
+        except Exception as exc:  # SSLError, the peer left (OSError), the loop's timeout
+            self._handshake_failed(exc, _address(peername))
+        else:
+            if proto.transport is None:  # the peer left as its handshake ended
+                self.handshake_failures += 1
+        finally:
+            self.handshaking.pop(proto, None)
+            if proto.transport is None:  # never opened: nothing else releases it
+                self._release(proto)
+
+    def _handshake_failed(self, exc: BaseException, address: str) -> None:
+        self.handshake_failures += 1
+        if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
+            # The event loop's own handshake timeout: a backstop for ours, which runs from
+            # accept and so fires first.
+            self._reject("handshake_timeout", address)
+            self._tls_failure("handshake_timeout", "no TLS handshake within "
+                              f"{self.limits.handshake_timeout_s:g}s")
+        elif isinstance(exc, ssl.SSLError):
+            detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+            self._tls_failure(tls_failure_reason(exc), str(detail))
+        # else: the peer went away during its handshake (counted; reason "other")
+
+    def _tls_failure(self, reason: str, detail: str) -> None:
+        if self.on_tls_failure is not None:
+            self.on_tls_failure(reason, detail)
+
+    def _handshake_deadline(self, proto: H2Protocol) -> None:
+        """``handshake_timeout_s`` after accept: a connection still in its TLS handshake, or
+        open without the peer's HTTP/2 preface, is closed (``handshake_timeout``)."""
+        proto.handshake_timer = None
+        if proto.peer_key is None or proto.lost:
+            return  # it ended already
+        transport = proto.transport
+        if transport is not None:  # open: the preface must be in
+            if not proto.conn.preface_received:
+                self._reject("handshake_timeout", _address(transport.get_extra_info("peername")))
+                proto.abort()
+            return
+        task = self.handshaking.get(proto)
+        if task is None or task.done():
+            return
+        self._reject("handshake_timeout", proto.peer_key)
+        self.handshake_failures += 1
+        self._tls_failure("handshake_timeout",
+                          f"no TLS handshake within {self.limits.handshake_timeout_s:g}s")
+        task.cancel()  # closes the connection; the task's end releases its count
+
+    # ------------------------------------------------------------- open / close
     def _reject(self, why: str, peer: str) -> bool:
+        """Count a refused connection by reason and log it (at most once per reason in
+        ``REFUSAL_LOG_INTERVAL_S``); returns False."""
         self.rejected[why] = self.rejected.get(why, 0) + 1
-        log.warning("%s: refused connection from %s: %s", self.name, peer, why)
+        held = self._log_throttle.allow(why, time.monotonic())
+        if held is not None:
+            more = f" ({held} more since the last line)" if held else ""
+            log.warning("%s: refused connection from %s: %s%s", self.name, peer, why, more)
         return False
 
     def _on_open(self, proto: H2Protocol) -> bool:
         transport = proto.transport
         assert transport is not None
-        proto.opened[0] = True
-        if self.ssl_ctx is not None:
-            self.handshakes += 1
         peername = transport.get_extra_info("peername")
-        address = f"{peername[0]}:{peername[1]}" if peername else "?"
-        if len(self.protocols) >= self.limits.max_connections:
-            return self._reject("max_connections", address)
+        address = _address(peername)
         peer_id: str | None = None
-        if self.ssl_ctx is not None:
+        if self.ssl_ctx is None:
+            peer = self._admit(peername)
+            if peer is None:
+                return False
+            self._admitted(proto, peer)
+            proto.conn.owner = PeerInfo(peer_id, address)
+        else:
+            self.handshakes += 1
             sslobj = transport.get_extra_info("ssl_object")
             if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
                 return self._reject("no_alpn_h2", address)
@@ -125,11 +316,19 @@ class Listener:
                 return self._reject("revoked", f"{address} ({peer_id}, certificate serial "
                                                f"{serial})")
             proto.conn.owner = PeerInfo(peer_id, address, serial)
-        else:
-            proto.conn.owner = PeerInfo(peer_id, address)
         self.protocols.add(proto)
         self.accepted += 1
         return True
+
+    def _closed(self, proto: H2Protocol) -> None:
+        """A connection ended (opened or refused at open): release its count, and count why
+        the sidecar ended it and the streams it refused."""
+        self._release(proto)
+        if proto in self.protocols:
+            self.protocols.discard(proto)
+            self.refused_streams_closed += proto.conn.refused_streams
+        if proto.ended_by is not None:
+            self.terminated[proto.ended_by] = self.terminated.get(proto.ended_by, 0) + 1
 
     def cut_revoked(self, revoked: AbstractSet[str]) -> int:
         """GOAWAY the open connections of peers whose certificate serial is in ``revoked``:
@@ -142,6 +341,10 @@ class Listener:
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+        lsock, self.lsock = self.lsock, None
+        if lsock is not None:
+            self.flusher.loop.remove_reader(lsock.fileno())
+            lsock.close()
 
     def goaway_all(self) -> None:
         for proto in list(self.protocols):
@@ -149,8 +352,43 @@ class Listener:
             proto.flush()
 
     def close_all(self) -> None:
+        for task in list(self.handshaking.values()):
+            task.cancel()
         for proto in list(self.protocols):
             proto.close()
+
+
+def _listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking TCP socket listening on ``host:port`` (its first address), with
+    SO_REUSEADDR as asyncio's servers have it (IPv6: v6 only)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _drop(sock: socket.socket) -> None:
+    """Close a just-accepted socket at once, with a reset (no TIME_WAIT left here)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _address(peername: Any) -> str:
+    """``host:port`` of a transport's ``peername`` ("?" when unknown)."""
+    return f"{peername[0]}:{peername[1]}" if peername else "?"
 
 
 def _cert_not_after(path: str) -> float | None:
@@ -214,7 +452,7 @@ class Sidecar:
         # Revoked certificate serials (the snapshot's deny-list, as a set): peers presenting
         # one are refused at their next connection, in and out (``apply_snapshot``).
         self.revoked: frozenset[str] = frozenset(boot.snapshot.revoked)
-        self._tls_logged: dict[str, tuple[float, int]] = {}  # reason -> (logged at, since)
+        self._tls_logged = LogThrottle(TLS_LOG_INTERVAL_S)
         # Observability: the JSON-lines access log (``access_log``: its path, None = off;
         # opened by ``start``) and the taps the control plane starts, shared by both stacks.
         self.access_log_path = access_log
@@ -264,12 +502,11 @@ class Sidecar:
                                      authorize=Authorize(lambda: self.snapshot, boot.service))
 
             relay = self._relay("inbound", inbound_hooks, loop, flusher)
+            # The front server context lives across certificate reloads (``TlsState``);
+            # failed handshakes come back counted by reason and logged (``_tls_failed``).
             self.inbound = Listener("inbound", relay, flusher, self.limits, self.tls.server,
-                                    boot.trust_domain, revoked=lambda: self.revoked)
-            # Handshakes the event loop drops silently (a peer's expired certificate, one
-            # from another CA): counted by reason and logged, through the context's
-            # SSLObject class (the same context object lives across certificate reloads).
-            self.tls.server.sslobject_class = _observed_sslobject(self._handshake_failed)
+                                    boot.trust_domain, revoked=lambda: self.revoked,
+                                    on_tls_failure=self._tls_failed)
             port = await self.inbound.start(boot.inbound.host,
                                             boot.inbound.port if inbound_port is None else inbound_port)
             self.ports["inbound"] = f"{boot.inbound.host}:{port}"
@@ -367,20 +604,16 @@ class Sidecar:
             return
         loop.default_exception_handler(context)
 
-    def _handshake_failed(self, exc: ssl.SSLError) -> None:
-        """An inbound TLS handshake failed: count it by ``tls_failure_reason`` and log it
-        (per reason at most once every ``TLS_LOG_INTERVAL_S``, with how many since; a
-        peer's certificate outside its validity as a warning)."""
-        reason = tls_failure_reason(exc)
+    def _tls_failed(self, reason: str, detail: str) -> None:
+        """An inbound TLS handshake failed for ``reason`` (``tls_failure_reason``, or
+        ``handshake_timeout``): count it and log it (per reason at most once every
+        ``TLS_LOG_INTERVAL_S``, with how many since; a peer's certificate outside its
+        validity as a warning)."""
         self.tls_failures[reason] = self.tls_failures.get(reason, 0) + 1
-        now = time.monotonic()
-        logged_at, since = self._tls_logged.get(reason, (-TLS_LOG_INTERVAL_S, 0))
-        if now - logged_at < TLS_LOG_INTERVAL_S:
-            self._tls_logged[reason] = (logged_at, since + 1)
+        since = self._tls_logged.allow(reason, time.monotonic())
+        if since is None:
             return
-        self._tls_logged[reason] = (now, 0)
         more = f" ({since} more since the last line)" if since else ""
-        detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
         level = logging.WARNING if reason.startswith("certificate_") else logging.INFO
         log.log(level, "inbound: refused a TLS handshake: %s (%s)%s", detail, reason, more)
 
@@ -469,8 +702,14 @@ class Sidecar:
                 "downstream_connections": len(listener.protocols) if listener else 0,
                 "accepted_connections": listener.accepted if listener else 0,
                 "upstream_connections": len(connector.protocols),
+                "counted_connections": listener.admission.total if listener else 0,
                 "refused_connections": dict(listener.rejected) if listener else {},
+                "terminated_connections": dict(listener.terminated) if listener else {},
+                "refused_calls": (listener.refused_calls if listener
+                                  else dict(relay.refused_calls)),
+                "pending_calls": relay.waiting,
                 "refused_upstream_connections": dict(connector.refused),
+                "terminated_upstream_connections": dict(connector.terminated),
                 "upstream_tls_failures": dict(connector.tls_failures),
             }
             stack = self.stacks.get(name)
@@ -543,8 +782,9 @@ TLS_LOG_INTERVAL_S = 5.0
 
 def _observed_sslobject(on_failure: Callable[[ssl.SSLError], None]) -> type[ssl.SSLObject]:
     """An ``SSLObject`` class whose failed handshakes call ``on_failure(exc)`` before they
-    raise (the event loop then drops the connection without telling anyone why). Costs
-    nothing once the handshake is done."""
+    raise. Costs nothing once the handshake is done. The listeners no longer need it (with
+    ``start_tls`` the handshake's exception comes back to them); kept for contexts served by
+    ``create_server(ssl=...)``, where the event loop drops a failed handshake silently."""
 
     class ObservedSSLObject(ssl.SSLObject):
         def do_handshake(self) -> None:

@@ -21,8 +21,10 @@ ENHANCE_YOUR_CALM and ``error_kind`` names the budget:
   acknowledged our SETTINGS), over ``max_resets_per_s`` (CVE-2023-44487 and its
   provoked-reset variant).
 * ``control_flood``: PING, SETTINGS (non-ACK), PRIORITY, GOAWAY and unknown-type frames,
-  unsolicited PING and SETTINGS ACKs, and WINDOW_UPDATE frames beyond an allowance of two
-  per DATA frame we sent plus one per stream opened in the window, over
+  unsolicited PING and SETTINGS ACKs, and WINDOW_UPDATE frames beyond an allowance of
+  ``WINDOW_UPDATES_PER_FRAME`` (10, as Envoy allows) per DATA frame we sent or stream the
+  peer opened in the window (gRPC clients send one per message read, and a DATA frame may
+  carry several messages), over
   ``max_control_frames_per_s``. A PING that follows DATA we sent since the previous PING is
   free (what gRPC's BDP probing does, and what gRPC's own servers allow).
 * ``empty_frame_flood``: DATA frames with no payload and no END_STREAM (after padding), and
@@ -59,6 +61,10 @@ from .events import (
 from .headers import HeaderListTooLarge, HeaderReader, HpackError
 
 _FRAME_HEADER = struct.Struct(">HBBBL")
+
+WINDOW_UPDATES_PER_FRAME = 10
+"""WINDOW_UPDATE frames a peer may send per DATA frame we sent or stream it opened (in one
+budget window) before they count against ``max_control_frames_per_s``."""
 
 
 class ProtocolError(Exception):
@@ -742,8 +748,8 @@ class H2Connection:
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
         self._window_updates += 1
-        if self._window_updates > (2 * (self._data_sent - self._data_sent_base)
-                                   + self.streams_opened - self._opened_base):
+        if self._window_updates > WINDOW_UPDATES_PER_FRAME * (
+                self._data_sent - self._data_sent_base + self.streams_opened - self._opened_base):
             self._control_frame()  # beyond what the DATA we sent explains
         if len(payload) != 4:
             raise ProtocolError(F.FRAME_SIZE_ERROR, "WINDOW_UPDATE must be 4 bytes", "frame_size")

@@ -28,6 +28,8 @@ class Pool:
         self.awaiting_settings: set[H2Connection] = set()
         """Connected, but the peer's SETTINGS (its stream limit) have not arrived yet."""
         self.waiting: deque[Any] = deque()
+        """Calls waiting for a stream slot, oldest first. Only the relay adds and removes
+        them (it counts them across its pools against ``limits.max_pending_calls``)."""
         self.closed = False
         self._connect = connect
         self.last_error = ""

@@ -16,6 +16,10 @@ gRPC rules it enforces: ``grpc-timeout`` and a layer's ``call.route_timeout_s`` 
 dispatch, whichever ends first (DEADLINE_EXCEEDED at expiry, the upstream stream reset, the
 remaining time sent on), the message size limit both ways (RESOURCE_EXHAUSTED for
 that call only), and an upstream that fails gives the caller UNAVAILABLE naming the endpoint.
+Calls waiting in its pools' queues for a connection or a stream slot are counted (``waiting``):
+a call that would wait while ``limits.max_pending_calls`` already do is answered
+RESOURCE_EXHAUSTED at once. ``refused_calls`` counts calls refused by a limit, by reason:
+``message_too_large`` (either way), ``header_list_too_large``, ``pending_calls``.
 Each attempt's request headers carry ``call.traceparent_out`` (set by the tracing layer) in
 place of the received ``traceparent`` when it is not None.
 Retries (gRFC A6). A call is committed once the first response headers that are not
@@ -103,7 +107,7 @@ class Call:
         "down_open", "ended", "req_meter", "resp_meter", "local_reply", "route", "endpoint",
         "upstream_label", "cluster", "route_timeout_s", "rule", "subset", "notes",
         "upstream", "retry", "tried", "fast_fail", "try_timer", "trace_id", "span",
-        "traceparent_out",
+        "traceparent_out", "queued",
     )
 
     def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
@@ -119,6 +123,8 @@ class Call:
         self.deadline_s: float | None = None
         self.timer: Any = None
         self.pool: Pool | None = None
+        self.queued: Pool | None = None
+        """The pool whose queue (``pool.waiting``) holds the call, while it waits there."""
         self.up: H2Connection | None = None
         self.up_sid = 0
         self.attempts = 0
@@ -217,6 +223,10 @@ class Relay:
         self.call_later = call_later
         self.close_connection = close_connection
         self.stats: Counter[str] = Counter()
+        self.refused_calls: Counter[str] = Counter()
+        """Calls refused by a limit, by reason (see the module's docstring)."""
+        self.waiting = 0
+        """Calls waiting in the queues of this relay's pools (at most max_pending_calls)."""
         self.active = 0
         self._dirty: list[H2Connection] = []
         self._pumping = False
@@ -270,6 +280,9 @@ class Relay:
         if pool.connect_failed(reason):
             waiting = list(pool.waiting)
             pool.waiting.clear()
+            self.waiting -= len(waiting)
+            for call in waiting:
+                call.queued = None
             for call in waiting:
                 if not self._try_again(call, "connect_failure", G.UNAVAILABLE):
                     self._reply(call, G.UNAVAILABLE, f"upstream {pool.label}: {reason}"
@@ -328,6 +341,7 @@ class Relay:
                     self._maybe_end(call)
             elif t is HeadersRejected:
                 self.stats["headers_too_large"] += 1
+                self.refused_calls["header_list_too_large"] += 1
                 if ev.first:
                     conn.send_headers(ev.stream_id, G.trailers_only_block(
                         G.RESOURCE_EXHAUSTED, f"request headers rejected: {ev.reason}"), True)
@@ -473,11 +487,8 @@ class Relay:
             if st is not None and not (st.send_closed and st.recv_closed):
                 up.reset_stream(call.up_sid, F.CANCEL)
             self._capacity(up)
-        elif call.pool is not None and call.pool.waiting:
-            try:
-                call.pool.waiting.remove(call)
-            except ValueError:
-                pass
+        else:
+            self._unqueue(call)
 
     def _request_data(self, call: Call, data: bytes, end: bool) -> None:
         call.req_received += len(data)
@@ -488,6 +499,7 @@ class Relay:
             too_big = call.req_meter.feed(data)
             if too_big >= 0:
                 self.stats["messages_too_large"] += 1
+                self.refused_calls["message_too_large"] += 1
                 self._reply(call, G.RESOURCE_EXHAUSTED,
                             f"request message of {too_big} bytes exceeds the limit of "
                             f"{self.limits.max_message_bytes} bytes")
@@ -547,10 +559,29 @@ class Relay:
         assert pool is not None
         conn = pool.acquire()
         if conn is None:
+            limit = self.limits.max_pending_calls
+            if self.waiting >= limit:
+                self.refused_calls["pending_calls"] += 1
+                call.fast_fail = True  # the sidecar's limit: never counted against the endpoint
+                self._reply(call, G.RESOURCE_EXHAUSTED, f"pending calls limit of {limit} reached")
+                return
             pool.waiting.append(call)
+            call.queued = pool
+            self.waiting += 1
             pool.ensure_connecting()
             return
         self._bind(call, conn)
+
+    def _unqueue(self, call: Call) -> None:
+        """Take the call out of its pool's queue, if it waits there."""
+        pool = call.queued
+        if pool is not None:
+            call.queued = None
+            self.waiting -= 1
+            try:
+                pool.waiting.remove(call)
+            except ValueError:
+                pass
 
     def _bind(self, call: Call, up: H2Connection) -> None:
         timeout: str | None = None
@@ -592,12 +623,18 @@ class Relay:
             call = pool.waiting[0]
             if call.finished or not call.down_open:
                 pool.waiting.popleft()
+                if call.queued is not None:
+                    call.queued = None
+                    self.waiting -= 1
                 continue
             conn = pool.pick()
             if conn is None:
                 pool.ensure_connecting()
                 break
             pool.waiting.popleft()
+            if call.queued is not None:
+                call.queued = None
+                self.waiting -= 1
             self._bind(call, conn)
 
     # ================================================================ upstream side
@@ -631,6 +668,7 @@ class Relay:
                     self._upstream_reset(call, ev.error_code, ev.unprocessed)
                 self._capacity(conn)
             elif t is HeadersRejected:
+                self.refused_calls["header_list_too_large"] += 1
                 call = conn.calls.get(ev.stream_id)
                 conn.reset_stream(ev.stream_id, F.CANCEL)
                 conn.calls.pop(ev.stream_id, None)
@@ -775,6 +813,7 @@ class Relay:
             too_big = call.resp_meter.feed(data)
             if too_big >= 0:
                 self.stats["messages_too_large"] += 1
+                self.refused_calls["message_too_large"] += 1
                 self._reply(call, G.RESOURCE_EXHAUSTED,
                             f"response message of {too_big} bytes exceeds the limit of "
                             f"{self.limits.max_message_bytes} bytes")
@@ -806,6 +845,8 @@ class Relay:
     def _abandon_upstream(self, call: Call) -> None:
         """Cancel whatever upstream work the call has (reset the stream or leave the queue)."""
         call.finished = True
+        if call.queued is not None:
+            self._unqueue(call)
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from mesh_common.limits import Limits
 from sidecar.http2 import frames as F
-from sidecar.http2.connection import H2Connection
+from sidecar.http2.connection import WINDOW_UPDATES_PER_FRAME, H2Connection
 from sidecar.http2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -308,7 +308,8 @@ def test_window_updates_for_the_data_we_sent_are_free() -> None:
 def test_window_updates_beyond_the_allowance_are_control_frames() -> None:
     s = _server_with_stream(CONTROL_LIMITS)
     _download(s, 100)
-    s.receive(b"".join(F.window_update_frame(1, 1) for _ in range(200 + 30)))
+    allowance = WINDOW_UPDATES_PER_FRAME * 100
+    s.receive(b"".join(F.window_update_frame(1, 1) for _ in range(allowance + 30)))
     assert not s.closed
     _flooded(s, F.window_update_frame(0, 1), "control_flood", "control flood")
 
@@ -317,7 +318,7 @@ def test_the_window_update_allowance_does_not_carry_over_to_the_next_window() ->
     s = _server_with_stream(CONTROL_LIMITS)
     _download(s, 100)
     s.receive(b"".join(F.window_update_frame(1, 1) for _ in range(10)))
-    s.new_window()  # 190 unused allowance is gone with its second
+    s.new_window()  # the unused allowance is gone with its second
     s.receive(b"".join(F.window_update_frame(1, 1) for _ in range(30)))
     assert not s.closed
     _flooded(s, F.window_update_frame(1, 1), "control_flood", "control flood")

@@ -497,3 +497,9 @@ def test_pool_pick_skips_draining_connections_and_remove() -> None:
 def test_pool_max_connections_is_at_least_one() -> None:
     pool, requested = _pool(0)
     assert pool.acquire() is None and len(requested) == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5])
+def test_limit_timeouts_must_be_finite_and_non_negative(value: float) -> None:
+    with pytest.raises(ValueError, match="non-negative finite number"):
+        Limits(handshake_timeout_s=value)
