@@ -70,7 +70,7 @@ def _documents(request: Any) -> list[str]:
         if len(d.json) <= MAX_DESCRIBED_DOC_BYTES:
             try:
                 body = json.loads(d.json)
-            except ValueError:
+            except (ValueError, RecursionError):  # a document nested too deep parses no name
                 body = None
             if isinstance(body, dict) and isinstance(body.get("kind"), str) \
                     and isinstance(body.get("name"), str):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -143,31 +143,43 @@ class CertificateAuthority:
         """Sign a workload's CSR for ``spiffe://<td>/service/<service>``.
 
         The CSR must be a valid PKCS#10 request (PEM or DER) with a verifying signature over
-        an ECDSA P-256 key; if it names a SPIFFE ID, it must be the caller's. Raises CsrError
-        (INVALID_ARGUMENT or PERMISSION_DENIED) saying which check failed.
+        an ECDSA P-256 key; if it names URIs, it must name exactly one, the caller's SPIFFE ID
+        (a CSR naming none is issued the caller's identity: the CA decides it, never the
+        CSR). Raises CsrError (INVALID_ARGUMENT or PERMISSION_DENIED) saying which check
+        failed, and nothing else whatever the bytes.
         """
         try:
             spiffe = SpiffeId(self.trust_domain, service).uri
         except SpiffeError as exc:
             raise CsrError("INVALID_ARGUMENT", str(exc)) from None
         csr = _load_csr(csr_bytes)
-        if not csr.is_signature_valid:
+        try:  # a key of an unknown type or curve, or a bad point, fails here
+            pub = csr.public_key()
+            valid = csr.is_signature_valid
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise CsrError("INVALID_ARGUMENT",
+                           "CSR key must be ECDSA P-256 (the key cannot be read)") from None
+        if not valid:
             raise CsrError("INVALID_ARGUMENT", "CSR signature does not verify")
-        pub = csr.public_key()
         if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name != "secp256r1":
             raise CsrError("INVALID_ARGUMENT", "CSR key must be ECDSA P-256")
         try:
             asked = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound:
             asked = None
-        except ValueError:
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
             raise CsrError("INVALID_ARGUMENT", "CSR has malformed extensions") from None
         if asked is not None:
             uris = asked.get_values_for_type(x509.UniformResourceIdentifier)
             others = [u for u in uris if u != spiffe]
             if others:
                 raise CsrError("PERMISSION_DENIED",
-                               f"CSR asks for {others[0]} but the caller may only be {spiffe}")
+                               f"CSR asks for {others[0][:256]} but the caller may only be "
+                               f"{spiffe}")
+            if len(uris) > 1:
+                raise CsrError("INVALID_ARGUMENT",
+                               f"CSR names {len(uris)} URIs: a workload has exactly one "
+                               f"SPIFFE ID ({spiffe})")
         return self._issue(pub, spiffe, [f"{service}.{self.trust_domain}"], [], service, now,
                            ttl, client=True, server=True)
 
@@ -219,7 +231,7 @@ def _load_csr(data: bytes) -> x509.CertificateSigningRequest:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, x509.InvalidVersion):
         raise CsrError("INVALID_ARGUMENT", "CSR is not a valid PKCS#10 request") from None
 
 

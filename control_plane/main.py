@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -17,14 +18,46 @@ from click.core import ParameterSource
 
 from control_plane import ca as ca_mod
 from control_plane import rotation as rotation_mod
+from control_plane.consul_conn import ConsulConfigError, parse_registry_url
 from control_plane.discovery import DiscoverySettings
-from control_plane.server import ControlPlane, Server, split_hostport
+from control_plane.registry.consul import validate_prefix
+from control_plane.server import (
+    DEFAULT_HANDSHAKE_TIMEOUT_S,
+    DEFAULT_STREAM_STALL_TIMEOUT_S,
+    ControlPlane,
+    Server,
+    make_registry,
+    split_hostport,
+)
 from control_plane.store import Store
 from control_plane.traces import TRACES_FILE, TraceStore
 from mesh_common.spiffe import SpiffeError, SpiffeId
 
 PROG = "mesh-control-plane"
 log = logging.getLogger("mesh.control_plane")
+MAX_OPEN_FILES = 1 << 20
+"""The soft open-files limit is raised at most to this when the hard limit is unlimited."""
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit (at most
+    ``MAX_OPEN_FILES`` when the hard one is unlimited), so thousands of connections (idle
+    ones too) cannot exhaust the descriptors before the servers' own bounds apply. Returns
+    (soft before, soft after); logs the change, or a warning when the kernel refuses it (the
+    old limit stays). Never raises."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft >= target:
+        log.info("open files limit: %d (the hard limit)", soft)
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open files limit stays %d: cannot raise it to %d (%s)", soft, target, exc)
+        return soft, soft
+    log.info("open files limit raised from %d to %d (hard limit %s)", soft, target,
+             "unlimited" if hard == resource.RLIM_INFINITY else hard)
+    return soft, target
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -37,6 +70,23 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 def _optional_address(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return _address(ctx, param, value) if value else ""
+
+
+def _registry_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value == "embedded":
+        return value
+    try:
+        parse_registry_url(value)
+    except ConsulConfigError as exc:
+        raise click.BadParameter(f"embedded, or {exc}") from None
+    return value
+
+
+def _consul_prefix(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return validate_prefix(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def load_ca(ca_dir: Path, trust_domain: str, ca_cert: str | None, ca_key: str | None,
@@ -60,10 +110,11 @@ def load_ca(ca_dir: Path, trust_domain: str, ca_cert: str | None, ca_key: str | 
 
 async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
                  admin_http: str | None = None, admin_http_optional: bool = False,
-                 otlp_listen: str | None = None, otlp_optional: bool = False) -> int:
+                 otlp_listen: str | None = None, otlp_optional: bool = False,
+                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> int:
     server = Server(cp, listen, bootstrap_listen, admin_http=admin_http,
                     admin_http_optional=admin_http_optional, otlp_listen=otlp_listen,
-                    otlp_optional=otlp_optional)
+                    otlp_optional=otlp_optional, handshake_timeout_s=handshake_timeout_s)
     ready = await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -137,6 +188,23 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
               show_default=True,
               help="During a CA rotation, a sidecar still behind is told to renew again this "
                    "often.")
+@click.option("--handshake-timeout-s", type=click.FloatRange(0.1, 600),
+              default=DEFAULT_HANDSHAKE_TIMEOUT_S, show_default=True,
+              help="A new connection to the API or join listener must finish its TLS handshake "
+                   "and send its HTTP/2 preface within this, else it is closed.")
+@click.option("--stream-stall-timeout-s", type=click.FloatRange(0.1, 24 * 3600),
+              default=DEFAULT_STREAM_STALL_TIMEOUT_S, show_default=True,
+              help="A discovery stream whose sidecar stops reading (a message waits this long "
+                   "to be written) is ended and counted.")
+@click.option("--registry", "registry_spec", default="embedded", show_default=True,
+              callback=_registry_spec,
+              help="Where instances are registered: embedded (in the data dir) or "
+                   "consul://HOST:PORT (consuls:// for HTTPS); the token comes from "
+                   "CONSUL_HTTP_TOKEN, TLS from CONSUL_CACERT, CONSUL_CLIENT_CERT, "
+                   "CONSUL_CLIENT_KEY and CONSUL_HTTP_SSL_VERIFY.")
+@click.option("--consul-prefix", default="mesh", show_default=True, callback=_consul_prefix,
+              help="This mesh's namespace in Consul (service IDs and meta), for several "
+                   "meshes on one Consul.")
 @click.option("--enable-test-hooks", is_flag=True, default=False,
               help="TEST ONLY: serve Admin.TestPushRawSnapshot (pushes unvalidated snapshots).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -147,12 +215,15 @@ def cli(listen: str, bootstrap_listen: str, admin_http: str, otlp_listen: str,
         ca_key: str | None, data_dir: str, cert_ttl: int, grace_period_s: float,
         push_window_ms: int, report_window_s: float, stale_after_s: float,
         ca_rotation_phase_timeout_s: float, ca_rotation_min_phase_s: float,
-        ca_rotation_retell_s: float, enable_test_hooks: bool, log_level: str) -> int:
+        ca_rotation_retell_s: float, handshake_timeout_s: float, stream_stall_timeout_s: float,
+        registry_spec: str, consul_prefix: str, enable_test_hooks: bool,
+        log_level: str) -> int:
     """Run the mesh control plane: certificate authority, join tokens, registry and
     discovery, admin API."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prometheus_client.disable_created_metrics()  # no *_created series next to the counters
+    raise_open_files_limit()
     admin_http_optional = (click.get_current_context().get_parameter_source("admin_http")
                            is ParameterSource.DEFAULT)
     otlp_optional = (click.get_current_context().get_parameter_source("otlp_listen")
@@ -186,11 +257,15 @@ def cli(listen: str, bootstrap_listen: str, admin_http: str, otlp_listen: str,
         log.warning("TEST HOOKS ARE ON: Admin.TestPushRawSnapshot pushes unvalidated snapshots")
     traces = TraceStore(Path(data_dir) / TRACES_FILE, trace_retention_s, trace_max_spans) \
         if otlp_listen else None
+    registry = make_registry(registry_spec, store, grace_period_s, now.timestamp(),
+                             consul_prefix=consul_prefix)
     cp = ControlPlane(ca, store, dt.timedelta(seconds=cert_ttl), settings=settings,
-                      traces=traces, rotation=rotation)
+                      traces=traces, rotation=rotation, registry=registry,
+                      stream_stall_timeout_s=stream_stall_timeout_s)
     return asyncio.run(_serve(cp, listen, bootstrap_listen, admin_http=admin_http,
                               admin_http_optional=admin_http_optional,
-                              otlp_listen=otlp_listen or None, otlp_optional=otlp_optional))
+                              otlp_listen=otlp_listen or None, otlp_optional=otlp_optional,
+                              handshake_timeout_s=handshake_timeout_s))
 
 
 def main(argv: list[str] | None = None) -> None:

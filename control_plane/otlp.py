@@ -55,7 +55,7 @@ OTLP_SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a port another process holds is an error, not a shared port
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
 ]
 _KIND_PREFIX = "SPAN_KIND_"
 _STATUS = {trace_pb2.Status.STATUS_CODE_UNSET: UNSET, trace_pb2.Status.STATUS_CODE_OK: OK,

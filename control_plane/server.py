@@ -24,7 +24,26 @@
 
 The join proof (``mesh_common.jointoken``) is HMAC-SHA256 of the CSR keyed by the SHA-256 of the
 token's secret, which is what the store keeps (never the secret, never the token string).
-Tokens and secrets are never logged; token ids are.
+Tokens and secrets are never logged; token ids are. The answer to a join carries, in its
+trailing metadata, a MAC of the whole answer with that same key (``jointoken.answer_mac``), so a
+sidecar can tell the control plane's answer from one forged on the plaintext listener's path.
+
+Hostile peers (each refusal a clear status, counted; everyone else keeps being served):
+
+* a join or renewal refused (unknown, wrong, expired or used-up token, a malformed CSR or one
+  for another identity, a non-workload renewing) is counted in
+  ``mesh_cp_identity_refusals_total{rpc,reason}`` and issues nothing;
+* a discovery stream whose peer stops reading (a message waits longer than
+  ``stream_stall_timeout_s`` for its flow-control window) is ended: its session closes (the
+  instance is disconnected, as when its stream drops), its handler is cancelled and it is
+  counted in ``mesh_cp_discovery_streams_terminated_total{reason="stalled"}``. Until then at
+  most one snapshot, the newest, waits for it (``Session.push_snapshot``). A sidecar that reads
+  but never ACKs is reported STALE (``ListSidecars``, ``mesh_cp_stale_sidecars``) once its
+  version has waited ``stale_after_s``;
+* connections: TLS handshake and HTTP/2 preface within ``handshake_timeout_s``
+  (``grpc.server_handshake_timeout_ms``), bounded streams per connection, idle connections
+  closed, keepalive pings enforced (``api_server_options``, ``bootstrap_server_options``); the
+  join listener takes small messages only and a bounded number of joins at once.
 """
 
 from __future__ import annotations
@@ -44,12 +63,13 @@ from typing import NoReturn
 
 import grpc
 from cryptography import x509
+from prometheus_client import Counter
 
 from control_plane import otlp
 from control_plane.audit import DEFAULT_LIST_LIMIT as DEFAULT_AUDIT_LIST_LIMIT
 from control_plane.audit import MAX_LIST_LIMIT as MAX_AUDIT_LIST_LIMIT
 from control_plane.audit import ApiGate
-from control_plane.ca import CertificateAuthority, CsrError, parse_ca
+from control_plane.ca import CertificateAuthority, CsrError, Issued, parse_ca
 from control_plane.config_store import ConfigNotFound, ConfigState, ConfigStore, Outcome
 from control_plane.discovery import (
     STALE,
@@ -97,7 +117,13 @@ from mesh_common.config import (
     to_doc,
     to_yaml,
 )
-from mesh_common.jointoken import check_join_proof, new_token, secret_digest
+from mesh_common.jointoken import (
+    ANSWER_MAC_METADATA,
+    answer_mac,
+    check_join_proof,
+    new_token,
+    secret_digest,
+)
 from mesh_common.snapshot import MAX_SNAPSHOT_BYTES, SnapshotError, from_doc, parse_address
 from mesh_common.spiffe import SpiffeError, SpiffeId
 from protos.mesh.v1 import control_pb2 as pb
@@ -121,17 +147,57 @@ MAX_HISTOGRAM_BOUNDS = 64
 MAX_CONFIG_DOCUMENTS = 1000   # per apply or diff
 MAX_CONFIG_DOCUMENT_BYTES = 1024 * 1024
 MAX_CONFIG_SOURCE_CHARS = 1024
-API_SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # long-lived streams: ping to find dead peers, and accept sidecars' keepalive pings as
-    # often as every 5 s (the default would GOAWAY a client pinging more than every 5 min)
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0  # TLS handshake and HTTP/2 preface of a new connection
+DEFAULT_STREAM_STALL_TIMEOUT_S = 60.0  # a discovery message waiting this long ends its stream
+MAX_STREAMS_PER_CONNECTION = 64  # API: a sidecar needs 2-3 (discovery, renew, OTLP elsewhere)
+API_IDLE_CONNECTION_MS = 5 * 60_000  # API connections without a call this long: GOAWAY
+MAX_JOIN_MESSAGE_BYTES = 64 * 1024  # a JoinRequest: a CSR (at most MAX_CSR_BYTES) and ids
+MAX_CONCURRENT_JOINS = 256    # joins in progress at once; more: RESOURCE_EXHAUSTED
+JOIN_STREAMS_PER_CONNECTION = 8
+JOIN_IDLE_CONNECTION_MS = 60_000
+_KEEPALIVE_OPTIONS = [
+    # ping to find dead peers (one that stops reading its socket too), and accept clients'
+    # keepalive pings as often as every 5 s (the default would GOAWAY a client pinging more
+    # than every 5 min); a client pinging more often is GOAWAYed after 2 strikes
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 2),
 ]
+
+
+def api_server_options(handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+                       ) -> list[tuple[str, int]]:
+    """grpc core options of the API listener (mTLS): messages up to ``MAX_MESSAGE_BYTES``,
+    a new connection's TLS handshake and HTTP/2 preface within ``handshake_timeout_s``
+    (seconds; else it is closed), at most ``MAX_STREAMS_PER_CONNECTION`` streams per
+    connection, connections without a call for ``API_IDLE_CONNECTION_MS`` closed (GOAWAY),
+    keepalive both ways."""
+    return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.server_handshake_timeout_ms", max(1, int(handshake_timeout_s * 1000))),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            ("grpc.max_connection_idle_ms", API_IDLE_CONNECTION_MS),
+            *_KEEPALIVE_OPTIONS]
+
+
+def bootstrap_server_options(handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+                             ) -> list[tuple[str, int]]:
+    """grpc core options of the join listener (plaintext, one unary RPC): requests up to
+    ``MAX_JOIN_MESSAGE_BYTES``, the HTTP/2 preface within ``handshake_timeout_s``, a few
+    streams per connection, connections without a call for ``JOIN_IDLE_CONNECTION_MS``
+    closed, keepalive both ways."""
+    return [("grpc.max_receive_message_length", MAX_JOIN_MESSAGE_BYTES),
+            ("grpc.server_handshake_timeout_ms", max(1, int(handshake_timeout_s * 1000))),
+            ("grpc.max_concurrent_streams", JOIN_STREAMS_PER_CONNECTION),
+            ("grpc.max_connection_idle_ms", JOIN_IDLE_CONNECTION_MS),
+            *_KEEPALIVE_OPTIONS]
+
+
+API_SERVER_OPTIONS = api_server_options()
+"""The API listener's options with the default handshake timeout."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +244,76 @@ def _unix(t: dt.datetime) -> int:
     return int(t.timestamp())
 
 
+IDENTITY_REFUSALS = {
+    "join": ("unknown_token", "bad_proof", "token_expired", "token_used_up",
+             "instance_revoked", "invalid_csr", "wrong_identity"),
+    "renew": ("not_a_workload", "invalid_csr", "wrong_identity"),
+}
+"""The reasons ``mesh_cp_identity_refusals_total`` counts, by RPC."""
+STREAM_TERMINATIONS = ("stalled",)
+"""The reasons ``mesh_cp_discovery_streams_terminated_total`` counts."""
+
+
+class Refusals:
+    """Counters of what the RPCs refuse to hostile or broken peers, on the control plane's
+    metrics registry (served at ``/metrics`` with the others):
+
+    * ``mesh_cp_identity_refusals_total{rpc,reason}``: joins and renewals refused
+      (``IDENTITY_REFUSALS``);
+    * ``mesh_cp_discovery_streams_terminated_total{reason}``: discovery streams the control
+      plane ended for their peer's behaviour (``STREAM_TERMINATIONS``).
+
+    Every known label set exists from the start (at 0). Counting is a dict lookup and an add."""
+
+    def __init__(self, metrics: ControlPlaneMetrics) -> None:
+        identity = Counter("mesh_cp_identity_refusals",
+                           "Joins and certificate renewals refused, by RPC and reason.",
+                           labelnames=["rpc", "reason"], registry=metrics.registry)
+        self._identity = {(rpc, reason): identity.labels(rpc=rpc, reason=reason)
+                          for rpc, reasons in IDENTITY_REFUSALS.items() for reason in reasons}
+        terminated = Counter("mesh_cp_discovery_streams_terminated",
+                             "Discovery streams the control plane ended for their peer's "
+                             "behaviour, by reason (stalled: it stopped reading).",
+                             labelnames=["reason"], registry=metrics.registry)
+        self._terminated = {r: terminated.labels(reason=r) for r in STREAM_TERMINATIONS}
+
+    def identity(self, rpc: str, reason: str) -> None:
+        """A join or renewal (``rpc``) refused for ``reason`` (ValueError if not known)."""
+        child = self._identity.get((rpc, reason))
+        if child is None:
+            raise ValueError(f"unknown identity refusal {rpc}/{reason}")
+        child.inc()
+
+    def stream_terminated(self, reason: str) -> None:
+        """A discovery stream ended for ``reason`` (ValueError if not known)."""
+        child = self._terminated.get(reason)
+        if child is None:
+            raise ValueError(f"unknown stream termination reason {reason!r}")
+        child.inc()
+
+
+@dataclass
+class _Write:
+    """A discovery message handed to grpc and not written yet: since when (monotonic s),
+    and the task writing it (the RPC's handler)."""
+
+    since: float
+    task: asyncio.Task[object]
+
+
+def make_registry(spec: str, store: Store, grace_period_s: float, now: float, *,
+                  consul_prefix: str = "mesh") -> Registry:
+    """The registry ``--registry`` names: ``embedded`` (loaded from ``store``) or
+    ``consul://HOST:PORT`` / ``consuls://HOST:PORT`` (``control_plane.registry.consul``: token
+    and TLS from the environment, this replica's id kept next to the store). Raises
+    ValueError for a bad spec. Blocking I/O: call it before serving."""
+    if spec == "embedded":
+        return EmbeddedRegistry.load(store, grace_period_s, now)
+    from control_plane.registry.consul import ConsulRegistry, load_replica_id
+    return ConsulRegistry.from_url(spec, grace_period_s, prefix=consul_prefix,
+                                   replica_id=load_replica_id(store.path.parent))
+
+
 class ControlPlane:
     """The state and the RPC logic shared by the services: the CA and store, the registry,
     the snapshot publisher, the sidecars' sessions and their reported telemetry.
@@ -192,7 +328,8 @@ class ControlPlane:
                  settings: DiscoverySettings | None = None,
                  registry: Registry | None = None,
                  traces: TraceStore | None = None,
-                 rotation: RotationManager | None = None) -> None:
+                 rotation: RotationManager | None = None,
+                 stream_stall_timeout_s: float = DEFAULT_STREAM_STALL_TIMEOUT_S) -> None:
         # The CAs and a CA rotation between them (``control_plane.rotation``); ``ca`` is the
         # phase's signer. Without ``rotation``, ``ca`` alone (a rotation lives in memory).
         self.rotation = rotation if rotation is not None else RotationManager.in_memory(ca)
@@ -229,6 +366,12 @@ class ControlPlane:
         self.otlp_address = ""        # HOST:PORT of the OTLP receiver ("" = none), for joins
         self.taps = TapHub()
         self._prune_task: asyncio.Task[None] | None = None
+        self.refusals = Refusals(self.metrics)
+        # Discovery writes in progress, by session: a peer that stops reading leaves one here
+        # until ``stream_stall_timeout_s`` (seconds) ends its stream (``_stall_loop``).
+        self.stream_stall_timeout_s = stream_stall_timeout_s
+        self.writes: dict[Session, _Write] = {}
+        self._stall_task: asyncio.Task[None] | None = None
 
     def live_state(self) -> LiveState:
         """What the metrics' gauges read at scrape time (``control_plane.metrics``)."""
@@ -266,16 +409,20 @@ class ControlPlane:
         await self.publisher.start()
         if self._prune_task is None:
             self._prune_task = asyncio.create_task(self._prune_loop(), name="registry-prune")
+        if self._stall_task is None:
+            self._stall_task = asyncio.create_task(self._stall_loop(), name="discovery-stalls")
         await self.rotation.start()
 
     async def stop(self) -> None:
         """Close every stream, stop the background tasks, save the registry. Idempotent."""
         self.hub.close_all("the control plane is stopping")
-        task, self._prune_task = self._prune_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for name in ("_prune_task", "_stall_task"):
+            task = getattr(self, name)
+            setattr(self, name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.rotation.stop()
         await self.publisher.stop()
         await self.registry.close()
@@ -299,6 +446,40 @@ class ControlPlane:
                 self.prune(self.clock())
             except Exception:
                 log.exception("pruning the registry failed")
+
+    def end_stalled(self, now: float) -> list[Session]:
+        """End every discovery stream whose current message has waited more than
+        ``stream_stall_timeout_s`` for grpc to write it (``now``: ``time.monotonic()``): its
+        session closes (RESOURCE_EXHAUSTED, the reason saying why), its handler is cancelled
+        (which disconnects its instance, as when a stream drops) and it is counted. grpc.aio
+        cannot reset the HTTP/2 stream itself, so the stream's few bytes in grpc core go with
+        the peer's connection (the keepalive ends it if the peer stops reading its socket).
+        Returns the sessions ended."""
+        ended: list[Session] = []
+        for session, write in list(self.writes.items()):
+            waited = now - write.since
+            if waited <= self.stream_stall_timeout_s:
+                continue
+            del self.writes[session]
+            inst = session.instance
+            reason = (f"not reading its discovery stream: a message waited {waited:.1f} s to "
+                      f"be written (limit {self.stream_stall_timeout_s:g} s)")
+            log.warning("%s instance %s: %s; ending its stream", inst.service,
+                        inst.instance_id, reason)
+            session.close(reason, "RESOURCE_EXHAUSTED")
+            self.refusals.stream_terminated("stalled")
+            write.task.cancel()
+            ended.append(session)
+        return ended
+
+    async def _stall_loop(self) -> None:
+        interval = min(1.0, max(0.05, self.stream_stall_timeout_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.end_stalled(time.monotonic())
+            except Exception:
+                log.exception("looking for stalled discovery streams failed")
 
     def gate(self) -> ApiGate:
         """The API listener's interceptor (``control_plane.audit``): refuses revoked
@@ -346,15 +527,28 @@ class ControlPlane:
         messages = self.taps.start(inst.key, bool(inst.outbound), self.clock(), taps)
         return sum(session.send(m) for m in messages)
 
-    async def sign(self, context: grpc.aio.ServicerContext, csr: bytes, service: str):
+    async def refuse(self, context: grpc.aio.ServicerContext, rpc: str, reason: str,
+                     code: grpc.StatusCode, message: str) -> NoReturn:
+        """Count a refused join or renewal (``Refusals.identity``) and abort the RPC with
+        ``code`` and ``message`` (made one line)."""
+        self.refusals.identity(rpc, reason)
+        await _abort(context, code, _one_line(message))
+
+    async def sign(self, context: grpc.aio.ServicerContext, csr: bytes, service: str,
+                   rpc: str = "renew") -> Issued:
+        """The certificate for ``csr`` as ``service``; a refused CSR aborts the RPC
+        (INVALID_ARGUMENT, or PERMISSION_DENIED for another identity) and is counted for
+        ``rpc`` (join or renew). Issues nothing when it refuses."""
         if len(csr) > MAX_CSR_BYTES:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"CSR is larger than {MAX_CSR_BYTES} bytes")
+            await self.refuse(context, rpc, "invalid_csr", grpc.StatusCode.INVALID_ARGUMENT,
+                              f"CSR is larger than {MAX_CSR_BYTES} bytes ({len(csr)})")
         try:
             return self.ca.sign_workload_csr(csr, service, self.now(), self.cert_ttl)
         except CsrError as exc:
             code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INVALID_ARGUMENT)
-            await _abort(context, code, exc.message)
+            reason = "wrong_identity" if code == grpc.StatusCode.PERMISSION_DENIED \
+                else "invalid_csr"
+            await self.refuse(context, rpc, reason, code, exc.message)
 
 
 class BootstrapServicer(pb_grpc.BootstrapServicer):
@@ -363,29 +557,43 @@ class BootstrapServicer(pb_grpc.BootstrapServicer):
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
                    ) -> pb.JoinResponse:
+        """A certificate for the token's service and the trust bundle, for a CSR proven with
+        the token's secret; the answer's MAC (``jointoken.answer_mac``) goes in the trailing
+        metadata ``ANSWER_MAC_METADATA``. Refusals (each counted, nothing issued, a use of
+        the token spent only by a join that succeeds): UNAUTHENTICATED for an unknown token,
+        a proof that does not match, an expired or used-up token; PERMISSION_DENIED for a
+        revoked instance or a CSR for another identity; INVALID_ARGUMENT for a malformed
+        CSR."""
         cp = self.cp
-        tok = await asyncio.to_thread(cp.store.get_token, request.token_id)
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+        tok = await asyncio.to_thread(cp.store.get_token, request.token_id) \
+            if len(request.token_id) <= 64 else None
         if tok is None:
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "unknown join token")
+            await cp.refuse(context, "join", "unknown_token", unauthenticated,
+                            "unknown join token")
         # The proof first: who does not hold the secret learns nothing about the token's state.
         if not check_join_proof(tok.secret_digest, request.csr, request.proof):
             log.warning("join refused: proof does not match (token %s)", tok.token_id)
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "join proof does not match")
+            await cp.refuse(context, "join", "bad_proof", unauthenticated,
+                            "join proof does not match")
         if cp.clock() >= tok.expires_at:
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "join token expired")
+            await cp.refuse(context, "join", "token_expired", unauthenticated,
+                            "join token expired")
         if cp.revocations.is_barred(tok.service, request.instance_id or "-"):
             log.warning("join refused: %s instance %s was revoked (token %s)", tok.service,
                         request.instance_id, tok.token_id)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                         f"{tok.service} instance {request.instance_id} was revoked: it may not "
-                         "join again under that instance id")
-        issued = await cp.sign(context, request.csr, tok.service)
+            await cp.refuse(context, "join", "instance_revoked",
+                            grpc.StatusCode.PERMISSION_DENIED,
+                            f"{tok.service} instance {request.instance_id} was revoked: it may "
+                            "not join again under that instance id")
+        issued = await cp.sign(context, request.csr, tok.service, "join")
         result, _ = await asyncio.to_thread(cp.store.use_token, tok.token_id, cp.clock())
         if result is not UseResult.OK:
-            msg = {UseResult.UNKNOWN: "unknown join token", UseResult.EXPIRED: "join token expired",
-                   UseResult.USED_UP: "join token used up"}[result]
+            msg, reason = {UseResult.UNKNOWN: ("unknown join token", "unknown_token"),
+                           UseResult.EXPIRED: ("join token expired", "token_expired"),
+                           UseResult.USED_UP: ("join token used up", "token_used_up")}[result]
             log.warning("join refused: %s (token %s)", msg, tok.token_id)
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, msg)
+            await cp.refuse(context, "join", reason, unauthenticated, msg)
         instance = request.instance_id or "-"
         await asyncio.to_thread(cp.store.record_certificate, format(issued.serial, "x"),
                                 tok.service, instance, issued.spiffe_id,
@@ -393,9 +601,13 @@ class BootstrapServicer(pb_grpc.BootstrapServicer):
         cp.metrics.certificate_issued("join")
         log.info("joined %s instance %s (token %s, serial %x)", issued.spiffe_id, instance,
                  tok.token_id, issued.serial)
-        return pb.JoinResponse(certificate_pem=issued.pem.decode(),
-                               trust_bundle_pem=cp.ca.bundle_pem.decode(),
-                               spiffe_id=issued.spiffe_id, otlp_endpoint=cp.otlp_address)
+        response = pb.JoinResponse(certificate_pem=issued.pem.decode(),
+                                   trust_bundle_pem=cp.ca.bundle_pem.decode(),
+                                   spiffe_id=issued.spiffe_id, otlp_endpoint=cp.otlp_address)
+        context.set_trailing_metadata(((ANSWER_MAC_METADATA, answer_mac(
+            tok.secret_digest, request.csr, response.certificate_pem, response.trust_bundle_pem,
+            response.spiffe_id, response.otlp_endpoint)),))
+        return response
 
 
 class IdentityServicer(pb_grpc.IdentityServicer):
@@ -407,9 +619,9 @@ class IdentityServicer(pb_grpc.IdentityServicer):
         cp = self.cp
         caller = caller_of(context, cp.ca.trust_domain)
         if caller.kind != "service":
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                         f"{caller.uri} is not a workload identity and cannot renew")
-        issued = await cp.sign(context, request.csr, caller.name)
+            await cp.refuse(context, "renew", "not_a_workload", grpc.StatusCode.PERMISSION_DENIED,
+                            f"{caller.uri} is not a workload identity and cannot renew")
+        issued = await cp.sign(context, request.csr, caller.name, "renew")
         instance = request.instance_id or "-"
         await asyncio.to_thread(cp.store.record_certificate, format(issued.serial, "x"),
                                 caller.name, instance, issued.spiffe_id,
@@ -604,7 +816,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         version = ""
         try:
             doc = json.loads(answer.json)
-        except ValueError:
+        except (ValueError, RecursionError):  # a sidecar's answer is data, not trusted
             doc = None
         if isinstance(doc, dict) and isinstance(doc.get("version"), str):
             version = doc["version"]
@@ -749,7 +961,10 @@ class AdminServicer(pb_grpc.AdminServicer):
                 body = json.loads(d.json)
             except ValueError as exc:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"{where}: not valid JSON: {exc}")
+                             f"{where}: not valid JSON: {_one_line(str(exc))}")
+            except RecursionError:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{where}: not valid JSON: nested too deep")
             out.append(Document(source, max(0, d.index), body))
         return out
 
@@ -1212,10 +1427,17 @@ class DiscoveryServicer(pb_grpc.DiscoveryServicer):
                          session.instance.instance_id)
 
         context.add_done_callback(finish)  # the RPC ends however it ends: never leak the reader
+        handler = asyncio.current_task()
+        assert handler is not None
         try:
             async for message in session.outgoing():
+                # While grpc writes it (the peer's flow-control window open), the message is
+                # in ``cp.writes``; one that waits too long ends the stream (``end_stalled``).
+                cp.writes[session] = _Write(time.monotonic(), handler)
                 yield message
+                cp.writes.pop(session, None)
         finally:
+            cp.writes.pop(session, None)
             finish()
         if session.close_code:
             await _abort(context, getattr(grpc.StatusCode, session.close_code,
@@ -1335,12 +1557,16 @@ class Server:
     instead of failing the start. ``otlp_listen`` (with ``cp.traces``; None = none) is the
     embedded OTLP receiver's listener (``otlp``), behind the API's mTLS; with
     ``otlp_optional`` the same leniency (the control plane then runs without it and joins
-    get no ``otlp_endpoint``)."""
+    get no ``otlp_endpoint``). ``handshake_timeout_s``: a new connection to the API or join
+    listener must finish its TLS handshake (API) and send its HTTP/2 preface within it, else
+    grpc closes it (``api_server_options``, ``bootstrap_server_options``)."""
 
     def __init__(self, cp: ControlPlane, listen: str, bootstrap_listen: str, *,
                  admin_http: str | None = None, admin_http_optional: bool = False,
-                 otlp_listen: str | None = None, otlp_optional: bool = False) -> None:
+                 otlp_listen: str | None = None, otlp_optional: bool = False,
+                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> None:
         self.cp = cp
+        self.handshake_timeout_s = handshake_timeout_s
         self.listen = listen
         self.bootstrap_listen = bootstrap_listen
         self.admin_http = admin_http
@@ -1358,7 +1584,8 @@ class Server:
         host, port = split_hostport(self.listen)
         bhost, bport = split_hostport(self.bootstrap_listen)
 
-        boot = grpc.aio.server()
+        boot = grpc.aio.server(options=bootstrap_server_options(self.handshake_timeout_s),
+                               maximum_concurrent_rpcs=MAX_CONCURRENT_JOINS)
         pb_grpc.add_BootstrapServicer_to_server(BootstrapServicer(cp), boot)
         bound_b = _bind(lambda: boot.add_insecure_port(join_hostport(bhost, bport)))
         if bound_b == 0:
@@ -1375,7 +1602,8 @@ class Server:
                                      cp.now, SERVER_CERT_TTL)
         cp.rotation.listeners.append(serving.update)
         creds = serving.credentials()
-        api = grpc.aio.server(options=API_SERVER_OPTIONS, interceptors=[cp.gate()])
+        api = grpc.aio.server(options=api_server_options(self.handshake_timeout_s),
+                              interceptors=[cp.gate()])
         pb_grpc.add_IdentityServicer_to_server(IdentityServicer(cp), api)
         pb_grpc.add_DiscoveryServicer_to_server(DiscoveryServicer(cp), api)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(cp), api)

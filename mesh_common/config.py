@@ -35,6 +35,7 @@ from .snapshot import (
     Rule,
     SnapshotError,
     StringMatch,
+    one_line,
     parse_fault,
     parse_route,
 )
@@ -70,7 +71,11 @@ CREATED, CONFIGURED, UNCHANGED, DELETED = "created", "configured", "unchanged", 
 
 class ConfigError(ValueError):
     """An invalid document or set of documents: ``str(err)`` is the one-line message naming
-    the source, the document, the field and the reason."""
+    the source, the document, the field and the reason (line breaks in the documents' keys or
+    values are escaped)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(message))
 
 
 def kind_of(text: str) -> str:

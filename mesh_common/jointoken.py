@@ -9,6 +9,15 @@ expire, as with any symmetric check; the secret itself is never recoverable). Th
 (certificate, trust bundle) is accepted only when the bundle's CA key hash equals the
 token's.
 
+The join listener is plaintext, so the pin alone authenticates only the pinned CA: a bundle
+that carries the pinned CA *and* another one (with a certificate from that other one) passes
+a check that only asks for the pin somewhere in the bundle. The control plane therefore also
+authenticates its whole answer: ``answer_mac`` is an HMAC-SHA256, keyed (through a derived
+key, so a proof can never pass for an answer MAC or the reverse) by the same SHA-256(secret),
+over the CSR it answers and every field of the answer; it travels in the Join's trailing
+metadata ``ANSWER_MAC_METADATA``. A sidecar holding the secret checks it with
+``check_answer_mac`` before it trusts anything in the answer.
+
 No I/O here; the X.509 helpers import ``cryptography`` when called.
 """
 
@@ -24,6 +33,9 @@ import secrets
 from dataclasses import dataclass
 
 PREFIX = "mesh1."
+ANSWER_MAC_METADATA = "mesh-join-mac-bin"
+"""Trailing metadata key (binary) of the Join's answer MAC (``answer_mac``)."""
+_ANSWER_KEY_LABEL = b"mesh-join-answer-v1"
 _ID = re.compile(r"^[a-z0-9]{6,32}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _ADDR = re.compile(r"^[A-Za-z0-9.\-\[\]:]{3,255}:[0-9]{1,5}$")
@@ -117,6 +129,41 @@ def check_join_proof(stored_digest: str, csr_der: bytes, proof: bytes) -> bool:
         return False
     expected = hmac.new(key, csr_der, hashlib.sha256).digest()
     return hmac.compare_digest(expected, proof)
+
+
+def _answer_message(csr_der: bytes, fields: tuple[str, ...]) -> bytes:
+    parts = [csr_der, *(f.encode() for f in fields)]
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def _answer_mac(proof_key: bytes, csr_der: bytes, certificate_pem: str, trust_bundle_pem: str,
+                spiffe_id: str, otlp_endpoint: str) -> bytes:
+    key = hmac.new(proof_key, _ANSWER_KEY_LABEL, hashlib.sha256).digest()
+    message = _answer_message(csr_der, (certificate_pem, trust_bundle_pem, spiffe_id,
+                                        otlp_endpoint))
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def answer_mac(stored_digest: str, csr_der: bytes, certificate_pem: str, trust_bundle_pem: str,
+               spiffe_id: str, otlp_endpoint: str) -> bytes:
+    """The control plane's MAC over its Join answer (32 bytes): HMAC-SHA256 with a key
+    derived from the stored ``secret_digest`` (HMAC of ``mesh-join-answer-v1``), over the
+    CSR answered and the answer's fields, each length-prefixed (4 bytes, big-endian), in
+    this order. Binds the answer to this join (its CSR) and to the token's secret. Raises
+    ValueError for a digest that is not hex."""
+    return _answer_mac(bytes.fromhex(stored_digest), csr_der, certificate_pem,
+                       trust_bundle_pem, spiffe_id, otlp_endpoint)
+
+
+def check_answer_mac(secret: bytes, csr_der: bytes, certificate_pem: str,
+                     trust_bundle_pem: str, spiffe_id: str, otlp_endpoint: str,
+                     mac: bytes) -> bool:
+    """The sidecar's constant-time check of ``answer_mac`` with the token's ``secret``:
+    True only when the answer is exactly what the control plane holding the token's digest
+    sent for this CSR."""
+    expected = _answer_mac(hashlib.sha256(secret).digest(), csr_der, certificate_pem,
+                           trust_bundle_pem, spiffe_id, otlp_endpoint)
+    return hmac.compare_digest(expected, bytes(mac))
 
 
 def ca_key_sha256(ca_cert_pem: bytes) -> str:

@@ -27,8 +27,22 @@ MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
 
 
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in
+                              "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def one_line(message: object) -> str:
+    """``message`` as text with every line break escaped (``\\n``...), so an error that
+    echoes a hostile document's keys or values stays one line."""
+    return str(message).translate(_LINE_BREAKS)
+
+
 class SnapshotError(ValueError):
-    """An invalid snapshot document: ``str(err)`` is ``<field>: <reason>``."""
+    """An invalid snapshot document: ``str(err)`` is ``<field>: <reason>``, one line
+    (line breaks in the document's keys or values are escaped)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,6 +519,9 @@ def parse_string_match(value: Any, where: str, kinds: tuple[str, ...] = MATCH_KI
             re.compile(text)
         except re.error as exc:
             raise SnapshotError(f"{where}.regex: not a valid regular expression: {exc}") from None
+        except (RecursionError, OverflowError):  # nested too deep, or a repeat count too large
+            raise SnapshotError(f"{where}.regex: not a valid regular expression: too complex "
+                                "(nested too deep or a repeat count too large)") from None
     return StringMatch(kind, text)
 
 
@@ -670,6 +687,9 @@ def parse_retries(doc: Any, where: str) -> RetryPolicy:
     non_idem = doc.get("non_idempotent") or []
     _expect(isinstance(non_idem, list), f"{where}.non_idempotent",
             "a list of methods ({exact: /pkg.Service/Method} or {prefix: ...})")
+    for i, m in enumerate(non_idem):  # an empty entry is not "any method": say so
+        _expect(m is not None, f"{where}.non_idempotent[{i}]",
+                "a method ({exact: /pkg.Service/Method} or {prefix: ...}), got nothing")
     return RetryPolicy(
         max_attempts=_int_in(doc, "max_attempts", where, 1, 10, d.max_attempts),
         retry_on=_codes(doc.get("retry_on"), f"{where}.retry_on", d.retry_on),

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from mesh_common.jointoken import JoinToken, join_proof
+from mesh_common.jointoken import ANSWER_MAC_METADATA, JoinToken, check_answer_mac, join_proof
 from mesh_common.spiffe import SpiffeId
 from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
@@ -165,7 +165,17 @@ class DynamicIdentity:
                                  proof=join_proof(self.token.secret, csr),
                                  instance_id=self.instance_id)
         async with grpc.aio.insecure_channel(self.join_address) as channel:
-            resp = await pb_grpc.BootstrapStub(channel).Join(request, timeout=RPC_TIMEOUT_S)
+            call = pb_grpc.BootstrapStub(channel).Join(request, timeout=RPC_TIMEOUT_S)
+            resp = await call
+            trailers = await call.trailing_metadata()
+        # The join travels in plaintext: the answer counts only with the control plane's MAC
+        # over it, keyed by the token's secret (a forged or altered answer has none that fits).
+        mac = next((bytes(v) for k, v in (trailers or ()) if k == ANSWER_MAC_METADATA), b"")
+        if not check_answer_mac(self.token.secret, csr, resp.certificate_pem,
+                                resp.trust_bundle_pem, resp.spiffe_id, resp.otlp_endpoint, mac):
+            raise JoinRefused(f"refusing to join via {self.join_address}: the answer's "
+                              f"{'MAC does not match' if mac else 'MAC is missing'} (not the "
+                              f"control plane that made this token, or altered on the way)")
         pins = {self.token.ca_key_sha256}
         if again and self.bundle_pem:
             pins |= bundle_key_hashes(self.bundle_pem)

@@ -1,7 +1,11 @@
 """The service registry: which instances exist, where they listen, and how healthy they are.
 
-``Registry`` is the interface; ``control_plane.registry.embedded`` implements it in memory with
-a SQLite write-behind (the default), a Consul backend will implement it later (issue 15).
+``Registry`` is the interface, with two backends (``mesh-control-plane --registry``):
+``control_plane.registry.embedded`` keeps instances in memory with a SQLite write-behind (the
+default); ``control_plane.registry.consul`` keeps them in memory too and registers them as
+Consul agent services with a TTL check, watching the catalog for the instances of the other
+control-plane replicas. Both pass one contract suite (tests/integration/
+test_registry_contract.py).
 
 The model, as every backend must keep it:
 
@@ -10,8 +14,12 @@ The model, as every backend must keep it:
 * ``register`` makes it connected (again); ``disconnected`` starts its grace period;
   ``prune(now)`` removes the instances disconnected for longer than ``grace_period_s``. A
   disconnected instance stays in every snapshot until it is pruned, with its last health.
-* Every change is told to the subscribers (``subscribe``), synchronously, after the change;
-  a subscriber must not call back into the registry's mutators.
+* Every change is told to the subscribers (``subscribe``), synchronously, after the change,
+  on the event loop's thread (a backend that learns of changes elsewhere, like Consul's
+  watch, tells them there too); a subscriber must not call back into the registry's mutators.
+* A backend shared by several control planes (Consul) holds instances this one did not
+  register: they come and go with the catalog, and ``set_health``/``disconnected`` on them
+  are False (the replica holding the instance's stream reports those).
 
 This module is pure: values and the interface, no I/O.
 """

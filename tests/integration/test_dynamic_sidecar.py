@@ -201,3 +201,58 @@ def test_an_expired_certificate_shows_on_ready_and_the_sidecar_rejoins(tmp_path:
         if sidecar is not None:
             sidecar.stop()
         cp.proc.stop()
+
+
+class _JoinInTheMiddle:
+    """A fake for an attacker on the plaintext join path (named as such): a grpc server in a
+    thread that relays Join to the real control plane and alters the answer on the way back —
+    ``drop_mac`` forwards it without the control plane's MAC, ``extra_ca`` appends the
+    attacker's CA to the trust bundle (which still holds the pinned CA key) and keeps the MAC."""
+
+    def __init__(self, upstream: str, mode: str, extra_ca_pem: str) -> None:
+        from concurrent import futures
+
+        from protos.mesh.v1 import control_pb2 as pb
+        from protos.mesh.v1 import control_pb2_grpc as pb_grpc
+
+        relay = self
+
+        class Bootstrap(pb_grpc.BootstrapServicer):
+            def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+                with grpc.insecure_channel(upstream) as ch:
+                    resp, call = pb_grpc.BootstrapStub(ch).Join.with_call(request, timeout=10)
+                relay.relayed += 1
+                if mode == "extra_ca":
+                    resp.trust_bundle_pem += extra_ca_pem
+                    context.set_trailing_metadata(tuple(call.trailing_metadata() or ()))
+                return resp
+
+        self.relayed = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_BootstrapServicer_to_server(Bootstrap(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(grace=None)
+
+
+@pytest.mark.parametrize("mode", ["drop_mac", "extra_ca"])
+def test_a_join_answer_altered_on_the_way_is_refused(cp: ControlPlaneProc, tmp_path: Path,
+                                                     mode: str) -> None:
+    """The join is plaintext, so a man in the middle could hand the sidecar a bundle with his
+    own CA beside the pinned one: the sidecar accepts only an answer whose MAC (keyed by the
+    token's secret) matches it, and says so in one line."""
+    from tests.support.pki import make_ca
+
+    other = make_ca(tmp_path / "attacker-ca", name="attacker-ca")
+    mitm = _JoinInTheMiddle(cp.bootstrap, mode, Path(other.ca_path).read_text())
+    try:
+        tok = parse_token(create_token(cp, "echo"))
+        bad = dataclasses.replace(tok, join_address=f"127.0.0.1:{mitm.port}")
+        last = _refusal(run_failing("--service", "echo", "--token", bad.encode()))
+    finally:
+        mitm.close()
+    assert mitm.relayed >= 1, "the join never went through the relay"
+    reason = "MAC is missing" if mode == "drop_mac" else "MAC does not match"
+    assert f"refusing to join via 127.0.0.1:{mitm.port}: the answer's {reason}" in last, last
