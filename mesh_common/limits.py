@@ -51,8 +51,11 @@ class Limits:
     (``continuation_flood``). The block's bytes are also capped at twice
     ``max_header_list_bytes``."""
     stall_timeout_s: float = 30.0
-    """A connection holding DATA for a peer whose flow-control windows stay shut, with no
-    window opened for this long, is closed (``stall``); 0 disables."""
+    """A downstream connection holding DATA for a peer whose flow-control windows stay shut,
+    with no window opened for this long, is sent GOAWAY ENHANCE_YOUR_CALM and closed
+    (``stall``); the mTLS (inbound) listener waits twice as long, so the sidecar in front of a
+    client that stopped reading acts first and a shared mesh connection is never cut for one
+    slow client behind it; 0 disables."""
     max_pending_calls: int = 1024
     """Calls of one listener waiting for an upstream connection or stream slot; further calls
     are answered RESOURCE_EXHAUSTED at once (``pending_calls``)."""
