@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -275,8 +276,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     try:
         m.start("echo", "echo-1")
         m.start("web", "web-1")
-        procs.wait_for(lambda: m.all_synced({"echo-1", "web-1"}), 30,
-                       what="both sidecars registered and SYNCED")
+        m.start("web", "web-2")  # a bystander: its calls must go on through a revocation
+        procs.wait_for(lambda: m.all_synced({"echo-1", "web-1", "web-2"}), 30,
+                       what="the sidecars registered and SYNCED")
         yield m
     finally:
         m.close()
@@ -331,9 +333,41 @@ def test_callers_refuse_an_endpoint_presenting_a_revoked_certificate(mesh: Mesh)
     procs.wait_for(lambda: _calls_ok(m, "echo", "web-1"), 10, what="calls flowing again")
 
 
+class _Bystander:
+    """Calls ``service`` from ``caller`` on one channel (opened, and one call made, before
+    the attack) in a thread, at most ``rate`` per second, until stopped or ``max_s`` passed;
+    keeps every call's status."""
+
+    def __init__(self, m: Mesh, service: str, caller: str, rate: float = 20,
+                 max_s: float = 60) -> None:
+        self.ch, self.stub = stub(m, service, caller)
+        assert self.stub.Unary(CALL, timeout=5).server_id
+        self.codes: list[grpc.StatusCode] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(rate, max_s), daemon=True)
+        self.thread.start()
+
+    def _run(self, rate: float, max_s: float) -> None:
+        deadline = time.monotonic() + max_s
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.stub.Unary(CALL, timeout=5)
+                self.codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                self.codes.append(exc.code())
+            self.stop.wait(1 / rate)
+
+    def finish(self) -> list[grpc.StatusCode]:
+        self.stop.set()
+        self.thread.join(10)
+        self.ch.close()
+        return self.codes
+
+
 def test_a_revoked_instance_can_open_no_new_connection(mesh: Mesh) -> None:
     m = mesh
     assert _calls_ok(m, "echo", "web-1") and _calls_ok(m, "web", "echo-1")
+    bystander = _Bystander(m, "echo", "web-2")
     serial = _current_serial(m, "web", "web-1")
     r = meshctl(m.cp, "certs", "revoke", "--instance", "web-1")
     assert r.returncode == 0, r.stderr
@@ -361,6 +395,8 @@ def test_a_revoked_instance_can_open_no_new_connection(mesh: Mesh) -> None:
     entries = audit(m.cp, "certs.revoke")
     assert entries[0]["identity"] == ADMIN and entries[0]["result"] == "ok"
     assert entries[0]["object"] == f"instance web-1: serial {serial}"
+    codes = bystander.finish()  # the other instance of web lost nothing meanwhile
+    assert len(codes) >= 10 and set(codes) == {grpc.StatusCode.OK}, codes
 
 
 def _admin_json(admin: str, path: str) -> tuple[int, Any]:
