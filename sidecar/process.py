@@ -780,28 +780,6 @@ TLS_LOG_INTERVAL_S = 5.0
 """Failed inbound handshakes are logged at most once per reason in this many seconds."""
 
 
-def _observed_sslobject(on_failure: Callable[[ssl.SSLError], None]) -> type[ssl.SSLObject]:
-    """An ``SSLObject`` class whose failed handshakes call ``on_failure(exc)`` before they
-    raise. Costs nothing once the handshake is done. The listeners no longer need it (with
-    ``start_tls`` the handshake's exception comes back to them); kept for contexts served by
-    ``create_server(ssl=...)``, where the event loop drops a failed handshake silently."""
-
-    class ObservedSSLObject(ssl.SSLObject):
-        def do_handshake(self) -> None:
-            try:
-                super().do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise
-            except ssl.SSLError as exc:
-                try:
-                    on_failure(exc)
-                except Exception:  # counting must never change the handshake's outcome
-                    log.exception("counting a failed TLS handshake failed")
-                raise
-
-    return ObservedSSLObject
-
-
 _NO_HOOKS: Hooks = Stack([], lambda call: LocalReply(14, "sidecar starting"))
 _OWN_SECTIONS = ("breakers", "limits", "balancers", "authz")
 """Sections of a stack's counters that ``/stats`` shows next to ``routing`` (outbound, per
