@@ -1,25 +1,25 @@
-"""Declarative config in the control plane: every revision of every object in SQLite, and the
-current set in memory.
+"""Declarative config in the control plane: every revision of every object in the state store,
+and the current set in memory.
 
-* ``ConfigStore``: the ``config_revisions`` table in the control plane's SQLite file. Every
-  change of an object adds a row: kind, name, revision (1, 2, ... per object, never reused),
-  the canonical spec as JSON, ``applied_at`` (unix seconds) and a ``deleted`` flag (a
-  deletion's row keeps the spec the object had). An object's latest row is its state.
-* ``ConfigState``: the current objects, loaded from the store at start; applies and deletes
-  are planned against them (all validation is ``mesh_common.config``'s), written to the store
-  in one transaction, and only then swapped into memory. Callers serialize changes (the
+* ``ConfigStore``: the objects' revisions in a ``control_plane.state.StateStore`` (SQLite's
+  ``config_revisions`` table, or Consul's KV): every change of an object adds a revision:
+  kind, name, revision (1, 2, ... per object, never reused), the canonical spec, ``applied_at``
+  (unix seconds) and a ``deleted`` flag (a deletion's revision keeps the spec the object had).
+  An object's latest revision is its state.
+* ``ConfigState``: the current objects, loaded from the store at start (and again when
+  another control-plane replica changed them: ``fetch`` then ``install``); applies and
+  deletes are planned against them (all validation is ``mesh_common.config``'s), written to
+  the store all or nothing, and only then swapped into memory. Callers serialize changes (the
   server holds one lock around plan, store and publish).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from control_plane.store import Store
+from control_plane.state import ConfigChange, Revision, StateStore
 from mesh_common.config import (
     CONFIGURED,
     CREATED,
@@ -34,100 +34,40 @@ from mesh_common.config import (
     to_doc,
 )
 
-log = logging.getLogger("mesh.control_plane.config")
+__all__ = ["ConfigNotFound", "ConfigState", "ConfigStore", "Current", "Loaded", "Outcome",
+           "Revision"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS config_revisions (
-    kind       TEXT NOT NULL,
-    name       TEXT NOT NULL,
-    revision   INTEGER NOT NULL,   -- 1, 2, ... per object
-    spec       TEXT NOT NULL,      -- JSON of the canonical spec (mesh_common.config.to_doc)
-    applied_at REAL NOT NULL,      -- unix seconds
-    deleted    INTEGER NOT NULL,   -- 1: this revision deleted the object (spec: as it was)
-    PRIMARY KEY (kind, name, revision)
-)
-"""
-_COLUMNS = "kind, name, revision, spec, applied_at, deleted"
+log = logging.getLogger("mesh.control_plane.config")
 
 
 class ConfigNotFound(LookupError):
     """No such object (or revision): ``str(err)`` is one line saying what is missing."""
 
 
-@dataclass(frozen=True)
-class Revision:
-    """One stored revision of an object: its canonical spec (a JSON-able mapping),
-    ``applied_at`` in unix seconds and whether it is a deletion."""
-
-    kind: str
-    name: str
-    revision: int
-    spec: dict[str, Any]
-    applied_at: float
-    deleted: bool
-
-    def doc(self) -> dict[str, Any]:
-        """The document ``{kind, name, spec}`` (what ``apply`` takes back)."""
-        return {"kind": self.kind, "name": self.name, "spec": self.spec}
-
-
-def _row(r: tuple[Any, ...]) -> Revision:
-    try:
-        spec = json.loads(r[3])
-    except ValueError:
-        spec = {}
-    return Revision(r[0], r[1], int(r[2]), spec if isinstance(spec, dict) else {}, float(r[4]),
-                    bool(r[5]))
-
-
 class ConfigStore:
-    """The revisions of config objects, in the control plane's SQLite file (``Store``)."""
+    """The revisions of config objects in a ``StateStore`` (the SQLite ``Store`` or
+    ``ConsulStore``). Blocking I/O, thread-safe as the store is."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StateStore) -> None:
         self._store = store
-        with store.transaction() as db:
-            db.execute(_SCHEMA)
 
     def latest(self) -> list[Revision]:
         """The latest revision of every object ever stored (deletions included), by kind and
         name."""
-        with self._store.transaction() as db:
-            rows = db.execute(
-                f"SELECT {_COLUMNS} FROM config_revisions AS r WHERE revision = ("
-                " SELECT MAX(revision) FROM config_revisions"
-                " WHERE kind = r.kind AND name = r.name) ORDER BY kind, name").fetchall()
-        return [_row(r) for r in rows]
+        return self._store.config_latest()
 
     def get(self, kind: str, name: str, revision: int) -> Revision | None:
         """Revision ``revision`` of the object, or None."""
-        with self._store.transaction() as db:
-            row = db.execute(f"SELECT {_COLUMNS} FROM config_revisions"
-                             " WHERE kind = ? AND name = ? AND revision = ?",
-                             (kind, name, revision)).fetchone()
-        return _row(row) if row else None
+        return self._store.config_get(kind, name, revision)
 
     def revisions(self, kind: str, name: str) -> list[int]:
         """The revision numbers stored for the object, ascending."""
-        with self._store.transaction() as db:
-            rows = db.execute("SELECT revision FROM config_revisions WHERE kind = ? AND name = ?"
-                              " ORDER BY revision", (kind, name)).fetchall()
-        return [int(r[0]) for r in rows]
+        return self._store.config_revisions(kind, name)
 
-    def save(self, changes: Sequence[tuple[str, str, dict[str, Any], bool]],
-             applied_at: float) -> list[int]:
+    def save(self, changes: Sequence[ConfigChange], applied_at: float) -> list[int]:
         """Store ``(kind, name, spec, deleted)`` changes as the next revision of each object,
-        all in one transaction (all or nothing); returns their revision numbers, in order."""
-        out: list[int] = []
-        with self._store.transaction() as db:
-            for kind, name, spec, deleted in changes:
-                (last,) = db.execute("SELECT COALESCE(MAX(revision), 0) FROM config_revisions"
-                                     " WHERE kind = ? AND name = ?", (kind, name)).fetchone()
-                revision = int(last) + 1
-                db.execute(f"INSERT INTO config_revisions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                           (kind, name, revision, json.dumps(spec, separators=(",", ":")),
-                            applied_at, int(deleted)))
-                out.append(revision)
-        return out
+        all or nothing; returns their revision numbers, in order."""
+        return self._store.config_save(changes, applied_at)
 
 
 @dataclass(frozen=True)
@@ -137,6 +77,16 @@ class Current:
     obj: ConfigObject
     revision: int
     applied_at: float
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What ``ConfigState.fetch`` read: the current objects, every object's last revision
+    (deletions too) and the stored objects left out, one line each."""
+
+    current: dict[tuple[str, str], Current]
+    last: dict[tuple[str, str], int]
+    problems: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -159,9 +109,14 @@ class ConfigState:
         self._objects: tuple[ConfigObject, ...] = ()
 
     def load(self) -> list[str]:
-        """Read the current objects from the store (blocking I/O). A stored object that no
-        longer validates (a newer schema) is left out; returns those problems, one line
-        each."""
+        """Read the current objects from the store and make them current (blocking I/O:
+        ``fetch`` then ``install``). A stored object that no longer validates (a newer
+        schema) is left out; returns those problems, one line each."""
+        return self.install(self.fetch())
+
+    def fetch(self) -> Loaded:
+        """Read and validate the stored objects without changing anything in memory
+        (blocking I/O: run it off the event loop)."""
         current: dict[tuple[str, str], Current] = {}
         last: dict[tuple[str, str], int] = {}
         problems: list[str] = []
@@ -175,8 +130,13 @@ class ConfigState:
                 problems.append(str(exc))
                 continue
             current[obj.key] = Current(obj, rev.revision, rev.applied_at)
-        self._swap(current, last)
-        return problems
+        return Loaded(current, last, tuple(problems))
+
+    def install(self, loaded: Loaded) -> list[str]:
+        """Make what ``fetch`` read current (no I/O: call it where readers run, on the event
+        loop, holding the lock that serializes changes); returns its problems."""
+        self._swap(dict(loaded.current), dict(loaded.last))
+        return list(loaded.problems)
 
     def _swap(self, current: dict[tuple[str, str], Current],
               last: dict[tuple[str, str], int]) -> None:

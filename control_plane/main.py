@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import json
 import logging
+import os
+import re
 import resource
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -18,8 +22,17 @@ from click.core import ParameterSource
 
 from control_plane import ca as ca_mod
 from control_plane import rotation as rotation_mod
-from control_plane.consul_conn import ConsulConfigError, parse_registry_url
+from control_plane.consul_conn import ConsulConfigError, parse_registry_url, target_from_env
 from control_plane.discovery import DiscoverySettings
+from control_plane.kvstore import open_state_store
+from control_plane.leader import (
+    DEFAULT_LOCK_DELAY_S,
+    DEFAULT_SESSION_TTL_S,
+    MAX_LOCK_DELAY_S,
+    MAX_SESSION_TTL_S,
+    MIN_SESSION_TTL_S,
+    ConsulLeadership,
+)
 from control_plane.registry.consul import validate_prefix
 from control_plane.server import (
     DEFAULT_HANDSHAKE_TIMEOUT_S,
@@ -89,6 +102,40 @@ def _consul_prefix(ctx: click.Context, param: click.Parameter, value: str) -> st
         raise click.BadParameter(str(exc)) from None
 
 
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _advertise_host(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--advertise-host``: an IP address or a DNS name (no port, no brackets)."""
+    if not value:
+        return None
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME_RE.match(value):
+            raise click.BadParameter(f"expected an IP address or a host name, got {value!r}") \
+                from None
+        return value
+    if ip.is_unspecified:
+        raise click.BadParameter(f"{value} is not an address other hosts can reach")
+    return value
+
+
+def check_ca_key_mode(path: Path) -> None:
+    """Refuse a CA key file that others may read: group or other permission bits set (mode
+    0600 or stricter, as ssh refuses a private key). Raises click.BadParameter naming the
+    file and its mode; an unreadable path is left for the CA's loading to report."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        raise click.BadParameter(f"{path} has mode {mode:04o}: the CA key must be readable "
+                                 f"by its owner only (chmod 600 {path})",
+                                 param_hint="--ca-key")
+
+
 def load_ca(ca_dir: Path, trust_domain: str, ca_cert: str | None, ca_key: str | None,
             now: dt.datetime) -> ca_mod.CertificateAuthority:
     """The root under ``ca_dir`` (created on first start), or an organisation's intermediate
@@ -111,10 +158,12 @@ def load_ca(ca_dir: Path, trust_domain: str, ca_cert: str | None, ca_key: str | 
 async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
                  admin_http: str | None = None, admin_http_optional: bool = False,
                  otlp_listen: str | None = None, otlp_optional: bool = False,
-                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> int:
+                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+                 advertise_host: str | None = None) -> int:
     server = Server(cp, listen, bootstrap_listen, admin_http=admin_http,
                     admin_http_optional=admin_http_optional, otlp_listen=otlp_listen,
-                    otlp_optional=otlp_optional, handshake_timeout_s=handshake_timeout_s)
+                    otlp_optional=otlp_optional, handshake_timeout_s=handshake_timeout_s,
+                    advertise_host=advertise_host)
     ready = await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -199,12 +248,30 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
 @click.option("--registry", "registry_spec", default="embedded", show_default=True,
               callback=_registry_spec,
               help="Where instances are registered: embedded (in the data dir) or "
-                   "consul://HOST:PORT (consuls:// for HTTPS); the token comes from "
+                   "consul://HOST:PORT (consuls:// for HTTPS; tokens, certificate records, "
+                   "revocations, audit log, config and snapshot versions then live in "
+                   "Consul's KV too, shared by every replica); the token comes from "
                    "CONSUL_HTTP_TOKEN, TLS from CONSUL_CACERT, CONSUL_CLIENT_CERT, "
                    "CONSUL_CLIENT_KEY and CONSUL_HTTP_SSL_VERIFY.")
 @click.option("--consul-prefix", default="mesh", show_default=True, callback=_consul_prefix,
-              help="This mesh's namespace in Consul (service IDs and meta), for several "
-                   "meshes on one Consul.")
+              help="This mesh's namespace in Consul (service IDs and meta, KV keys under "
+                   "PREFIX/), for several meshes on one Consul.")
+@click.option("--advertise-host", default=None, callback=_advertise_host, metavar="HOST",
+              help="The address or host name other hosts reach this control plane at: join "
+                   "tokens, join answers and the leader election name it, and the serving "
+                   "certificate covers it (default: each listener's own host; give it when "
+                   "listening on 0.0.0.0).")
+@click.option("--leader-ttl-s", type=click.FloatRange(MIN_SESSION_TTL_S, MAX_SESSION_TTL_S),
+              default=DEFAULT_SESSION_TTL_S, show_default=True,
+              help="With --registry consul://: the TTL of this replica's Consul session "
+                   "behind the leader lock (renewed every third of it). A leader that cannot "
+                   "renew for this long stops signing; one that dies is replaced after it "
+                   "(Consul may take up to twice it) plus the lock-delay.")
+@click.option("--leader-lock-delay-s", type=click.FloatRange(0, MAX_LOCK_DELAY_S),
+              default=DEFAULT_LOCK_DELAY_S, show_default=True,
+              help="With --registry consul://: the session's lock-delay, how long the leader "
+                   "lock stays free after Consul invalidated its holder's session (a clean "
+                   "stop releases it without one).")
 @click.option("--enable-test-hooks", is_flag=True, default=False,
               help="TEST ONLY: serve Admin.TestPushRawSnapshot (pushes unvalidated snapshots).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -216,7 +283,8 @@ def cli(listen: str, bootstrap_listen: str, admin_http: str, otlp_listen: str,
         push_window_ms: int, report_window_s: float, stale_after_s: float,
         ca_rotation_phase_timeout_s: float, ca_rotation_min_phase_s: float,
         ca_rotation_retell_s: float, handshake_timeout_s: float, stream_stall_timeout_s: float,
-        registry_spec: str, consul_prefix: str, enable_test_hooks: bool,
+        registry_spec: str, consul_prefix: str, advertise_host: str | None,
+        leader_ttl_s: float, leader_lock_delay_s: float, enable_test_hooks: bool,
         log_level: str) -> int:
     """Run the mesh control plane: certificate authority, join tokens, registry and
     discovery, admin API."""
@@ -235,6 +303,8 @@ def cli(listen: str, bootstrap_listen: str, admin_http: str, otlp_listen: str,
     now = dt.datetime.now(dt.UTC)
     if bool(ca_cert) != bool(ca_key):
         raise click.UsageError("--ca-cert and --ca-key go together")
+    if ca_key:
+        check_ca_key_mode(Path(ca_key))
     # The CA dir's rotation state decides: none (the root there, or --ca-cert/--ca-key), a
     # rotation under way (both CAs), or a finished one (the CA it brought).
     restored = rotation_mod.restore(
@@ -259,13 +329,27 @@ def cli(listen: str, bootstrap_listen: str, admin_http: str, otlp_listen: str,
         if otlp_listen else None
     registry = make_registry(registry_spec, store, grace_period_s, now.timestamp(),
                              consul_prefix=consul_prefix)
-    cp = ControlPlane(ca, store, dt.timedelta(seconds=cert_ttl), settings=settings,
+    # With --registry consul://... the tokens, certificates, audit log, config and versions
+    # live in Consul's KV too (kvstore.ConsulStore), shared by every replica.
+    state = open_state_store(registry_spec, store, consul_prefix)
+    log.info("state: %s", state.describe())
+    cp = ControlPlane(ca, state, dt.timedelta(seconds=cert_ttl), settings=settings,
                       traces=traces, rotation=rotation, registry=registry,
                       stream_stall_timeout_s=stream_stall_timeout_s)
+    replica_id = getattr(registry, "replica_id", "")
+    if registry_spec != "embedded":
+        # Several replicas: one leader signs (control_plane.leader), the others forward.
+        if not ca_cert:
+            log.warning("several control-plane replicas need one CA: give every replica the "
+                        "same --ca-cert/--ca-key files (this one uses the root in %s)", ca_dir)
+        cp.leadership = ConsulLeadership(target_from_env(registry_spec, os.environ),
+                                         consul_prefix, replica_id, ttl_s=leader_ttl_s,
+                                         lock_delay_s=leader_lock_delay_s)
     return asyncio.run(_serve(cp, listen, bootstrap_listen, admin_http=admin_http,
                               admin_http_optional=admin_http_optional,
                               otlp_listen=otlp_listen or None, otlp_optional=otlp_optional,
-                              handshake_timeout_s=handshake_timeout_s))
+                              handshake_timeout_s=handshake_timeout_s,
+                              advertise_host=advertise_host))
 
 
 def main(argv: list[str] | None = None) -> None:

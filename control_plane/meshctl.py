@@ -211,12 +211,23 @@ def status(ctx: click.Context, output: str) -> None:
                      if s.cert_not_after_unix else "-"])
     _emit(ctx, output, doc, ["SERVICE", "INSTANCE", "INBOUND", "OUTBOUND", "ADMIN", "ACKED",
                              "STATE", "CERT NOT AFTER"], rows,
-          title=f"latest snapshot version {resp.latest_version or '-'}")
+          title=f"latest snapshot version {resp.latest_version or '-'}"
+          + _leader_note(resp))
     warning = meshctl_security.expiry_warning(
         [(f"{s.service}/{s.instance}", s.cert_not_after_unix, st)
          for s, st in zip(resp.sidecars, states, strict=True) if s.connected], now)
     if warning:
         click.echo(f"{PROG}: {warning}", err=True)
+
+
+def _leader_note(resp: pb.ListSidecarsResponse) -> str:
+    """``; control plane R (leader L)`` when the answer names its replica (several replicas
+    on Consul: which one answered and which one signs), else ""."""
+    if not resp.replica:
+        return ""
+    if resp.leader == resp.replica:
+        return f"; control plane {resp.replica} (the leader)"
+    return f"; control plane {resp.replica} (leader: {resp.leader or 'none elected yet'})"
 
 
 def _issue_times(c: Client) -> dict[tuple[str, str, int], float]:

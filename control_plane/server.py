@@ -58,6 +58,7 @@ import math
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -82,12 +83,14 @@ from control_plane.discovery import (
     raw_published,
 )
 from control_plane.http_admin import AdminHttpServer
+from control_plane.leader import Forwarder, LeaderMetrics, Leadership, SoleLeader, replica_of
 from control_plane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from control_plane.metrics import ControlPlaneMetrics, LiveState, live_state_of
 from control_plane.registry import HEALTH_VALUES, Instance, Registry, normalize_health, sort_labels
 from control_plane.registry.embedded import EmbeddedRegistry
 from control_plane.revocation import Revocations, normalize_serial
 from control_plane.rotation import RotationError, RotationManager, ServingCredentials
+from control_plane.state import WATCH_AUTHZ, WATCH_CONFIG, WATCH_REVOKED, StateStore
 from control_plane.store import AuditRow, Store, UseResult
 from control_plane.tap import Tap as TapSession
 from control_plane.tap import TapError, TapHub, tap_spec
@@ -318,12 +321,19 @@ class ControlPlane:
     """The state and the RPC logic shared by the services: the CA and store, the registry,
     the snapshot publisher, the sidecars' sessions and their reported telemetry.
 
-    ``registry`` defaults to the embedded one loaded from ``store`` (blocking I/O: build the
-    control plane before serving). ``start``/``stop`` run the background tasks (publisher,
-    registry persistence, pruning). The config objects are loaded from ``store`` too; changes
-    to them hold ``config_lock`` from validation to publish."""
+    ``store`` is the ``StateStore`` (tokens, certificates, revocations, audit, versions,
+    authz default, config): the SQLite ``Store``, or ``kvstore.ConsulStore`` shared with other
+    replicas. ``registry`` defaults to the embedded one loaded from ``store`` (which must then
+    be the SQLite ``Store``; blocking I/O: build the control plane before serving).
+    ``start``/``stop`` run the background tasks (publisher, registry persistence, pruning).
+    The config objects are loaded from ``store`` too; changes to them hold ``config_lock``
+    from validation to publish.
 
-    def __init__(self, ca: CertificateAuthority, store: Store, cert_ttl: dt.timedelta,
+    Shared state: between ``start`` and ``stop`` the store's ``watch`` reports what another
+    replica may have changed (config, authz default, revocations); ``reload_shared_state``
+    then reads it again, swaps it in and publishes (a no-op for SQLite, which has no watch)."""
+
+    def __init__(self, ca: CertificateAuthority, store: StateStore, cert_ttl: dt.timedelta,
                  clock: Callable[[], float] = time.time,
                  settings: DiscoverySettings | None = None,
                  registry: Registry | None = None,
@@ -339,8 +349,10 @@ class ControlPlane:
         self.join_address = ""
         self.api_address = ""
         self.settings = settings or DiscoverySettings()
+        if registry is None and not isinstance(store, Store):
+            raise ValueError("the embedded registry needs the SQLite store: pass a registry")
         self.registry = registry if registry is not None else EmbeddedRegistry.load(
-            store, self.settings.grace_period_s, clock())
+            store, self.settings.grace_period_s, clock())  # type: ignore[arg-type]
         self.config = ConfigState(ConfigStore(store))
         for problem in self.config.load():
             log.error("a stored config object no longer validates and is left out: %s", problem)
@@ -367,11 +379,23 @@ class ControlPlane:
         self.taps = TapHub()
         self._prune_task: asyncio.Task[None] | None = None
         self.refusals = Refusals(self.metrics)
+        # Which replica signs (``control_plane.leader``): this one alone by default; with
+        # several replicas on Consul, main sets a ``ConsulLeadership`` before serving and the
+        # followers forward joins and renewals to the leader.
+        self.leadership: Leadership = SoleLeader()
+        self.leader_metrics = LeaderMetrics(self.metrics.registry,
+                                            lambda: self.leadership.is_leader())
+        self.forwarder = Forwarder(lambda: self.leadership, lambda: self.ca, self.now,
+                                   self.leader_metrics)
         # Discovery writes in progress, by session: a peer that stops reading leaves one here
         # until ``stream_stall_timeout_s`` (seconds) ends its stream (``_stall_loop``).
         self.stream_stall_timeout_s = stream_stall_timeout_s
         self.writes: dict[Session, _Write] = {}
         self._stall_task: asyncio.Task[None] | None = None
+        # What other replicas changed in the shared store (``reload_shared_state``).
+        self._stop_watch: Callable[[], None] | None = None
+        self._stale_topics: set[str] = set()
+        self._reload_task: asyncio.Task[None] | None = None
 
     def live_state(self) -> LiveState:
         """What the metrics' gauges read at scrape time (``control_plane.metrics``)."""
@@ -411,12 +435,19 @@ class ControlPlane:
             self._prune_task = asyncio.create_task(self._prune_loop(), name="registry-prune")
         if self._stall_task is None:
             self._stall_task = asyncio.create_task(self._stall_loop(), name="discovery-stalls")
+        if self._stop_watch is None:
+            loop = asyncio.get_running_loop()
+            self._stop_watch = self.store.watch(
+                lambda topic: loop.call_soon_threadsafe(self._shared_state_changed, topic))
         await self.rotation.start()
 
     async def stop(self) -> None:
         """Close every stream, stop the background tasks, save the registry. Idempotent."""
         self.hub.close_all("the control plane is stopping")
-        for name in ("_prune_task", "_stall_task"):
+        if self._stop_watch is not None:
+            self._stop_watch()
+            self._stop_watch = None
+        for name in ("_prune_task", "_stall_task", "_reload_task"):
             task = getattr(self, name)
             setattr(self, name, None)
             if task is not None:
@@ -510,12 +541,60 @@ class ControlPlane:
             fresh = set(done)
             self.revocations.add([r for r in rows if r.serial in fresh], barred)
         published = await self.publisher.publish_now()
+        self._close_barred()
+        return done, published.version
+
+    def _close_barred(self) -> None:
+        """Close the discovery streams of the barred instances (revoked certificates)."""
         for key in self.revocations.barred():
             session = self.hub.get(key)
             if session is not None and session.connected:
                 session.close("its certificate is revoked", "PERMISSION_DENIED")
                 log.warning("%s instance %s: certificate revoked, its stream is closed", *key)
-        return done, published.version
+
+    def _shared_state_changed(self, topic: str) -> None:
+        """The store's watch says ``topic`` may have changed (on the event loop): reload it
+        soon, coalescing what comes meanwhile into one more reload."""
+        self._stale_topics.add(topic)
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.create_task(self._reload_loop(), name="shared-state")
+
+    async def _reload_loop(self) -> None:
+        failures = 0
+        while self._stale_topics:
+            topics, self._stale_topics = set(self._stale_topics), set()
+            try:
+                await self.reload_shared_state(topics)
+                failures = 0
+            except Exception:
+                failures += 1
+                if failures == 1:  # once per outage; the last state stays meanwhile
+                    log.exception("reloading the shared state (%s) failed; retrying",
+                                  ", ".join(sorted(topics)))
+                self._stale_topics |= topics
+                await asyncio.sleep(min(30.0, 2.0 ** min(failures, 5)))
+
+    async def reload_shared_state(self, topics: AbstractSet[str]) -> None:
+        """Read again what another replica may have changed in the store (``topics``:
+        ``state.WATCH_TOPICS`` values): the config objects and the authorization default
+        (under ``config_lock``), the revocations (added; their instances' streams closed);
+        then publish (a new version only when the content changed). Blocking reads run in
+        threads. Raises the store's errors (then what was read so far is kept)."""
+        async with self.config_lock:
+            if WATCH_CONFIG in topics:
+                loaded = await asyncio.to_thread(self.config.fetch)
+                for problem in self.config.install(loaded):
+                    log.error("a stored config object no longer validates and is left out: %s",
+                              problem)
+            if WATCH_AUTHZ in topics:
+                self.authz_default = await asyncio.to_thread(self.store.authz_default)
+            if WATCH_REVOKED in topics:
+                rows = await asyncio.to_thread(self.store.list_revoked)
+                barred = await asyncio.to_thread(self.store.barred_instances)
+                self.revocations.add(rows, barred)
+            await self.publisher.publish_now()
+        if WATCH_REVOKED in topics:
+            self._close_barred()
 
     def now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
@@ -563,8 +642,11 @@ class BootstrapServicer(pb_grpc.BootstrapServicer):
         the token spent only by a join that succeeds): UNAUTHENTICATED for an unknown token,
         a proof that does not match, an expired or used-up token; PERMISSION_DENIED for a
         revoked instance or a CSR for another identity; INVALID_ARGUMENT for a malformed
-        CSR."""
+        CSR. A follower (``control_plane.leader``) relays the join unchanged to the leader
+        and passes its answer back as it is."""
         cp = self.cp
+        if not cp.leadership.is_leader():
+            return await cp.forwarder.join(request, context)
         unauthenticated = grpc.StatusCode.UNAUTHENTICATED
         tok = await asyncio.to_thread(cp.store.get_token, request.token_id) \
             if len(request.token_id) <= 64 else None
@@ -616,21 +698,62 @@ class IdentityServicer(pb_grpc.IdentityServicer):
 
     async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext
                     ) -> pb.RenewResponse:
+        """A new certificate for the caller's own workload identity. A follower
+        (``control_plane.leader``) authenticates the caller here and has the leader sign."""
         cp = self.cp
         caller = caller_of(context, cp.ca.trust_domain)
         if caller.kind != "service":
             await cp.refuse(context, "renew", "not_a_workload", grpc.StatusCode.PERMISSION_DENIED,
                             f"{caller.uri} is not a workload identity and cannot renew")
-        issued = await cp.sign(context, request.csr, caller.name, "renew")
-        instance = request.instance_id or "-"
-        await asyncio.to_thread(cp.store.record_certificate, format(issued.serial, "x"),
-                                caller.name, instance, issued.spiffe_id,
-                                issued.not_after.timestamp(), cp.clock(), None)
-        cp.metrics.certificate_issued("renew")
-        log.info("renewed %s instance %s (serial %x)", issued.spiffe_id, instance, issued.serial)
+        if not cp.leadership.is_leader():
+            return await cp.forwarder.renew(request, caller.name, context)
+        issued = await _renewal(cp, context, request.csr, caller.name, request.instance_id)
         return pb.RenewResponse(certificate_pem=issued.pem.decode(),
                                 trust_bundle_pem=cp.ca.bundle_pem.decode(),
                                 spiffe_id=issued.spiffe_id)
+
+
+async def _renewal(cp: ControlPlane, context: grpc.aio.ServicerContext, csr: bytes,
+                   service: str, instance_id: str) -> Issued:
+    """Sign a renewal of ``service`` (its caller already authenticated), record and count
+    it. A refused CSR aborts the RPC (``ControlPlane.sign``)."""
+    issued = await cp.sign(context, csr, service, "renew")
+    instance = instance_id or "-"
+    await asyncio.to_thread(cp.store.record_certificate, format(issued.serial, "x"),
+                            service, instance, issued.spiffe_id,
+                            issued.not_after.timestamp(), cp.clock(), None)
+    cp.metrics.certificate_issued("renew")
+    log.info("renewed %s instance %s (serial %x)", issued.spiffe_id, instance, issued.serial)
+    return issued
+
+
+class ReplicaServicer(pb_grpc.ReplicaServicer):
+    """``mesh.v1.Replica`` (``control_plane.leader``): the leader signs the renewals its
+    followers authenticated. Only replica identities (``spiffe://<td>/control-plane/<id>``)
+    may call (else PERMISSION_DENIED); a replica that does not lead answers UNAVAILABLE (the
+    follower passes it on: the sidecar retries)."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def Sign(self, request: pb.SignRequest, context: grpc.aio.ServicerContext
+                   ) -> pb.SignResponse:
+        cp = self.cp
+        caller = caller_of(context, cp.ca.trust_domain)
+        replica = replica_of(caller.uri, cp.ca.trust_domain)
+        if replica is None:
+            log.warning("denied Replica.Sign to %s (control-plane replicas only)", caller.uri)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                         f"{caller.uri} may not call Replica.Sign (control-plane replicas only)")
+        if not cp.leadership.is_leader():
+            await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                         f"replica {cp.leadership.replica_id or '-'} is not the leader "
+                         "(any more): try again")
+        issued = await _renewal(cp, context, request.csr, request.service, request.instance_id)
+        log.info("signed it for replica %s", replica)
+        return pb.SignResponse(certificate_pem=issued.pem.decode(),
+                               trust_bundle_pem=cp.ca.bundle_pem.decode(),
+                               spiffe_id=issued.spiffe_id)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -728,8 +851,11 @@ class AdminServicer(pb_grpc.AdminServicer):
                 status.last_seen_unix = s.last_seen
             out.append(status)
         latest = cp.publisher.latest
+        leader = cp.leadership.leader()
         return pb.ListSidecarsResponse(sidecars=out,
-                                       latest_version=latest.version if latest else "")
+                                       latest_version=latest.version if latest else "",
+                                       replica=cp.leadership.replica_id,
+                                       leader=leader.replica if leader else "")
 
     async def Topology(self, request: pb.TopologyRequest,
                        context: grpc.aio.ServicerContext) -> pb.TopologyResponse:
@@ -1559,13 +1685,20 @@ class Server:
     ``otlp_optional`` the same leniency (the control plane then runs without it and joins
     get no ``otlp_endpoint``). ``handshake_timeout_s``: a new connection to the API or join
     listener must finish its TLS handshake (API) and send its HTTP/2 preface within it, else
-    grpc closes it (``api_server_options``, ``bootstrap_server_options``)."""
+    grpc closes it (``api_server_options``, ``bootstrap_server_options``).
+    ``advertise_host`` (None = each listener's own host): the host name or address other
+    hosts reach this control plane at; the addresses in tokens, join answers and the leader
+    election use it, and the serving certificate names it. ``start`` also starts
+    ``cp.leadership`` (and waits briefly for a first view of who leads); ``stop`` hands the
+    lead over first."""
 
     def __init__(self, cp: ControlPlane, listen: str, bootstrap_listen: str, *,
                  admin_http: str | None = None, admin_http_optional: bool = False,
                  otlp_listen: str | None = None, otlp_optional: bool = False,
-                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> None:
+                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+                 advertise_host: str | None = None) -> None:
         self.cp = cp
+        self.advertise_host = advertise_host or None
         self.handshake_timeout_s = handshake_timeout_s
         self.listen = listen
         self.bootstrap_listen = bootstrap_listen
@@ -1592,9 +1725,11 @@ class Server:
             raise OSError(f"cannot listen on {self.bootstrap_listen}")
 
         dns, ips = server_sans(host)
-        if self.otlp_listen:  # one serving certificate for both mTLS listeners
-            odns, oips = server_sans(split_hostport(self.otlp_listen)[0])
-            dns, ips = tuple(dict.fromkeys(dns + odns)), tuple(dict.fromkeys(ips + oips))
+        for other in (split_hostport(self.otlp_listen)[0] if self.otlp_listen else None,
+                      self.advertise_host):  # one serving certificate for every mTLS name
+            if other:
+                odns, oips = server_sans(other)
+                dns, ips = tuple(dict.fromkeys(dns + odns)), tuple(dict.fromkeys(ips + oips))
         # The serving certificate and the client roots follow a CA rotation's phases without
         # a restart (new handshakes get the new ones, open connections keep theirs).
         serving = ServingCredentials(cp.rotation.trust,
@@ -1607,15 +1742,17 @@ class Server:
         pb_grpc.add_IdentityServicer_to_server(IdentityServicer(cp), api)
         pb_grpc.add_DiscoveryServicer_to_server(DiscoveryServicer(cp), api)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(cp), api)
+        pb_grpc.add_ReplicaServicer_to_server(ReplicaServicer(cp), api)
         bound_a = _bind(lambda: api.add_secure_port(join_hostport(host, port), creds))
         if bound_a == 0:
             raise OSError(f"cannot listen on {self.listen}")
         otlp_server = self._otlp_server(serving.credentials())
 
         admin_http = await self._start_admin_http()
-        cp.join_address = join_hostport(bhost, bound_b)
-        cp.api_address = join_hostport(host, bound_a)
+        cp.join_address = join_hostport(self.advertise_host or bhost, bound_b)
+        cp.api_address = join_hostport(self.advertise_host or host, bound_a)
         await cp.start()  # the first snapshot exists before the first stream
+        await cp.leadership.start(cp.join_address, cp.api_address)
         await boot.start()
         await api.start()
         if otlp_server is not None:
@@ -1650,7 +1787,7 @@ class Server:
             log.warning("no OTLP receiver: cannot listen on %s; give --otlp-listen HOST:PORT "
                         "(port 0 = any free port)", self.otlp_listen)
             return None
-        cp.otlp_address = join_hostport(host, bound)
+        cp.otlp_address = join_hostport(self.advertise_host or host, bound)
         self.otlp_receiver = receiver
         return server
 
@@ -1677,7 +1814,9 @@ class Server:
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stop accepting, end every discovery stream, let unary calls finish for ``grace_s``,
-        then stop the control plane's background tasks."""
+        then stop the control plane's background tasks. The lead (several replicas) is
+        handed over first, so another replica signs while this one drains."""
+        await self.cp.leadership.stop()
         if self._http is not None:
             await self._http.stop()
         stopping = asyncio.gather(*(s.stop(grace_s) for s in (self._api, self._boot, self._otlp)
@@ -1686,4 +1825,5 @@ class Server:
         self.cp.hub.close_all("the control plane is stopping")
         self.cp.taps.end_all()  # Admin.Tap streams end now, not at the end of the grace
         await stopping
+        await self.cp.forwarder.close()
         await self.cp.stop()

@@ -1,7 +1,10 @@
 """The control plane's durable state in SQLite (WAL): join tokens, issued certificates, the
-registry's instances, the snapshot version counter, the revoked certificates and the audit
-log (``config_store`` keeps the config objects' revisions in the same file, through
-``transaction``).
+registry's instances, the snapshot version counter, the revoked certificates, the audit log
+and the config objects' revisions (``config_revisions``).
+
+``Store`` is the default ``control_plane.state.StateStore`` (the rows and their contract are
+there; ``control_plane.kvstore.ConsulStore`` is the other backend), plus the embedded
+registry's instances (``save_instances``/``list_instances``).
 
 One file under the data dir; every method is one transaction on its own short-lived
 connection, so the class is safe to call from worker threads. Only a digest of each token's
@@ -12,11 +15,29 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
+from typing import Any
+
+from control_plane.state import (
+    MAX_AUDIT_FIELD_CHARS,
+    MAX_AUDIT_ROWS,
+    AuditRow,
+    CertRow,
+    ConfigChange,
+    DuplicateKey,
+    Revision,
+    RevokedRow,
+    StateStore,
+    TokenRow,
+    UseResult,
+    check_authz_default,
+)
+
+__all__ = ["DB_FILE", "MAX_AUDIT_FIELD_CHARS", "MAX_AUDIT_ROWS", "AuditRow", "CertRow",
+           "InstanceRow", "RevokedRow", "Store", "TokenRow", "UseResult"]
 
 DB_FILE = "control-plane.sqlite"
 
@@ -70,33 +91,23 @@ CREATE TABLE IF NOT EXISTS revoked (
     revoked_at REAL NOT NULL,
     identity   TEXT NOT NULL     -- who revoked it
 );
+CREATE TABLE IF NOT EXISTS config_revisions (
+    kind       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    revision   INTEGER NOT NULL,   -- 1, 2, ... per object
+    spec       TEXT NOT NULL,      -- JSON of the canonical spec (mesh_common.config.to_doc)
+    applied_at REAL NOT NULL,      -- unix seconds
+    deleted    INTEGER NOT NULL,   -- 1: this revision deleted the object (spec: as it was)
+    PRIMARY KEY (kind, name, revision)
+);
 """
+_CONFIG_COLUMNS = "kind, name, revision, spec, applied_at, deleted"
 
 # meta keys: the last version number handed out, and the latest published snapshot's
 _VERSION_COUNTER = "snapshot_version_counter"
 _PUBLISHED_VERSION = "snapshot_published_version"
 _PUBLISHED_HASH = "snapshot_published_hash"
 _AUTHZ_DEFAULT = "authz_default"  # the mesh-wide authorization default: allow or deny
-
-
-@dataclass(frozen=True)
-class TokenRow:
-    token_id: str
-    service: str
-    secret_digest: str
-    expires_at: float
-    uses_left: int | None
-    created_at: float
-
-
-@dataclass(frozen=True)
-class CertRow:
-    serial: str
-    service: str
-    instance_id: str
-    spiffe_id: str
-    not_after: float
-    issued_at: float
 
 
 @dataclass(frozen=True)
@@ -115,49 +126,18 @@ class InstanceRow:
     registered_at: float
 
 
-@dataclass(frozen=True)
-class AuditRow:
-    """One audit log entry: who (SPIFFE ID) did what (``action`` on ``object``), when (unix
-    seconds), and how it ended (``result``: ``ok`` or ``error: <one line>``)."""
-
-    time: float
-    identity: str
-    action: str
-    object: str
-    result: str
+def _revision(r: tuple[Any, ...]) -> Revision:
+    try:
+        spec = json.loads(r[3])
+    except ValueError:
+        spec = {}
+    return Revision(r[0], r[1], int(r[2]), spec if isinstance(spec, dict) else {}, float(r[4]),
+                    bool(r[5]))
 
 
-@dataclass(frozen=True)
-class RevokedRow:
-    """A revoked certificate: its serial, when and by whom, and the certificate's owner and
-    expiry as issued."""
-
-    serial: str
-    revoked_at: float
-    identity: str
-    service: str
-    instance_id: str
-    not_after: float
-
-
-MAX_AUDIT_ROWS = 100_000
-"""The audit log keeps the newest this many entries (older ones are deleted as new ones
-come), so callers refused in a loop cannot fill the disk."""
-MAX_AUDIT_FIELD_CHARS = 2048
-"""Each text field of an audit entry is cut to this many characters."""
-
-
-class UseResult(Enum):
-    """The outcome of trying to consume one use of a token."""
-
-    OK = "ok"
-    UNKNOWN = "unknown"
-    EXPIRED = "expired"
-    USED_UP = "used up"
-
-
-class Store:
-    """Tokens and issued certificates in ``<data_dir>/control-plane.sqlite``."""
+class Store(StateStore):
+    """The control plane's state (``StateStore``) and the embedded registry's instances in
+    ``<data_dir>/control-plane.sqlite``."""
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -185,17 +165,24 @@ class Store:
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction on a short-lived connection to the same file,
-        committed when the block ends, rolled back when it raises (for the modules that keep
-        their own tables here, like ``config_store``)."""
+        committed when the block ends, rolled back when it raises (for a module that keeps
+        its own tables here)."""
         return self._tx()
+
+    def describe(self) -> str:
+        return f"SQLite {self.path}"
 
     # ------------------------------------------------------------------ tokens
     def add_token(self, token_id: str, service: str, secret_digest: str, expires_at: float,
                   uses_left: int | None, created_at: float) -> TokenRow:
-        with self._tx() as db:
-            db.execute("INSERT INTO tokens (id, service, secret_digest, expires_at, uses_left,"
-                       " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                       (token_id, service, secret_digest, expires_at, uses_left, created_at))
+        try:
+            with self._tx() as db:
+                db.execute("INSERT INTO tokens (id, service, secret_digest, expires_at,"
+                           " uses_left, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                           (token_id, service, secret_digest, expires_at, uses_left,
+                            created_at))
+        except sqlite3.IntegrityError:
+            raise DuplicateKey(f"a join token with id {token_id!r} exists") from None
         return TokenRow(token_id, service, secret_digest, expires_at, uses_left, created_at)
 
     def get_token(self, token_id: str) -> TokenRow | None:
@@ -427,7 +414,43 @@ class Store:
     def set_authz_default(self, action: str) -> None:
         """Store the mesh-wide authorization default (``allow`` or ``deny``; ValueError
         otherwise)."""
-        if action not in ("allow", "deny"):
-            raise ValueError(f"the authorization default is allow or deny, not {action!r}")
+        check_authz_default(action)
         with self._tx() as db:
             self._set_meta(db, _AUTHZ_DEFAULT, action)
+
+    # ------------------------------------------------------------------ config revisions
+    def config_latest(self) -> list[Revision]:
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {_CONFIG_COLUMNS} FROM config_revisions AS r WHERE revision = ("
+                " SELECT MAX(revision) FROM config_revisions"
+                " WHERE kind = r.kind AND name = r.name) ORDER BY kind, name").fetchall()
+        return [_revision(r) for r in rows]
+
+    def config_get(self, kind: str, name: str, revision: int) -> Revision | None:
+        with self._tx() as db:
+            row = db.execute(f"SELECT {_CONFIG_COLUMNS} FROM config_revisions"
+                             " WHERE kind = ? AND name = ? AND revision = ?",
+                             (kind, name, revision)).fetchone()
+        return _revision(row) if row else None
+
+    def config_revisions(self, kind: str, name: str) -> list[int]:
+        with self._tx() as db:
+            rows = db.execute("SELECT revision FROM config_revisions WHERE kind = ? AND name = ?"
+                              " ORDER BY revision", (kind, name)).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def config_save(self, changes: Sequence[ConfigChange], applied_at: float) -> list[int]:
+        """All changes in one transaction (all or nothing)."""
+        out: list[int] = []
+        with self._tx() as db:
+            for kind, name, spec, deleted in changes:
+                (last,) = db.execute("SELECT COALESCE(MAX(revision), 0) FROM config_revisions"
+                                     " WHERE kind = ? AND name = ?", (kind, name)).fetchone()
+                revision = int(last) + 1
+                db.execute(f"INSERT INTO config_revisions ({_CONFIG_COLUMNS})"
+                           " VALUES (?, ?, ?, ?, ?, ?)",
+                           (kind, name, revision, json.dumps(spec, separators=(",", ":")),
+                            applied_at, int(deleted)))
+                out.append(revision)
+        return out

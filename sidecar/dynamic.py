@@ -2,9 +2,10 @@
 
 Joining: a key made in memory (``WorkloadKey``), a CSR for our SPIFFE ID and an HMAC proof
 keyed by the token's secret go to the control plane's plaintext join listener
-(``mesh.v1.Bootstrap/Join``); the answer is accepted only if the bundle carries the token's CA
-pin and the certificate is ours (``check_issued``). Renewing: at two thirds of the life (or at
-once when told, ``renew_now``), a new CSR over mTLS with the current certificate
+(``mesh.v1.Bootstrap/Join``; several join addresses, one per control-plane replica, are tried
+in turn while one is out of reach); the answer is accepted only if the bundle carries the
+token's CA pin and the certificate is ours (``check_issued``). Renewing: at two thirds of the
+life (or at once when told, ``renew_now``), a new CSR over mTLS with the current certificate
 (``mesh.v1.Identity/Renew``, trying the control plane's API addresses in turn); the new identity is
 swapped into the relay's TLS state (new handshakes use it, open connections keep theirs). A
 renewed trust bundle is taken as the control plane sends it (a CA rotation adds a CA, then
@@ -74,16 +75,20 @@ class DynamicIdentity:
     """Our key, current certificate and bundle, and the loop that renews them.
 
     ``api_address``: the control plane's API address, or several tried in turn when one is
-    out of reach (default: the token's).
+    out of reach (default: the token's); ``join_address`` likewise for joining (default: the
+    token's join address).
     """
 
     def __init__(self, token: JoinToken, service: str, trust_domain: str, *,
-                 join_address: str | None = None,
+                 join_address: str | Sequence[str] | None = None,
                  api_address: str | Sequence[str] | None = None,
                  instance_id: str | None = None, max_backoff_s: float = 5.0) -> None:
         self.token = token
         self.spiffe_id = SpiffeId(trust_domain, service)
-        self.join_address = join_address or token.join_address
+        if isinstance(join_address, str):
+            join_address = [join_address]
+        self.join_addresses: list[str] = list(join_address or ()) or [token.join_address]
+        self._join_index = 0
         if isinstance(api_address, str):
             api_address = [api_address]
         self.api_addresses: list[str] = list(api_address or ()) or [token.api_address]
@@ -121,6 +126,14 @@ class DynamicIdentity:
         self._api_index = (self._api_index + 1) % len(self.api_addresses)
 
     @property
+    def join_address(self) -> str:
+        """The join address a join goes to now (the next one after a failure)."""
+        return self.join_addresses[self._join_index]
+
+    def _next_join_address(self) -> None:
+        self._join_index = (self._join_index + 1) % len(self.join_addresses)
+
+    @property
     def cert_not_after_unix(self) -> int:
         """The current certificate's expiry, Unix seconds (0 before joining)."""
         return int(self.not_after.timestamp()) if self.not_after else 0
@@ -139,21 +152,31 @@ class DynamicIdentity:
 
     # ------------------------------------------------------------- join
     async def join(self) -> None:
-        """Join, retrying with backoff while the control plane is out of reach. Raises
-        JoinRefused when it refuses or its answer fails the checks."""
+        """Join, retrying with backoff while the control plane is out of reach (or has no
+        leader yet), trying the join addresses in turn. Raises JoinRefused when it refuses
+        or its answer fails the checks."""
         backoff = 0.2
+        tried = 0  # addresses tried since the last pause
         while True:
+            address = self.join_address
             try:
                 await self._join_once()
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise JoinRefused(
-                        f"join refused by the control plane at {self.join_address}: "
+                        f"join refused by the control plane at {address}: "
                         f"{exc.code().name}: {exc.details()}") from None
-                self.last_error = f"join: {exc.code().name}: {exc.details()}"
-                log.warning("control plane at %s not reachable for joining (%s); retrying in "
-                            "%.1fs", self.join_address, exc.code().name, backoff)
+                self.last_error = f"join: {address}: {exc.code().name}: {exc.details()}"
+                self._next_join_address()
+                tried += 1
+                if tried < len(self.join_addresses):  # the next address at once
+                    log.warning("control plane at %s cannot take the join (%s: %s); trying %s",
+                                address, exc.code().name, exc.details(), self.join_address)
+                    continue
+                tried = 0  # every address tried: pause (backoff) before the next round
+                log.warning("control plane at %s cannot take the join (%s: %s); retrying in "
+                            "%.1fs", address, exc.code().name, exc.details(), backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
@@ -281,10 +304,14 @@ class DynamicIdentity:
                         continue
                     except grpc.aio.AioRpcError as exc2:
                         self.last_error = f"join again: {exc2.code().name}: {exc2.details()}"
+                        if exc2.code() in RETRYABLE:
+                            self._next_join_address()
                     except (JoinRefused, IdentityError) as exc2:
                         self.last_error = f"join again: {exc2}"
                 if not expired and exc.code() in RETRYABLE:
                     self._next_api_address()  # out of reach: the next address next time
+                if expired and exc.code() in RETRYABLE:
+                    self._next_join_address()
             except (JoinRefused, IdentityError) as exc:
                 self.last_error = str(exc)
             self._renew_requested = self._renew_requested or requested

@@ -184,7 +184,7 @@ def check_writable(path: str, flag: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class DynamicOptions:
     token: Any  # a JoinToken (never logged: its repr hides the secret)
-    join_address: str | None
+    join_addresses: tuple[str, ...]  # () = the token's
     api_addresses: tuple[str, ...]  # () = the token's
     health_check: str
     health_interval_s: float
@@ -209,7 +209,7 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
 
     log = logging.getLogger("mesh.sidecar")
     identity = DynamicIdentity(opts.token, boot.service, boot.trust_domain,
-                               join_address=opts.join_address,
+                               join_address=list(opts.join_addresses) or None,
                                api_address=list(opts.api_addresses) or None,
                                instance_id=opts.instance_id, max_backoff_s=opts.max_backoff_s)
     log.info("joining the mesh as %s via %s", boot.spiffe_id, identity.join_address)
@@ -306,8 +306,9 @@ def check_otlp_endpoint(value: str) -> str:
 @click.option("--control-plane", default=None, metavar="HOST:PORT[,HOST:PORT...]",
               help="Dynamic mode: the control plane's API addresses, tried in turn (default: "
                    "MESH_CONTROL_PLANE, else the token's).")
-@click.option("--bootstrap-address", default=None, metavar="HOST:PORT",
-              help="Dynamic mode: the control plane's join address (default: the token's).")
+@click.option("--bootstrap-address", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+              help="Dynamic mode: the control plane's join addresses (one per control-plane "
+                   "replica), tried in turn (default: the token's).")
 @click.option("--trust-domain", default=None,
               help="Dynamic mode: the SPIFFE trust domain (default mesh.local).")
 @click.option("--health-check", type=click.Choice(["grpc", "tcp", "none"]), default=None,
@@ -402,11 +403,9 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
     elif os.environ.get("MESH_CONTROL_PLANE"):  # dynamic mode only: standalone ignores it
         api_addresses = parse_control_planes(os.environ["MESH_CONTROL_PLANE"],
                                              "MESH_CONTROL_PLANE")
+    join_addresses: list[str] = []
     if bootstrap_address is not None:
-        try:
-            parse_hostport(bootstrap_address, "--bootstrap-address")
-        except ConfigError as exc:
-            raise UsageError(str(exc)) from None
+        join_addresses = parse_control_planes(bootstrap_address, "--bootstrap-address")
     label_map = parse_labels(labels)
     if instance_id is not None:
         check_instance_id(instance_id)
@@ -417,7 +416,7 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
     assert service is not None
     boot = dynamic_bootstrap(service, trust_domain or "mesh.local", app, config_path)
     tune_malloc()
-    options = DynamicOptions(token=tok, join_address=bootstrap_address,
+    options = DynamicOptions(token=tok, join_addresses=tuple(join_addresses),
                              api_addresses=tuple(api_addresses),
                              health_check=health_check or "grpc",
                              health_interval_s=health_interval_s or 5.0,
