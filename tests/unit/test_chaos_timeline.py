@@ -84,3 +84,21 @@ def test_an_unknown_scenario_is_one_line(tmp_path: Path) -> None:
     r = _chaos(tmp_path, "meteor-strike")
     assert r.returncode == 2
     assert r.stderr.startswith("chaos: error:") and "meteor-strike" in r.stderr, r.stderr
+
+
+def test_without_first_slow_leaves_out_each_callers_first_slow_call_only() -> None:
+    from chaos.scenarios.slow_replica import without_first_slow
+    from protos.mesh.v1 import control_pb2 as pb
+
+    def call(instance: str, endpoint: str, start: float, ms: float) -> pb.TapEvent:
+        return pb.TapEvent(instance=instance, endpoint=endpoint, latency_ms=ms,
+                           time_unix=start + ms / 1000)
+
+    a_first = call("order-1", "slow", 1.0, 1200)
+    a_again = call("order-1", "slow", 5.0, 1200)
+    b_first = call("order-2", "slow", 3.0, 1200)
+    fast = [call("order-2", "fast", t, 5) for t in (0.5, 2.0, 4.0)]
+    quick_on_slow = call("order-1", "slow", 0.2, 5)  # before the slowdown: not slow
+    kept = without_first_slow([a_first, a_again, b_first, quick_on_slow, *fast], "slow", 960)
+    assert a_first not in kept and b_first not in kept
+    assert a_again in kept and quick_on_slow in kept and all(f in kept for f in fast)
