@@ -235,8 +235,10 @@ def _r(v: float | None, digits: int = 3) -> float | None:
 
 def _slow_down(mesh: Mesh, tl: Timeline, opts: Options, plan: Plan, rec: TapRecorder,
                callers: set[str], base_p99: float | None) -> None:
-    mesh.sicken(plan.slow, latency_ms=plan.latency_ms)
+    # The windows start as the sickness is asked for: a call begun while the request is on
+    # its way may already be slowed (it is the server that adds the latency).
     t_slow = time.time()
+    mesh.sicken(plan.slow, latency_ms=plan.latency_ms)
     tl.action(f"{plan.slow}: every call takes {plan.latency_ms:g} ms more (sickness control)")
     t_early = t_slow + plan.early_s
     t_late = t_early + plan.late_s
