@@ -54,6 +54,9 @@ PARTICIPANTS = ("payment", "inventory")
 IN_FLIGHT_LATENCY_MS = 400
 """Added to both replicas before the kill, so calls are in flight on the victim when it dies
 (balanced evenly: both are equally slow)."""
+SETTLE_S = 0.1
+"""After asking for the sickness, calls seen in flight from this long on are slowed ones (an
+unslowed call takes a few ms), so the kill lands while they are in flight."""
 IN_FLIGHT_WAIT_S = 10.0
 """How long to wait for the victim's sidecar to report an inbound call in flight."""
 TAP_READY_S = 10.0
@@ -255,11 +258,15 @@ def _kill(mesh: Mesh, tl: Timeline, victim: str, other: str,
               f"so calls are in flight on {victim} when it dies")
     for inst in (victim, other):
         mesh.sicken(inst, latency_ms=IN_FLIGHT_LATENCY_MS)
+    sick_from = time.monotonic()
     seen = [0.0]
 
     def busy() -> bool:
+        # A call seen in flight within a few ms of the sickness may be one begun before it,
+        # about to end at full speed; from SETTLE_S on, any call in flight is a slowed one and
+        # still is when the kill lands.
         seen[0] = active_inbound(mesh, victim)
-        return seen[0] >= 1
+        return seen[0] >= 1 and time.monotonic() - sick_from >= SETTLE_S
     if not wait_for(busy, IN_FLIGHT_WAIT_S, 0.02):
         tl.observe(f"{victim}: no call in flight within {IN_FLIGHT_WAIT_S:g}s; killing anyway")
     in_flight = int(seen[0])
