@@ -45,7 +45,7 @@ lint: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -m "not slow and not fuzz" -q
+	$(VENV)/bin/pytest -m "not slow and not fuzz" -q --durations=15
 
 test-all: install
 	$(VENV)/bin/ruff check .

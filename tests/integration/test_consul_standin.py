@@ -403,6 +403,7 @@ def test_session_bound_to_a_ttl_check_is_invalidated_when_the_check_fails(client
     client.agent.service.deregister("cp-1")
 
 
+@pytest.mark.slow  # Consul's shortest session TTL is 10 s
 def test_session_ttl_expiry_releases_the_lock_and_lock_delay_holds_it(client: consul.Consul) -> None:
     expiring = client.session.create(name="expiring", ttl=10, lock_delay=2)
     ephemeral = client.session.create(name="ephemeral", ttl=10, lock_delay=2, behavior="delete")
