@@ -1,11 +1,12 @@
-"""``python -m bench.ab TREE_A TREE_B [--rounds N] [--requests N] [--clients C --streams M]``
+"""``python -m bench.ab TREE_A TREE_B [--rounds N] [--requests N] [--clients C --streams M] [--stream-mib N]``
 
 Compare the sidecar of two source trees (e.g. ``git worktree add /tmp/base HEAD~1`` against
 the working tree) in one run: one backend, two meshes (client sidecar → mTLS → echo sidecar),
 h2load rounds interleaved A, B, A, B... so machine drift hits both alike. Prints, per tree,
 CPU per call per sidecar (µs, utime+stime from /proc) and req/s, medians over the rounds,
-and the B/A ratio. This machine's absolute figures move ±20% between runs; an interleaved
-ratio is what tells whether a change helped.
+and the B/A ratio. With ``--stream-mib N`` the rounds are instead one ClientStream of N x 1 MiB
+messages (grpcio) per tree: CPU per MiB per sidecar (ms) and MB/s. This machine's absolute
+figures move ±20% between runs; an interleaved ratio is what tells whether a change helped.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from bench import h2load
+from bench import grpc_client, h2load
 from bench.certs import make_pki
-from bench.paths import start_backend
+from bench.paths import BenchPath, start_backend
 from bench.procs import BenchError, Proc, ProcGroup
 from bench.procstat import cpu_seconds
 from tests.support.sidecar import sidecar_config
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--stream-mib", type=int, default=0, metavar="N",
+                    help="measure streaming (N x 1 MiB per round) instead of unary calls")
     args = ap.parse_args(argv)
     for tree in (args.tree_a, args.tree_b):
         if not (Path(tree) / "sidecar" / "main.py").is_file():
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             meshes[label] = (port, [client.pid, echo.pid])
             h2load.run(URL.format(port=port), body, requests=2000, clients=args.clients,
                        streams=args.streams, authority="echo")  # warm-up
+        if args.stream_mib > 0:
+            return _streaming(meshes, args.rounds, args.stream_mib, args.tree_a, args.tree_b)
         cpu: dict[str, list[float]] = {k: [] for k in meshes}
         rps: dict[str, list[float]] = {k: [] for k in meshes}
         for _ in range(args.rounds):
@@ -86,6 +91,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         group.stop_all()
+
+
+def _streaming(meshes: dict[str, tuple[int, list[int]]], rounds: int, mib: int,
+               tree_a: str, tree_b: str) -> int:
+    """Interleaved ClientStream rounds; prints CPU ms per MiB per sidecar and MB/s."""
+    cpu: dict[str, list[float]] = {k: [] for k in meshes}
+    rate: dict[str, list[float]] = {k: [] for k in meshes}
+    for _ in range(rounds):
+        for label, (port, pids) in meshes.items():
+            path = BenchPath(name=f"mesh {label}", port=port, authority="echo")
+            before = sum(cpu_seconds(p) for p in pids)
+            rate[label].append(grpc_client.stream_throughput(path, mib, timeout_s=60 + mib))
+            cpu[label].append((sum(cpu_seconds(p) for p in pids) - before) / mib / len(pids) * 1e3)
+    for label, tree in (("A", tree_a), ("B", tree_b)):
+        print(f"{label} {tree}: {statistics.median(cpu[label]):.2f} ms/MiB/sidecar "
+              f"(rounds {[round(x, 2) for x in cpu[label]]}), {statistics.median(rate[label]):,.0f} MB/s")
+    print(f"B/A CPU per MiB: {statistics.median(cpu['B']) / statistics.median(cpu['A']):.3f}, "
+          f"B/A MB/s: {statistics.median(rate['B']) / statistics.median(rate['A']):.3f}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ from .headers import HeaderListTooLarge, HeaderReader, HpackError
 
 _FRAME_HEADER = struct.Struct(">HBBBL")
 
+COPY_MAX_BYTES = 1024
+"""DATA payloads up to this size are joined to their frame header at once; larger ones are
+queued as they are, so the single join in ``data_to_send`` is their only copy."""
+
 WINDOW_UPDATES_PER_FRAME = 10
 """WINDOW_UPDATE frames a peer may send per DATA frame we sent or stream it opened (in one
 budget window) before they count against ``max_control_frames_per_s``."""
@@ -96,7 +100,7 @@ class Stream:
         self.send_window = send_window
         self.recv_closed = False
         self.send_closed = False
-        self.outbox: deque[bytes] = deque()
+        self.outbox: deque[bytes | memoryview] = deque()
         self.outbox_bytes = 0
         self.outbox_end = False
         self.outbox_trailers: bytes | None = None
@@ -199,7 +203,7 @@ class H2Connection:
         return events
 
     def data_to_send(self) -> bytes:
-        """Return and forget every byte queued for the wire."""
+        """Return and forget every byte queued for the wire (one copy of large payloads)."""
         if not self._out:
             return b""
         out = b"".join(self._out) if len(self._out) > 1 else self._out[0]
@@ -299,8 +303,14 @@ class H2Connection:
             self.conn_send_window -= n
             self._data_sent += 1
             out = self._out
-            out.append(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 0, 1 if end_stream else 0, sid) + data)
-            if len(out) == 1 and self.on_output is not None:
+            wake = not out and self.on_output is not None
+            header = _FRAME_HEADER.pack(n >> 8, n & 0xFF, 0, 1 if end_stream else 0, sid)
+            if n <= COPY_MAX_BYTES:
+                out.append(header + data)
+            else:  # large: no copy here; the one join in data_to_send copies it
+                out.append(header)
+                out.append(data)
+            if wake:
                 self.on_output()
             if end_stream:
                 st.outbox_end = True
@@ -328,9 +338,10 @@ class H2Connection:
                 if len(chunk) <= allowed:
                     st.outbox.popleft()
                     part = chunk
-                else:
-                    part = chunk[:allowed]
-                    st.outbox[0] = chunk[allowed:]
+                else:  # split without copying: the join in data_to_send copies once
+                    view = chunk if type(chunk) is memoryview else memoryview(chunk)
+                    part = view[:allowed]
+                    st.outbox[0] = view[allowed:]
                 n = len(part)
                 st.outbox_bytes -= n
                 st.send_window -= n
@@ -338,7 +349,12 @@ class H2Connection:
                 sent += n
                 last = not st.outbox and st.outbox_end and st.outbox_trailers is None
                 self._data_sent += 1
-                self._write(F.data_frame(st.id, part, last))
+                header = _FRAME_HEADER.pack(n >> 8, n & 0xFF, 0, 1 if last else 0, st.id)
+                if n <= COPY_MAX_BYTES:
+                    self._write(header + part)
+                else:
+                    self._write(header)
+                    self._out.append(part)
                 if last:
                     st.send_closed = True
         if st.outbox:
@@ -467,6 +483,44 @@ class H2Connection:
 
     def _receive(self, data: bytes) -> None:
         buf = self._in
+        if buf and self.peer_settings_seen:
+            # A frame began in an earlier read: complete it from the head of ``data``, copying
+            # only its own bytes, then parse the rest of ``data`` in place.
+            start = 0
+            if len(buf) < 9:
+                start = min(9 - len(buf), len(data))
+                buf += data[:start]
+                if len(buf) < 9:
+                    return
+            length = (buf[0] << 16) | (buf[1] << 8) | buf[2]
+            if length > self.max_frame:
+                raise ProtocolError(F.FRAME_SIZE_ERROR,
+                                    f"frame of {length} bytes exceeds {self.max_frame}", "frame_size")
+            need = 9 + length - len(buf)
+            if need > len(data) - start:
+                buf += data[start:] if start else data
+                return
+            buf += data[start:start + need]
+            ftype, flags = buf[3], buf[4]
+            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            if self._cont is None and ftype == 0:
+                # The buffer becomes the payload (no copy); a new one takes its place.
+                self._in = bytearray()
+                self._on_data(flags, sid, memoryview(buf)[9:])
+                if self.closed:
+                    return
+                self._parse(data, start + need)
+                return
+            payload = bytes(memoryview(buf)[9:])
+            buf.clear()
+            if self._cont is None and ftype == 1:
+                self._on_headers(flags, sid, payload)
+            else:
+                self._frame(ftype, flags, sid, payload)
+            if self.closed:
+                return
+            self._parse(data, start + need)
+            return
         if buf:
             buf += data
             view: bytes | bytearray = buf
@@ -492,8 +546,17 @@ class H2Connection:
             if n - pos >= 9 and (view[pos + 3] != F.SETTINGS or view[pos + 4] & F.FLAG_ACK):
                 raise ProtocolError(F.PROTOCOL_ERROR, "connection preface without SETTINGS",
                                     "bad_preface")
+        if buf:
+            data = bytes(buf)  # rare: only before the peer's SETTINGS arrived
+            buf.clear()
+        self._parse(data, pos)
+
+    def _parse(self, view: bytes, pos: int) -> None:
+        """Handle every whole frame of ``view`` from ``pos``; keep a trailing partial frame."""
+        n = len(view)
         max_frame = self.max_frame
         unpack = _FRAME_HEADER.unpack_from
+        mv: memoryview | None = None
         while n - pos >= 9:
             hi, lo, ftype, flags, sid = unpack(view, pos)
             length = (hi << 8) | lo
@@ -504,9 +567,12 @@ class H2Connection:
             end = pos + 9 + length
             if end > n:
                 break
-            payload = view[pos + 9:end]
-            if buf:
-                payload = bytes(payload)
+            if length > COPY_MAX_BYTES and ftype == 0:
+                if mv is None:
+                    mv = memoryview(view)
+                payload = mv[pos + 9:end]  # large DATA: a view of the read, no copy
+            else:
+                payload = view[pos + 9:end]
             pos = end
             if self._cont is None:
                 if ftype == 0:  # DATA
@@ -518,10 +584,8 @@ class H2Connection:
             self._frame(ftype, flags, sid, payload)
             if self.closed:
                 return
-        if buf:
-            del buf[:pos]
-        elif pos < n:
-            buf += view[pos:]
+        if pos < n:
+            self._in += view[pos:]
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self._cont is not None and ftype != F.CONTINUATION:

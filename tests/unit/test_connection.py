@@ -730,3 +730,86 @@ def test_hostile_frame_sequences_never_raise_and_stay_bounded(frames, cuts, drai
        drain=st.lists(st.booleans(), min_size=1, max_size=4))
 def test_fuzz_hostile_frame_sequences_never_raise_and_stay_bounded(frames, cuts, drain) -> None:
     _feed_hostile(frames, cuts, drain)
+
+
+# ---------------------------------------------------------------- reads cut anywhere
+def _norm(events: list[Event]) -> list[tuple]:
+    """Events as comparable tuples (DATA payloads as bytes, whatever buffer type they are)."""
+    out: list[tuple] = []
+    for e in events:
+        if type(e) is DataReceived:
+            out.append(("data", e.stream_id, bytes(e.data), e.end_stream))
+        elif type(e) is HeadersReceived:
+            out.append(("headers", e.stream_id, tuple(e.headers.fields.items()), e.end_stream, e.first))
+        else:
+            out.append((type(e).__name__, *(getattr(e, k) for k in e.__slots__)))
+    return out
+
+
+@st.composite
+def valid_client_streams(draw) -> bytes:
+    """A client's valid byte stream: preface, SETTINGS, calls whose DATA frames range from empty
+    to 64 KiB (both sides of the core's copy threshold), PINGs and WINDOW_UPDATEs between."""
+    frames = [F.PREFACE, F.settings_frame()]
+    for i in range(draw(st.integers(1, 4))):
+        sid = 1 + 2 * i
+        frames.append(F.frame_header(len(REQUEST), F.HEADERS, F.FLAG_END_HEADERS, sid) + REQUEST)
+        sizes = draw(st.lists(st.sampled_from([0, 5, 1024, 1025, 4000, 16384, 40000, 65536]),
+                              min_size=1, max_size=3))
+        for j, n in enumerate(sizes):
+            payload = bytes((sid + j + k) & 0xFF for k in range(min(n, 251))) * (n // 251 + 1)
+            last = j == len(sizes) - 1
+            frames.append(F.data_frame(sid, payload[:n], last))
+        if draw(st.booleans()):
+            frames.append(F.ping_frame(b"12345678"))
+        if draw(st.booleans()):
+            frames.append(F.window_update_frame(0, 1000))
+    return b"".join(frames)
+
+
+def _run_in_pieces(stream: bytes, cuts: list[int]) -> tuple[list[tuple], bytes]:
+    conn = H2Connection(client=False, limits=Limits(stream_window_bytes=MiB, connection_window_bytes=4 * MiB))
+    conn.initiate()
+    conn.data_to_send()
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {len(stream)})
+    events: list[Event] = []
+    prev = 0
+    for p in points:
+        events += conn.receive(stream[prev:p])
+        prev = p
+        assert len(conn._in) < 9 + conn.max_frame  # at most one partial frame is held
+    assert not conn.closed
+    return _norm(events), conn.data_to_send()
+
+
+@FAST
+@given(stream=valid_client_streams(), cuts=st.lists(st.integers(0, 1 << 19), max_size=40))
+def test_reads_cut_anywhere_give_the_same_events_and_answers_as_one_read(stream, cuts) -> None:
+    whole = _run_in_pieces(stream, [])
+    assert _run_in_pieces(stream, cuts) == whole
+    assert sum(len(e[2]) for e in whole[0] if e[0] == "data") == sum(
+        len(p) for t, _, _, p in frames_of(stream) if t == F.DATA)
+
+
+def test_reads_one_byte_at_a_time_give_the_same_events() -> None:
+    stream = F.PREFACE + F.settings_frame() + F.frame_header(len(REQUEST), F.HEADERS, F.FLAG_END_HEADERS, 1) \
+        + REQUEST + F.data_frame(1, b"a" * 3000, False) + F.data_frame(1, b"b" * 7, True)
+    assert _run_in_pieces(stream, list(range(len(stream)))) == _run_in_pieces(stream, [])
+
+
+@pytest.mark.parametrize("size", [1, 1024, 1025, 16384, 16385, 100_000])
+@pytest.mark.parametrize("as_view", [False, True])
+def test_large_payloads_go_out_intact_split_at_the_peer_frame_size(size: int, as_view: bool) -> None:
+    p = Pair(server_limits=Limits(stream_window_bytes=MiB, connection_window_bytes=4 * MiB,
+                                  max_frame_bytes=16384))
+    sid = p.c.open_stream().id
+    p.c.send_headers(sid, REQUEST, False)
+    body = bytes(range(256)) * (size // 256 + 1)
+    body = body[:size]
+    sent = p.c.send_data(sid, memoryview(body) if as_view else body, True)
+    p.pump()
+    got = of(p.take()[1], DataReceived)
+    assert b"".join(bytes(d.data) for d in got) == body
+    assert got[-1].end_stream and all(len(d.data) <= 16384 for d in got)
+    assert len(got) == -(-size // 16384)
+    assert sent == size
