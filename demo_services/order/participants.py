@@ -2,7 +2,8 @@
 
 ``Participants`` is the interface; ``GrpcParticipants`` calls ``inventory.Inventory`` and
 ``payment.Payment`` through the replica's own sidecar (``outbound_channel``) with a per-call
-timeout. Every method returns the step's answer or raises ``ParticipantError`` carrying the
+timeout (or, with ``channels_to``, straight to the participants' addresses, without the
+mesh: the same calls). Every method returns the step's answer or raises ``ParticipantError`` carrying the
 gRPC status and its saga classification (``saga.classify``). Implementations may also raise
 ``BusinessError`` (in-process logic); the runner classifies both.
 """
@@ -10,12 +11,12 @@ gRPC status and its saga classification (``saga.classify``). Implementations may
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import grpc
 
-from demo_services.common.mesh import outbound_channel
+from demo_services.common.mesh import direct_channel, outbound_channel
 from protos.inventory import inventory_pb2, inventory_pb2_grpc
 from protos.payment import payment_pb2, payment_pb2_grpc
 
@@ -62,6 +63,20 @@ class Participants(Protocol):
         """Refund the order's charge; returns the cents given back (0: nothing was charged,
         then recorded, so a late Charge is refused)."""
         ...
+
+
+def channels_to(direct: Mapping[str, Sequence[str]]) -> Callable[[str, str], grpc.Channel]:
+    """A ``channel_factory`` for ``GrpcParticipants``: a service named in ``direct``
+    (service -> its replicas' HOST:PORT) is called straight at those addresses
+    (``direct_channel``, no sidecar), any other through the sidecar's outbound port."""
+    addresses = {service: tuple(addrs) for service, addrs in direct.items()}
+
+    def factory(outbound: str, service: str) -> grpc.Channel:
+        if service in addresses:
+            return direct_channel(addresses[service], service)
+        return outbound_channel(outbound, service)
+
+    return factory
 
 
 class GrpcParticipants:

@@ -27,7 +27,7 @@ from demo_services.common.server import ServiceSpec
 from protos.order import order_pb2, order_pb2_grpc
 
 from . import events as ev
-from .participants import GrpcParticipants, Participants
+from .participants import GrpcParticipants, Participants, channels_to
 from .runner import Clock, SagaManager, SagaRunner
 from .saga import SagaPolicy
 from .store import OrderStore
@@ -276,7 +276,9 @@ class OrderServicer(order_pb2_grpc.OrderServicer):
 class OrderSettings:
     """A replica's settings (seconds): ``lease_s`` a saga lease, ``step_budget_s`` how long a
     forward step may fail transiently before it is compensated, ``call_timeout_s`` each
-    participant call; ``max_wait_s`` CreateOrder's wait without a deadline."""
+    participant call; ``max_wait_s`` CreateOrder's wait without a deadline. ``direct``:
+    participants called straight at their replicas' addresses, without the mesh
+    (``(service, (HOST:PORT, ...))`` pairs); the others through ``outbound``."""
 
     instance: str
     db_path: Path
@@ -287,6 +289,7 @@ class OrderSettings:
     max_wait_s: float = MAX_WAIT_S
     workers: int = 32          # saga runner threads
     grpc_workers: int = 64     # gRPC handler threads
+    direct: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass
@@ -309,7 +312,8 @@ def build_app(settings: OrderSettings, participants: Participants | None = None,
     store = OrderStore(settings.db_path)
     store.init()
     feed = ChangeFeed()
-    parts = participants or GrpcParticipants(settings.outbound, settings.call_timeout_s)
+    parts = participants or GrpcParticipants(settings.outbound, settings.call_timeout_s,
+                                             channel_factory=channels_to(dict(settings.direct)))
     owner = f"{settings.instance}/{os.getpid()}/{secrets.token_hex(3)}"
     runner = SagaRunner(store, parts, owner, lease_s=settings.lease_s,
                         policy=SagaPolicy(step_budget_s=settings.step_budget_s),
