@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -139,6 +140,13 @@ class Published:
     json: str
 
     def message(self) -> pb.ControlMessage:
+        """The ``SnapshotPush`` of it: one message object per version, shared by every
+        session it is sent to (building it copies and checks the whole document, hundreds of
+        KB with a thousand endpoints). Callers must not modify it."""
+        return self._message
+
+    @functools.cached_property
+    def _message(self) -> pb.ControlMessage:
         return pb.ControlMessage(snapshot=pb.SnapshotPush(version=self.version, hash=self.hash,
                                                           json=self.json))
 
