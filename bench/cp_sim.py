@@ -6,8 +6,9 @@ made in memory, a CSR proven with its service's join token on the plaintext join
 answer checked against the token's CA pin and MAC), so every instance has its own workload
 certificate; then it opens its own mTLS channel (one TLS connection per sidecar, as real
 sidecars have) and one ``Discovery/Stream`` on it, sends ``Register`` (a distinct instance id,
-fake inbound/outbound/admin addresses on 127.0.0.0/8 that nobody connects to, health SERVING)
-and answers every ``SnapshotPush`` with an ``Ack`` of the pushed version and hash, as the real
+fake inbound/outbound/admin addresses on 127.0.0.0/8 that nobody connects to, health SERVING,
+``accepts_zlib_snapshot`` set as the real sidecar sets it, so pushes come as ``json_zlib``) and
+answers every ``SnapshotPush`` with an ``Ack`` of the pushed version and hash, as the real
 sidecar does, without validating or applying the document (that is the sidecar's cost, not the
 control plane's). It sends nothing else: no ``StateReport`` (so the control plane's
 ``last_seen`` of a subscriber is the arrival of its latest ACK), a short error answer to a
@@ -30,7 +31,8 @@ is in the ready line ``{"ready": {"control": "127.0.0.1:PORT"}}`` on stdout):
   version V; replies ``ack_at`` (per ACKing subscriber, when its ``Ack`` of V was handed to
   grpc), ``recv_at`` (when the push of V was read), ``missing`` (how many did not ACK it in
   time) and ``missing_ids`` (the first few);
-* ``{"cmd": "status"}``: connected subscribers, stream failures, snapshots received, bytes;
+* ``{"cmd": "status"}``: connected subscribers, stream failures, snapshots received, bytes
+  (of the documents as they came on the wire: compressed when they came as ``json_zlib``);
 * ``{"cmd": "stop"}``: end every stream and exit.
 
 Light: one grpc.aio process on uvloop (``--loop asyncio`` for the default loop), the same
@@ -99,7 +101,8 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
 def parse_push(data: bytes) -> tuple[str, str, int] | None:
     """(version, hash, document bytes) of a serialized ``ControlMessage`` that is a
     ``SnapshotPush``, read straight from the wire format without decoding the document (the
-    simulator never looks at it); None for any other message."""
+    simulator never looks at it; the bytes are those of ``json`` or, compressed, of
+    ``json_zlib``); None for any other message."""
     if not data or data[0] != 0x0A:  # field 1 (snapshot), length-delimited
         return None
     length, i = _varint(data, 1)
@@ -116,7 +119,7 @@ def parse_push(data: bytes) -> tuple[str, str, int] | None:
             version = data[i:i + n].decode()
         elif field_no == 2:
             digest = data[i:i + n].decode()
-        elif field_no == 3:
+        elif field_no in (3, 4):  # json, json_zlib
             size = n
         i += n
     return version, digest, size
@@ -215,7 +218,8 @@ class Simulator:
             outbound=fake_address(sub.index, 15001), admin=fake_address(sub.index, 15000),
             labels={"version": "v1"}, health="SERVING", version=sub.version, hash=sub.hash,
             cert_not_after_unix=ident.cert_not_after_unix, cert_serial=trust.cert_serial,
-            bundle_sha256=trust.bundle_sha256, issuer_sha256=trust.issuer_sha256))
+            bundle_sha256=trust.bundle_sha256, issuer_sha256=trust.issuer_sha256,
+            accepts_zlib_snapshot=True))
         try:
             async with grpc.aio.secure_channel(api, creds, options=CHANNEL_OPTIONS) as channel:
                 call = channel.stream_stream(STREAM_METHOD,

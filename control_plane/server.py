@@ -1523,7 +1523,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServicer):
         stored = cp.registry.register(instance, now)
         session = Session(stored, now, cert_not_after=float(max(0, reg.cert_not_after_unix)),
                           acked_version=reg.version, acked_hash=reg.hash, clock=cp.clock,
-                          observer=cp.metrics)
+                          observer=cp.metrics, accepts_zlib=reg.accepts_zlib_snapshot)
         session.set_trust(reg.cert_serial, reg.bundle_sha256, reg.issuer_sha256)
         replaced = cp.hub.open(session)
         cp.rotation.poke()  # a CA rotation under way tells it to renew when it is behind

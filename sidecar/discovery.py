@@ -3,10 +3,12 @@ control plane.
 
 The sidecar registers (``Register`` first, on every new stream: a resync), then at once:
 
-* answers every ``SnapshotPush``: the document is validated whole (``from_json``); an invalid
-  one is NACKed with its one-line reason and changes nothing; a valid one is merged with the
-  static clusters of ``--config`` (static wins on a name clash), swapped in atomically and
-  ACKed; a push whose hash is the one in force is ACKed without a swap;
+* answers every ``SnapshotPush``: the document (``json``, or ``json_zlib`` inflated to at
+  most ``MAX_INFLATED_SNAPSHOT_BYTES``: ``Register`` says it accepts compressed pushes) is
+  validated whole (``from_json``); an invalid one (a decompression bomb too) is NACKed with
+  its one-line reason and changes nothing; a valid one is merged with the static clusters
+  of ``--config`` (static wins on a name clash), swapped in atomically and ACKed; a push
+  whose hash is the one in force is ACKed without a swap;
 * answers ``Query`` (kind ``config``: the snapshot in force and its version) and obeys
   ``RenewCertificate`` (the identity renews now);
 * starts and stops taps (``TapStart``/``TapStop``, on the process's ``Taps``) and sends
@@ -36,13 +38,21 @@ import json
 import logging
 import random
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from mesh_common.snapshot import Snapshot, SnapshotError, content_hash, from_json, merge
+from mesh_common.snapshot import (
+    MAX_SNAPSHOT_BYTES,
+    Snapshot,
+    SnapshotError,
+    content_hash,
+    from_json,
+    merge,
+)
 from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 
@@ -66,6 +76,12 @@ OUTBOX_MAX = 256
 """Messages waiting for the stream beyond this are dropped (counted): the stream is stuck."""
 TAP_FLUSH_S = 0.1
 """Taps' events go out in batches at most this often (seconds)."""
+MAX_INFLATED_SNAPSHOT_BYTES = MAX_SNAPSHOT_BYTES
+"""A ``json_zlib`` push is inflated to at most this many bytes (8 MiB, the largest document
+``from_json`` accepts, so no valid snapshot is refused); one that would inflate further (a
+decompression bomb: 1 GiB of zeros is 1 MiB of zlib) is NACKed without inflating the rest,
+so memory stays bounded (about twice this, zlib's output blocks and their join, plus the
+message itself)."""
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 16 * 1024 * 1024),
                    ("grpc.enable_retries", 0))
 
@@ -101,8 +117,10 @@ def register_message(reg: Registration, *, health: str, version: str, hash: str,
                      trust: TrustFields | None = None) -> pb.SidecarMessage:
     """The first message of every stream. ``health`` is the app's ("" = no app); ``version``
     and ``hash`` those of the control plane's snapshot in force ("" = none yet); ``trust``
-    the identity's serial and hashes (None = none to report)."""
+    the identity's serial and hashes (None = none to report). It always says it accepts
+    zlib-compressed snapshots (``push_document`` reads them)."""
     return pb.SidecarMessage(register=pb.Register(
+        accepts_zlib_snapshot=True,
         instance_id=reg.instance_id, inbound=reg.inbound, outbound=reg.outbound,
         admin=reg.admin, labels=dict(reg.labels), health=health, version=version, hash=hash,
         cert_not_after_unix=cert_not_after_unix,
@@ -162,6 +180,35 @@ def tap_message(batch: TapBatch, instance: str) -> pb.SidecarMessage:
         events=[pb.TapEvent(instance=instance, **rec._asdict()) for rec in batch.events]))
 
 
+def push_document(push: pb.SnapshotPush,
+                  max_bytes: int = MAX_INFLATED_SNAPSHOT_BYTES) -> str:
+    """The snapshot document of ``push``: ``json``, or ``json_zlib`` inflated and decoded.
+    Raises ``SnapshotError`` (a one-line reason for the NACK) when both are set, when
+    ``json_zlib`` is not one whole zlib stream of UTF-8, or when it would inflate to more than
+    ``max_bytes`` bytes: then it stops after ``max_bytes + 1`` bytes, never inflating the
+    rest. Pure."""
+    if not push.json_zlib:
+        return push.json
+    if push.json:
+        raise SnapshotError("snapshot: both json and json_zlib are set")
+    inflater = zlib.decompressobj()
+    try:
+        doc = inflater.decompress(push.json_zlib, max_bytes + 1)
+    except zlib.error as exc:
+        raise SnapshotError(f"snapshot: json_zlib is not valid zlib: {exc}") from None
+    if len(doc) > max_bytes or inflater.unconsumed_tail:
+        raise SnapshotError(f"snapshot: json_zlib inflates to more than {max_bytes} bytes "
+                            f"({len(push.json_zlib)} bytes compressed)")
+    if not inflater.eof:
+        raise SnapshotError("snapshot: json_zlib is truncated")
+    if inflater.unused_data:
+        raise SnapshotError("snapshot: json_zlib has data after the end of its stream")
+    try:
+        return doc.decode()
+    except UnicodeDecodeError as exc:
+        raise SnapshotError(f"snapshot: json_zlib is not UTF-8: {exc}") from None
+
+
 # ---------------------------------------------------------------------- state (pure)
 class DiscoveryState:
     """What the sidecar does with each message of the control plane (no I/O).
@@ -190,6 +237,7 @@ class DiscoveryState:
         self.acks = 0
         self.nacks = 0
         self.swaps = 0
+        self.compressed = 0  # pushes that came as json_zlib
         self.renew_requests = 0
         self.last_nack: dict[str, Any] | None = None
 
@@ -219,12 +267,14 @@ class DiscoveryState:
         return []
 
     def _push(self, push: pb.SnapshotPush) -> pb.SidecarMessage:
+        if push.json_zlib:
+            self.compressed += 1
         if push.hash and push.hash == self.hash:
             self.version = push.version or self.version  # same content, newer name: no swap
             self.acks += 1
             return pb.SidecarMessage(ack=pb.Ack(version=self.version, hash=self.hash))
         try:
-            discovered = from_json(push.json, self.trust_domain)
+            discovered = from_json(push_document(push), self.trust_domain)
         except SnapshotError as exc:
             reason = one_line(str(exc))
             self.nacks += 1
@@ -497,6 +547,7 @@ class DiscoveryClient:
         return {"connected": self.connected, "control_plane": self.control_plane,
                 "control_planes": list(self.addresses), "version": st.version,
                 "hash": st.hash, "acks": st.acks, "nacks": st.nacks, "swaps": st.swaps,
+                "compressed": st.compressed,
                 "last_nack": st.last_nack, "reconnects": self.reconnects,
                 "failures": self.failures, "last_error": self.last_error,
                 "reports": self.reports, "dropped": self.dropped,

@@ -23,6 +23,9 @@ def test_parse_push_reads_version_and_hash_without_the_document() -> None:
     wire = pb.ControlMessage(snapshot=pb.SnapshotPush(version="42", hash="0123abcd",
                                                       json=doc)).SerializeToString()
     assert parse_push(wire) == ("42", "0123abcd", len(doc))
+    packed = pb.ControlMessage(snapshot=pb.SnapshotPush(version="43", hash="4567ef",
+                                                        json_zlib=b"z" * 200)).SerializeToString()
+    assert parse_push(packed) == ("43", "4567ef", 200)  # as a zlib-accepting sidecar gets it
     query = pb.ControlMessage(query=pb.Query(id="q1", kind="config")).SerializeToString()
     assert parse_push(query) is None
 

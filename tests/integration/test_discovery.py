@@ -9,9 +9,11 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
+import queue
 import signal
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,12 @@ from protos.meshtest import echo_pb2, echo_pb2_grpc
 from tests.integration.test_cert_rotation import Load
 from tests.integration.test_control_plane import (
     ControlPlaneProc,
+    Workload,
     admin_channel,
     create_token,
+    join,
     meshctl,
+    mtls_channel,
     start_cp,
 )
 from tests.integration.test_dynamic_sidecar import admin_get, sidecar_cmd
@@ -221,6 +226,53 @@ def test_every_sidecar_is_synced_and_holds_every_service(mesh: Mesh) -> None:
     assert set(spread(mesh, "store", 4)) == {"store-1"}
 
 
+def test_every_sidecar_takes_its_snapshots_compressed_and_applies_them(mesh: Mesh) -> None:
+    status = mesh.status()
+    for name, sc in mesh.sidecars.items():
+        d = admin_get(sc, "/stats")[1]["discovery"]
+        # Every push answered came as json_zlib: the first one and at least the echo policy.
+        assert d["compressed"] >= 2 and d["compressed"] == d["acks"] + d["nacks"], (name, d)
+        assert d["swaps"] >= 2 and d["version"] == status[name].acked_version, (name, d)
+        assert any(r["service"] == "echo" and r["load_balancer"] == "round_robin"
+                   for r in mesh.held(name)["snapshot"]["routes"]), name
+
+
+def test_a_client_that_does_not_accept_zlib_still_gets_json(mesh: Mesh) -> None:
+    """A raw stream registers without ``accepts_zlib_snapshot`` (an older sidecar), then
+    with it: the same snapshot comes as json, then as json_zlib. Leaves: nothing (the
+    outbound-only instance it registered is waited out of the registry)."""
+    wl = Workload()
+    join(mesh.token("web"), wl, csr_service="web", instance="web-raw")
+    pushes: dict[bool, pb.SnapshotPush] = {}
+    for accepts in (False, True):
+        outbox: queue.Queue[pb.SidecarMessage | None] = queue.Queue()
+        outbox.put(pb.SidecarMessage(register=pb.Register(
+            instance_id="web-raw", accepts_zlib_snapshot=accepts)))
+
+        def messages(box: queue.Queue[pb.SidecarMessage | None] = outbox
+                     ) -> Iterator[pb.SidecarMessage]:
+            while (msg := box.get()) is not None:
+                yield msg
+
+        with mtls_channel(mesh.cp, wl) as ch:
+            stream = pb_grpc.DiscoveryStub(ch).Stream(messages(), timeout=30)
+            try:
+                first = next(stream)
+            finally:
+                outbox.put(None)
+                stream.cancel()
+        assert first.WhichOneof("msg") == "snapshot", first
+        pushes[accepts] = first.snapshot
+    plain, packed = pushes[False], pushes[True]
+    assert plain.json and plain.json_zlib == b"", plain
+    assert packed.json == "" and packed.json_zlib
+    assert zlib.decompress(packed.json_zlib).decode() == plain.json
+    assert (packed.version, packed.hash) == (plain.version, plain.hash)
+    assert len(packed.json_zlib) < len(plain.json)
+    procs.wait_for(lambda: "web-raw" not in mesh.status(), 15, interval_s=0.2,
+                   what="web-raw out of the registry after its grace period")
+
+
 def test_a_third_replica_appears_in_the_callers_snapshot_and_gets_traffic(mesh: Mesh) -> None:
     mesh.start("echo", "echo-3", labels=("version=v2",))
     procs.wait_for(lambda: set(mesh.endpoints("web-1", "echo")) == {"echo-1", "echo-2",
@@ -311,6 +363,7 @@ def test_certs_renew_under_traffic_reissues_every_certificate(mesh: Mesh) -> Non
 
 def test_an_invalid_snapshot_is_nacked_shown_and_the_last_good_one_kept(mesh: Mesh) -> None:
     good = mesh.held("web-1")
+    compressed = admin_get(mesh.sidecars["web-1"], "/stats")[1]["discovery"]["compressed"]
     bad = {"version": "x", "clusters": [], "routes": [{"service": "echo", "cluster": "nowhere"}]}
     pushed = mesh.admin().TestPushRawSnapshot(
         pb.TestPushRawSnapshotRequest(instance="web-1", json=json.dumps(bad)), timeout=5)
@@ -325,6 +378,9 @@ def test_an_invalid_snapshot_is_nacked_shown_and_the_last_good_one_kept(mesh: Me
     assert "routes[0].cluster" in row["nack"]["reason"], row
     assert row["acked_version"] == good["version"], row
     assert mesh.held("web-1") == good  # the last good snapshot is still in force
+    # It came compressed, as every push to this sidecar does, and was checked all the same.
+    assert admin_get(mesh.sidecars["web-1"], "/stats")[1]["discovery"]["compressed"] > \
+        compressed
     assert set(spread(mesh, "echo", 9)) == {"echo-1", "echo-2", "echo-3"}
     table = meshctl(mesh.cp, "status")
     assert "NACKED" in table.stdout and "routes[0].cluster" in table.stdout, table.stdout

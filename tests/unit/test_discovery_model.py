@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,18 @@ def test_a_raw_document_is_published_as_is_under_the_given_version() -> None:
     assert raw.hash == content_hash({"version": "x", "clusters": 5})
     assert raw.message().snapshot.version == "9"
     assert raw_published("10", "not json").hash  # any text gets a hash
+
+
+def test_the_compressed_push_is_built_once_per_version_and_inflates_to_the_document() -> None:
+    doc = build_snapshot([inst("order", f"o-{i}", 20000 + i) for i in range(50)], "0").to_doc()
+    published = raw_published("7", json.dumps(doc, separators=(",", ":")))
+    plain, packed = published.message(), published.message(compressed=True)
+    assert published.message(compressed=True) is packed  # shared by every session
+    assert plain.snapshot.json == published.json and plain.snapshot.json_zlib == b""
+    assert packed.snapshot.json == "" and (packed.snapshot.version, packed.snapshot.hash) == (
+        "7", published.hash)
+    assert zlib.decompress(packed.snapshot.json_zlib).decode() == published.json
+    assert packed.ByteSize() * 5 < plain.ByteSize()
 
 
 class _Gate:
@@ -455,6 +468,20 @@ async def test_a_session_sends_only_the_newest_snapshot_and_tracks_its_answers()
     assert s.state(T0 + 1, 10) == NACKED
     s.on_ack("5", raw_published("5", '{"a": 1}').hash, T0 + 2)
     assert s.state(T0 + 2, 10) == SYNCED
+
+
+async def test_a_session_that_accepts_zlib_gets_the_compressed_push_and_others_json() -> None:
+    published = raw_published("4", '{"a": 1}')
+    old = Session(inst("order", "o-1"), T0)
+    new = Session(inst("order", "o-2"), T0, accepts_zlib=True)
+    for s in (old, new):
+        s.push_snapshot(published)
+    [plain] = await _drain(old)
+    [packed] = await _drain(new)
+    assert plain is published.message() and plain.snapshot.json == '{"a": 1}'
+    assert packed is published.message(compressed=True)
+    assert zlib.decompress(packed.snapshot.json_zlib) == b'{"a": 1}'
+    assert (new.sent_version, new.sent_hash) == ("4", published.hash)
 
 
 async def test_a_newer_stream_replaces_the_older_one_and_queries_fail_when_it_closes() -> None:

@@ -8,20 +8,31 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import tracemalloc
+import zlib
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 
-from mesh_common.snapshot import Cluster, Endpoint, RouteRule, Snapshot, content_hash
+from mesh_common.snapshot import (
+    Cluster,
+    Endpoint,
+    RouteRule,
+    Snapshot,
+    SnapshotError,
+    content_hash,
+)
 from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 from sidecar.discovery import (
+    MAX_INFLATED_SNAPSHOT_BYTES,
     DiscoveryClient,
     DiscoveryState,
     Registration,
     backoff_s,
+    push_document,
     register_message,
     report_message,
 )
@@ -167,6 +178,25 @@ def push(doc: dict[str, Any], version: str | None = None) -> pb.ControlMessage:
                                                       json=json.dumps(doc)))
 
 
+def zlib_push(doc: dict[str, Any], version: str | None = None) -> pb.ControlMessage:
+    """``push``, the document sent as ``json_zlib`` (as to a sidecar that accepts it)."""
+    plain = push(doc, version).snapshot
+    return pb.ControlMessage(snapshot=pb.SnapshotPush(
+        version=plain.version, hash=plain.hash, json_zlib=zlib.compress(plain.json.encode())))
+
+
+def zlib_of_zeros(mib: int) -> bytes:
+    """A valid zlib stream of ``mib`` MiB of zeros (about 1 KiB a MiB), built from one
+    compressed MiB repeated (each ends in a full flush, so none refers to the one before)
+    instead of compressing all of it."""
+    chunk = bytes(1 << 20)
+    c = zlib.compressobj(9)
+    first = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)  # with the zlib header
+    again = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)
+    adler32 = ((mib << 20) % 65521) << 16 | 1  # of that many zero bytes
+    return first + again * (mib - 1) + b"\x03\x00" + adler32.to_bytes(4, "big")
+
+
 class FakeSidecar:
     def __init__(self) -> None:
         self.snapshot = STATIC
@@ -230,6 +260,74 @@ def test_a_push_with_the_hash_in_force_is_acked_without_a_swap() -> None:
     assert len(sc.applied) == 1 and state.version == "12" and state.acks == 2
 
 
+def test_a_compressed_push_is_inflated_checked_and_applied_like_a_plain_one() -> None:
+    sc = FakeSidecar()
+    state = sc.state()
+    doc = discovered_doc(1001, 1002)
+    [reply] = state.handle(zlib_push(doc))
+    assert (reply.WhichOneof("msg"), reply.ack.version, reply.ack.hash) == (
+        "ack", "7", content_hash(doc))
+    echo = sc.snapshot.cluster("echo")
+    assert echo is not None and [e.port for e in echo.endpoints] == [1001, 1002]
+    assert (state.swaps, state.compressed) == (1, 1)
+    bad = {"version": "8", "clusters": [], "routes": [{"service": "echo", "cluster": "nowhere"}]}
+    [reply] = state.handle(zlib_push(bad))  # the same validation as for json
+    assert reply.nack.reason.startswith("routes[0].cluster: ") and sc.snapshot.version == "7"
+    [reply] = state.handle(zlib_push(doc, version="9"))  # the hash in force: no swap
+    assert reply.ack.version == "9" and (state.swaps, state.compressed) == (1, 3)
+
+
+def test_a_decompression_bomb_is_nacked_without_inflating_it_and_the_last_snapshot_kept(
+        ) -> None:
+    sc = FakeSidecar()
+    state = sc.state()
+    state.handle(push(discovered_doc(1001)))
+    good = sc.snapshot
+    bomb = zlib_of_zeros(1024)  # 1 GiB of zeros in 1 MiB
+    assert len(bomb) < 2 << 20
+    tracemalloc.start()
+    try:
+        [reply] = state.handle(pb.ControlMessage(snapshot=pb.SnapshotPush(
+            version="8", hash="h8", json_zlib=bomb)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reply.WhichOneof("msg") == "nack" and reply.nack.version == "8"
+    assert reply.nack.reason == (f"snapshot: json_zlib inflates to more than "
+                                 f"{MAX_INFLATED_SNAPSHOT_BYTES} bytes ({len(bomb)} bytes "
+                                 "compressed)")
+    # zlib's output blocks and their join: about twice the cap, nowhere near the 1 GiB.
+    assert peak < 3 * MAX_INFLATED_SNAPSHOT_BYTES + 4 * len(bomb), peak
+    assert sc.snapshot is good and len(sc.applied) == 1
+    assert (state.version, state.nacks, state.last_nack and state.last_nack["version"]) == (
+        "7", 1, "8")
+
+
+@pytest.mark.parametrize(("push_", "reason"), [
+    (pb.SnapshotPush(json_zlib=b"not zlib"), "snapshot: json_zlib is not valid zlib: "),
+    (pb.SnapshotPush(json_zlib=zlib.compress(b'{"version": "1"}')[:-6]),
+     "snapshot: json_zlib is truncated"),
+    (pb.SnapshotPush(json_zlib=zlib.compress(b"{}") + b"more"),
+     "snapshot: json_zlib has data after the end of its stream"),
+    (pb.SnapshotPush(json_zlib=zlib.compress(b"\xff{}")), "snapshot: json_zlib is not UTF-8"),
+    (pb.SnapshotPush(json="{}", json_zlib=zlib.compress(b"{}")),
+     "snapshot: both json and json_zlib are set"),
+])
+def test_a_compressed_document_that_is_not_one_whole_zlib_stream_is_refused(
+        push_: pb.SnapshotPush, reason: str) -> None:
+    with pytest.raises(SnapshotError) as info:
+        push_document(push_)
+    assert str(info.value).startswith(reason), info.value
+
+
+def test_the_inflate_cap_admits_a_document_of_exactly_the_cap() -> None:
+    doc = b"{" + b" " * 998 + b"}"
+    assert push_document(pb.SnapshotPush(json_zlib=zlib.compress(doc)), 1000) == doc.decode()
+    with pytest.raises(SnapshotError, match="more than 999 bytes"):
+        push_document(pb.SnapshotPush(json_zlib=zlib.compress(doc)), 999)
+    assert push_document(pb.SnapshotPush(json="{}")) == "{}"
+
+
 def test_a_config_query_answers_the_snapshot_in_force_and_an_unknown_kind_an_error() -> None:
     sc = FakeSidecar()
     state = sc.state()
@@ -263,6 +361,7 @@ def test_register_and_report_messages_carry_what_the_control_plane_needs() -> No
                        labels={"version": "v1"})
     msg = register_message(reg, health="", version="3", hash="abc", cert_not_after_unix=99)
     r = msg.register
+    assert r.accepts_zlib_snapshot  # this sidecar reads json_zlib
     assert (r.instance_id, r.inbound, r.outbound, r.admin, dict(r.labels), r.health, r.version,
             r.hash, r.cert_not_after_unix) == ("web-1", "", "127.0.0.1:1", "127.0.0.1:2",
                                                 {"version": "v1"}, "", "3", "abc", 99)
