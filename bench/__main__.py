@@ -1,11 +1,12 @@
 """``python -m bench [--quick] [--json FILE] [--keep-dir]``: the data path benchmark.
 
-Starts the backend and every path (direct, mesh, nginx, haproxy when installed) as processes,
-checks each with grpcio, measures, prints plain-text tables on stdout and, with ``--json``,
-writes every figure. Progress goes to stderr. Exit 0 on success, 1 when a path or a
-measurement failed (one clear message on stderr), 130 when interrupted. Every process started
-is stopped by PID at the end, also on failure; the working directory is removed unless
-``--keep-dir``.
+Starts the backend and every path (direct, mesh, mesh-all, nginx, haproxy when installed) as
+processes, checks each with grpcio (and mesh-all's layers at work from the sidecars' /stats),
+measures, then each layer's cost (on versus off) and the mesh-all client's RSS with 100
+endpoints known, prints plain-text tables on stdout and, with ``--json``, writes every
+figure. Progress goes to stderr. Exit 0 on success, 1 when a path or a measurement failed
+(one clear message on stderr), 130 when interrupted. Every process started is stopped by PID
+at the end, also on failure; the working directory is removed unless ``--keep-dir``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench import h2load, paths, report
+from bench import h2load, layer_cost, mesh_full, paths, report
 from bench.certs import make_pki
 from bench.measure import Plan, Runner
 from bench.procs import BenchError, ProcGroup
@@ -37,7 +38,13 @@ REQUIRED_KEYS = (
     "nginx_added_p50_ms_at_200rps",
     "added_p50_ms_at_1000rps",
     "stream_mb_per_s_ratio_vs_direct",
+    "throughput_ratio_vs_nginx_all_layers",
+    "sidecar_cpu_us_per_call_all_layers",
+    "added_p99_ms_at_200rps_all_layers",
+    "added_p50_ms_at_200rps_all_layers",
+    "sidecar_rss_mb_100_endpoints",
 )
+"""Numeric keys every run must produce; ``layer_cost_us_per_call`` (an object) is checked too."""
 
 
 class Interrupted(Exception):
@@ -52,11 +59,20 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_keys(doc: dict) -> None:
-    """BenchError unless every required key is a finite number."""
-    bad = [k for k in REQUIRED_KEYS
-           if not isinstance(doc.get(k), int | float) or isinstance(doc.get(k), bool)
-           or not math.isfinite(doc[k])]
+    """BenchError unless every required key is a finite number and ``layer_cost_us_per_call``
+    has a finite cost for every layer measured."""
+    bad = [k for k in REQUIRED_KEYS if not _finite(doc.get(k))]
+    costs = doc.get("layer_cost_us_per_call")
+    expected = {s.layer for s in layer_cost.SWITCHES} | set(layer_cost.IN_PROCESS_LAYERS) | {
+        s.layer + layer_cost.IN_PROCESS_SUFFIX for s in layer_cost.SWITCHES}
+    if not isinstance(costs, dict) or set(costs) != expected \
+            or not all(_finite(v) for v in costs.values()):
+        bad.append("layer_cost_us_per_call")
     if bad:
         raise BenchError(f"figures missing or not numeric: {', '.join(bad)}")
 
@@ -68,12 +84,15 @@ def run(quick: bool, workdir: Path) -> dict:
     plan = Plan.quick() if quick else Plan.full()
     h2load.h2load_binary()
     group = ProcGroup(log_dir=workdir)
+    mesh_all: mesh_full.MeshAll | None = None
     try:
         _log(f"working directory {workdir}")
         pki = make_pki(workdir / "pki")
         backend = paths.start_backend(group)
+        mesh_all = mesh_full.start_mesh_all(group, workdir / "mesh-all", backend, _log)
         bench_paths = [paths.direct_path(backend),
                        paths.start_mesh(group, workdir / "mesh", pki, backend),
+                       mesh_all.path,
                        paths.start_nginx(group, workdir, pki, backend)]
         if paths.haproxy_available():
             bench_paths.append(paths.start_haproxy(group, workdir / "haproxy", pki, backend))
@@ -82,11 +101,33 @@ def run(quick: bool, workdir: Path) -> dict:
         _log("started: " + ", ".join(f"{p.name} on :{p.port}" for p in bench_paths))
         runner = Runner(bench_paths, backend.pid, plan, workdir, log=_log)
         figures = runner.run_all()
+        # Each layer's cost, on the same mesh-all sidecars (left with every layer on), then
+        # its client's RSS once its snapshot knows 100 endpoints (registrations added last:
+        # they stay).
+        lplan = layer_cost.LayerPlan(rounds=plan.layer_rounds, requests=plan.layer_requests,
+                                     clients=plan.clients, streams=plan.streams,
+                                     inproc_rounds=plan.inproc_rounds,
+                                     inproc_calls=plan.inproc_calls)
+        runtime, held = layer_cost.runtime_costs(mesh_all, runner.body, runner.response_bytes,
+                                                 lplan, _log)
+        export = layer_cost.SpanExport(mesh_all)
+        try:
+            costs = [*layer_cost.inprocess_costs(held, lplan, _log, export), *runtime]
+        finally:
+            export.close()
+        rss_100 = mesh_full.rss_with_endpoints(
+            group, mesh_all, workdir / "mesh-all", runner.body, runner.response_bytes,
+            requests=plan.warmup_requests, clients=plan.clients, streams=plan.streams, log=_log)
+        # Issue 14's control-plane (bench/cp_scale.py) and saga (bench/saga.py) parts run
+        # here, and hand their figures to report.build.
         group.check_alive()
     finally:
+        if mesh_all is not None:
+            mesh_all.close()
         group.stop_all()
     doc = report.build(figures, plan, quick=quick, duration_s=time.monotonic() - started,
-                       loadavg_start=loadavg)
+                       loadavg_start=loadavg, layer_costs=costs,
+                       mesh_all={"layers_at_work": mesh_all.evidence, "rss_100_endpoints": rss_100})
     check_keys(doc)
     return doc
 

@@ -2,11 +2,16 @@
 
 * saturation: a warm-up h2load run per path, then `repeats` rounds of one fixed-count run per
   path; the figure is the median req/s. CPU per call (µs) of each proxy process (and of the
-  backend) is its utime+stime over the measured runs divided by their requests. RSS (MB) is
+  backend) is its utime+stime over the measured runs divided by their requests (read after
+  the path's `settle`, for the mesh-all sidecars once the run's spans are exported). RSS (MB) is
   read idle (after verification, before any load) and at the end of the path's last run.
 * latency: fixed rate (requests per second across all clients) for a fixed count of requests,
   p50/p99 (ms) from h2load's per-request log.
-* streaming: one ClientStream of 1 MiB messages per path, MB/s (10**6 bytes per second).
+* streaming: one ClientStream of 1 MiB messages per path, in `repeats` interleaved rounds;
+  the figure is the median MB/s (10**6 bytes per second).
+
+The layer-cost rounds (`bench.layer_cost`) take their counts from the plan too (`layer_*`,
+`inproc_*`).
 """
 
 from __future__ import annotations
@@ -36,18 +41,28 @@ class Plan:
     latency_seconds: float
     stream_messages: int
     verify_unary_calls: int
+    layer_rounds: int = 5
+    """Runtime layer-cost rounds (each: one h2load run all on, one per layer off)."""
+    layer_requests: int = 5_000
+    """Requests per runtime layer-cost run."""
+    inproc_rounds: int = 9
+    """In-process layer-cost rounds (each: every stack once)."""
+    inproc_calls: int = 5_000
+    """Synthetic calls per stack per in-process round."""
 
     @classmethod
     def full(cls) -> Plan:
         return cls(saturation_requests=20_000, warmup_requests=4_000, repeats=3, clients=4, streams=8,
                    latency_rates=(200, 1000), latency_seconds=10, stream_messages=64,
-                   verify_unary_calls=50)
+                   verify_unary_calls=50, layer_rounds=5, layer_requests=5_000,
+                   inproc_rounds=9, inproc_calls=5_000)
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(saturation_requests=2_000, warmup_requests=400, repeats=1, clients=4, streams=8,
-                   latency_rates=(200, 1000), latency_seconds=1.5, stream_messages=16,
-                   verify_unary_calls=50)
+                   latency_rates=(200, 1000), latency_seconds=0.5, stream_messages=16,
+                   verify_unary_calls=50, layer_rounds=1, layer_requests=1_000,
+                   inproc_rounds=3, inproc_calls=1_000)
 
 
 def latency_clients(rate: int) -> int:
@@ -67,12 +82,17 @@ class PathFigures:
     rss_mb_idle: dict[str, float] = field(default_factory=dict)
     rss_mb_loaded: dict[str, float] = field(default_factory=dict)
     latency: dict[int, h2load.Latency] = field(default_factory=dict)  # rate (rps) -> percentiles
-    stream_mb_per_s: float = 0.0
+    stream_mb_per_s_runs: list[float] = field(default_factory=list)
 
     @property
     def saturation_rps(self) -> float:
         """Median req/s over the measured runs."""
         return statistics.median(self.saturation_rps_runs)
+
+    @property
+    def stream_mb_per_s(self) -> float:
+        """Median MB/s over the streaming runs."""
+        return statistics.median(self.stream_mb_per_s_runs)
 
     def cpu_us_per_call(self) -> dict[str, float]:
         """Per proxy role: CPU time (utime+stime) per request, in µs."""
@@ -130,9 +150,11 @@ class Runner:
         for rnd in range(1, self.plan.repeats + 1):
             for p in self.paths:
                 fig = self.figures[p.name]
+                p.settled()
                 before = {role: cpu_ticks(pid) for role, pid in p.proxies.items()}
                 backend_before = cpu_ticks(self.backend_pid)
                 result = self._saturate(p, n, f"saturation round {rnd}")
+                p.settled()
                 for role, pid in p.proxies.items():
                     fig.cpu_ticks[role] = fig.cpu_ticks.get(role, 0) + cpu_ticks(pid) - before[role]
                 fig.backend_cpu_ticks += cpu_ticks(self.backend_pid) - backend_before
@@ -164,16 +186,18 @@ class Runner:
                 self.log(f"latency {rate} rps {p.name}: p50 {lat.p50_ms:.3f} ms, p99 {lat.p99_ms:.3f} ms")
 
     def streaming(self) -> None:
-        """One ClientStream of `stream_messages` x 1 MiB per path."""
-        for p in self.paths:
-            try:
-                mbps = grpc_client.stream_throughput(
-                    p, self.plan.stream_messages, timeout_s=10 + self.plan.stream_messages / 2)
-                p.check_alive()
-            except BenchError as e:
-                raise p.explain(e)
-            self.figures[p.name].stream_mb_per_s = mbps
-            self.log(f"streaming {p.name}: {mbps:,.1f} MB/s")
+        """`repeats` interleaved rounds of one ClientStream of `stream_messages` x 1 MiB per
+        path; every run is logged, the figure is the median."""
+        for rnd in range(1, self.plan.repeats + 1):
+            for p in self.paths:
+                try:
+                    mbps = grpc_client.stream_throughput(
+                        p, self.plan.stream_messages, timeout_s=10 + self.plan.stream_messages / 2)
+                    p.check_alive()
+                except BenchError as e:
+                    raise p.explain(e)
+                self.figures[p.name].stream_mb_per_s_runs.append(mbps)
+                self.log(f"streaming round {rnd}/{self.plan.repeats} {p.name}: {mbps:,.1f} MB/s")
 
     def run_all(self) -> dict[str, PathFigures]:
         self.verify()

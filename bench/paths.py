@@ -5,6 +5,8 @@ Paths (all entered over plaintext h2c on 127.0.0.1, all ending at the same backe
 * direct: load generator -> backend;
 * mesh: -> sidecar "client" outbound -> mTLS -> sidecar "echo" inbound -> backend
   (standalone sidecars, ``python -m sidecar.main --config FILE --log-level warning``);
+* mesh-all: the same two hops with a control plane, dynamic sidecars and every default layer
+  on (``bench.mesh_full``);
 * nginx: -> nginx A (h2c in) -> TLS with client certificate -> nginx B -> backend;
 * haproxy: the same two hops with haproxy, when it is installed.
 
@@ -18,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +40,11 @@ class BenchPath:
     """One way from the load generator to the backend.
 
     `port` is the h2c entry port on 127.0.0.1; `authority` the :authority to send (None: the
-    default host:port); `proxies` maps a role (e.g. "sidecar-client") to the PID to measure.
+    default host:port); `proxies` maps a role (e.g. "sidecar-client") to the PID to measure;
+    `settle`, when set, returns once work the path's proxies do after their calls (the
+    mesh-all sidecars export spans up to a second later, from another thread) is done: CPU
+    is read after it, so a run's CPU holds all the work its calls caused and none of an
+    earlier run's.
     """
 
     name: str
@@ -45,6 +52,12 @@ class BenchPath:
     authority: str | None = None
     proxies: dict[str, int] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
+    settle: Callable[[], None] | None = None
+
+    def settled(self) -> None:
+        """Run `settle` when the path has one."""
+        if self.settle is not None:
+            self.settle()
 
     @property
     def target(self) -> str:

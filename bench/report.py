@@ -7,6 +7,11 @@ one process divided by the calls it carried), memory in MB (2**20 bytes), stream
 Headline keys are per hop: `sidecar_cpu_us_per_call` is the mean of the two sidecars (each
 also in `paths.mesh.cpu_us_per_call`), `nginx_cpu_us_per_call` the mean of the two workers;
 `sidecar_rss_mb_loaded` is the larger of the two sidecars' RSS (the target is per sidecar).
+The `*_all_layers` keys are the same figures for the "mesh-all" path (control plane, dynamic
+sidecars, every default layer on: `bench.mesh_full`); `sidecar_rss_mb_100_endpoints` is its
+client sidecar's RSS, loaded, while its snapshot knows 100 endpoints; `layer_cost_us_per_call`
+maps each layer to its cost (µs per call per sidecar, on minus off: `bench.layer_cost`), with
+the whole rows in `layer_costs`.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import statistics
 from dataclasses import asdict
 from typing import Any
 
+from bench.layer_cost import LayerCost
 from bench.measure import PathFigures, Plan
 
-PROXY_PATHS = ("mesh", "nginx", "haproxy")
+PROXY_PATHS = ("mesh", "mesh-all", "nginx", "haproxy")
+ALL_LAYERS = "mesh-all"
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -43,6 +50,7 @@ def path_summary(fig: PathFigures, direct: PathFigures, nginx: PathFigures | Non
         "rss_mb_loaded_max": max(fig.rss_mb_loaded.values()) if fig.rss_mb_loaded else None,
         "latency_ms": {},
         "stream_mb_per_s": fig.stream_mb_per_s,
+        "stream_mb_per_s_runs": fig.stream_mb_per_s_runs,
         "stream_ratio_vs_direct": _ratio(fig.stream_mb_per_s, direct.stream_mb_per_s),
     }
     for rate, lat in sorted(fig.latency.items()):
@@ -58,8 +66,11 @@ def path_summary(fig: PathFigures, direct: PathFigures, nginx: PathFigures | Non
 
 
 def build(figures: dict[str, PathFigures], plan: Plan, *, quick: bool, duration_s: float,
-          loadavg_start: tuple[float, float, float]) -> dict[str, Any]:
-    """The JSON document: headline keys (mesh vs nginx vs direct), `paths`, `quick`, `machine`."""
+          loadavg_start: tuple[float, float, float], layer_costs: list[LayerCost] | None = None,
+          mesh_all: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document: headline keys (mesh and mesh-all vs nginx vs direct, layer costs),
+    `paths`, `layer_costs`, `mesh_all` (what proved the layers acted, the 100-endpoint RSS
+    run), `quick`, `machine`."""
     direct, mesh, nginx = figures["direct"], figures["mesh"], figures["nginx"]
     paths = {name: path_summary(fig, direct, nginx) for name, fig in figures.items()}
     m, n = paths["mesh"], paths["nginx"]
@@ -80,10 +91,30 @@ def build(figures: dict[str, PathFigures], plan: Plan, *, quick: bool, duration_
         for q in ("p50", "p99"):
             doc[f"added_{q}_ms_at_{key}"] = m["latency_ms"][key][f"added_{q}"]
             doc[f"nginx_added_{q}_ms_at_{key}"] = n["latency_ms"][key][f"added_{q}"]
+    if ALL_LAYERS in paths:
+        a = paths[ALL_LAYERS]
+        doc["throughput_ratio_vs_nginx_all_layers"] = a["throughput_ratio_vs_nginx"]
+        doc["throughput_ratio_vs_direct_all_layers"] = a["throughput_ratio_vs_direct"]
+        doc["sidecar_cpu_us_per_call_all_layers"] = a["cpu_us_per_call_mean"]
+        doc["sidecar_rss_mb_loaded_all_layers"] = a["rss_mb_loaded_max"]
+        doc["stream_mb_per_s_ratio_vs_direct_all_layers"] = a["stream_ratio_vs_direct"]
+        for rate in plan.latency_rates:
+            key = f"{rate}rps"
+            for q in ("p50", "p99"):
+                doc[f"added_{q}_ms_at_{key}_all_layers"] = a["latency_ms"][key][f"added_{q}"]
+    if mesh_all is not None and "rss_100_endpoints" in mesh_all:
+        doc["sidecar_rss_mb_100_endpoints"] = mesh_all["rss_100_endpoints"]["rss_mb"]
     if "haproxy" in paths:
         h = paths["haproxy"]
         doc["haproxy_throughput_ratio_vs_nginx"] = h["throughput_ratio_vs_nginx"]
         doc["haproxy_cpu_us_per_call"] = h["cpu_us_per_call_mean"]
+    if layer_costs is not None:
+        doc["layer_cost_us_per_call"] = {r.layer: r.cost_us for r in layer_costs}
+        doc["layer_costs"] = [asdict(r) for r in layer_costs]
+    # Issue 14's control-plane (bench/cp_scale.py) and saga (bench/saga.py) parts add their
+    # headline keys and sections here.
+    if mesh_all is not None:
+        doc["mesh_all"] = mesh_all
     doc.update({
         "paths": paths,
         "quick": quick,
@@ -149,12 +180,25 @@ def render(doc: dict[str, Any]) -> str:
         rows.append(row)
     out.append(_table(headers, rows))
     out.append("")
-    out.append(f"Streaming: one ClientStream of {plan['stream_messages']} x 1 MiB (MB = 10^6 bytes)")
-    rows = [[name, _fmt(p["stream_mb_per_s"], ",.1f"), _fmt(p["stream_ratio_vs_direct"], ".2f", "x")]
+    out.append(f"Streaming: one ClientStream of {plan['stream_messages']} x 1 MiB (MB = 10^6 bytes), "
+               f"median of {repeats} interleaved runs")
+    rows = [[name, _fmt(p["stream_mb_per_s"], ",.1f"), _fmt(p["stream_ratio_vs_direct"], ".2f", "x"),
+             " ".join(f"{v:.0f}" for v in p["stream_mb_per_s_runs"])]
             for name, p in paths.items()]
-    out.append(_table(["path", "MB/s", "vs direct"], rows))
+    out.append(_table(["path", "MB/s", "vs direct", "runs MB/s"], rows))
     out.append("")
-    out.append("Headline (mesh = two sidecars; CPU and RSS per sidecar / per nginx worker)")
+    if doc.get("layer_costs"):
+        out.append(layer_table(doc["layer_costs"]))
+        out.append("")
+    if "sidecar_rss_mb_100_endpoints" in doc:
+        r = doc["mesh_all"]["rss_100_endpoints"]
+        out.append(f"mesh-all client sidecar with {r['endpoints']} endpoints known "
+                   f"({r['registered']} more instances registered: {r['idle_services']} idle "
+                   f"services x {r['instances_per_service']}), after {r['requests']:,} calls: "
+                   f"RSS {r['rss_mb']:.1f} MB (before the registrations {r['rss_mb_before']:.1f} MB)")
+        out.append("")
+    out.append("Headline (mesh = two sidecars; CPU and RSS per sidecar / per nginx worker; "
+               "all_layers = the mesh-all path)")
     headline = [[k, _fmt(v, ".3f")] for k, v in doc.items()
                 if isinstance(v, int | float) and not isinstance(v, bool) and k != "duration_s"]
     out.append(_table(["key", "value"], headline))
@@ -164,3 +208,13 @@ def render(doc: dict[str, Any]) -> str:
                f"{m['loadavg_end'][0]:.2f} at end; took {doc['duration_s']:.0f} s. "
                "Absolute figures are noisy: compare ratios from one run.")
     return "\n".join(out)
+
+
+def layer_table(rows: list[dict[str, Any]]) -> str:
+    """The layer-cost rows as a table (µs of CPU per call per sidecar; see bench.layer_cost)."""
+    table = [[r["layer"], _fmt(r["on_us"], ".1f"), _fmt(r["off_us"], ".1f"), _fmt(r["cost_us"], "+.1f"),
+              _fmt(r.get("cost_stderr_us"), ".1f"), r["where"], r["method"]] for r in rows]
+    return ("Each layer's cost: CPU us per call per sidecar, on minus off (where = the sidecar it acts "
+            "in; both = mean of the two; +- = standard error over the runtime rounds)\n"
+            + _table(["layer", "on us/call", "off us/call", "cost us/call", "+-", "where", "method"],
+                     table))
