@@ -17,7 +17,9 @@ from __future__ import annotations
 from operator import itemgetter
 
 from hpack import Decoder, HPACKError, NeverIndexedHeaderTuple
-from hpack.huffman_table import decode_huffman
+from hpack.huffman import HuffmanEncoder
+from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_FAIL, HUFFMAN_TABLE
 from hpack.table import HeaderTable
 
 STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
@@ -34,6 +36,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfe
 _ENTRY_OVERHEAD = 32
 _START = itemgetter(0)  # an edit's start offset
 _HUFFMAN_MAX_EXPANSION = 8 / 5  # shortest Huffman code is 5 bits
+_HUFFMAN_ENCODER = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 
 
 class HpackError(Exception):
@@ -163,11 +166,52 @@ def _string(buf: bytes, pos: int) -> tuple[int, int, bool]:
 def _text(buf: bytes, start: int, end: int, huffman: bool) -> str:
     raw = buf[start:end]
     if huffman:
-        try:
-            raw = decode_huffman(raw)
-        except HPACKError as exc:
-            raise HpackError(f"bad Huffman string: {exc}") from exc
+        raw = _huffman(raw)
     return raw.decode("latin-1")
+
+
+_BYTE_STEPS: dict[int, tuple[int, bytes, int]] = {}
+"""(decoder state << 8 | input byte) -> (next state, symbols emitted, flags of the second
+nibble or HUFFMAN_FAIL): hpack's nibble table taken a byte at a time, filled as bytes are
+seen (at most ``_MAX_BYTE_STEPS`` entries; past that, steps are worked out each time)."""
+_MAX_BYTE_STEPS = 8192
+
+
+def _byte_step(state: int, byte: int) -> tuple[int, bytes, int]:
+    out = bytearray()
+    flags = 0
+    for nibble in (byte >> 4, byte & 0x0F):
+        state, flags, symbol = HUFFMAN_TABLE[state * 16 + nibble]
+        if flags & HUFFMAN_FAIL:
+            return state, b"", HUFFMAN_FAIL
+        if flags & HUFFMAN_EMIT_SYMBOL:
+            out.append(symbol)
+    return state, bytes(out), flags
+
+
+def _huffman(raw: bytes) -> bytes:
+    """HPACK Huffman decoding (RFC 7541 §5.2), as ``hpack.huffman_table.decode_huffman``
+    but a byte per step; raises HpackError for an invalid or incomplete string."""
+    if not raw:
+        return b""
+    steps = _BYTE_STEPS
+    state = 0
+    flags = 0
+    out = bytearray()
+    for byte in raw:
+        key = state << 8 | byte
+        step = steps.get(key)
+        if step is None:
+            step = _byte_step(state, byte)
+            if len(steps) < _MAX_BYTE_STEPS:
+                steps[key] = step
+        state, symbols, flags = step
+        if flags & HUFFMAN_FAIL:
+            raise HpackError("bad Huffman string: invalid code")
+        out += symbols
+    if not flags & HUFFMAN_COMPLETE:
+        raise HpackError("bad Huffman string: incomplete")
+    return bytes(out)
 
 
 def encode_int(value: int, prefix_bits: int, first: int) -> bytes:
@@ -244,6 +288,10 @@ class HeaderReader:
                 hb = self._with_our_traceparent(block)
                 if hb is not None:
                     return hb
+            if len(block) <= _CACHE_MAX_BLOCK_BYTES + _MAX_PER_CALL_BYTES:
+                hb = self._with_per_call_fields(block)
+                if hb is not None:
+                    return hb
             cacheable = len(block) <= _CACHE_MAX_BLOCK_BYTES
         else:
             cacheable = False
@@ -292,6 +340,64 @@ class HeaderReader:
         fields["traceparent"] = block[n - 55:].decode("latin-1")
         return HeaderBlock(block, fields, base.list_bytes + _OUR_TRACEPARENT_LIST_BYTES,
                            base.timeout_span, base.strip_spans, False, ((cut, n),))
+
+    def _with_per_call_fields(self, block: bytes) -> HeaderBlock | None:
+        """What ``_scan`` gives for ``block`` when it carries a ``traceparent`` or a
+        ``grpc-timeout`` (one of each at most), the fields that differ on every call: the
+        rest of the block, with those two cut out, is one requests repeat byte for byte,
+        found in (or added to) the scan cache; only the two values are read per call. None
+        when the block has neither, or anything the light walk (``_per_call_spans``) does not
+        follow: then the full scan judges it."""
+        spans = _per_call_spans(block)
+        if not spans:
+            return None
+        parts: list[bytes] = []
+        pos = 0
+        for _name, s, e, _vs, _ve, _vh in spans:
+            parts.append(block[pos:s])
+            pos = e
+        parts.append(block[pos:])
+        head = b"".join(parts)
+        hit = _SCANNED.get(head)
+        if hit is not None and hit[0] == self.max_list_bytes:
+            base = hit[1]
+        else:
+            try:
+                base = self._scan(head)
+            except (_NeedsDecoder, HpackError, HeaderListTooLarge):
+                return None
+            if base.trace_spans or base.timeout_span is not None:
+                return None  # the walk missed a field the scan saw: let the full scan judge
+            if len(head) <= _CACHE_MAX_BLOCK_BYTES:
+                if len(_SCANNED) >= _CACHE_ENTRIES:
+                    _SCANNED.clear()
+                _SCANNED[head] = (self.max_list_bytes, base)
+        fields = dict(base.fields)
+        list_bytes = base.list_bytes
+        timeout_span: tuple[int, int] | None = None
+        trace_spans: tuple[tuple[int, int], ...] = ()
+        for name, s, e, vs, ve, vh in spans:
+            try:
+                value = _text(block, vs, ve, vh)
+            except HpackError:
+                return None
+            list_bytes += len(name) + (ve - vs) + _ENTRY_OVERHEAD  # counted as _scan does
+            fields[name] = value
+            if name == "traceparent":
+                trace_spans = ((s, e),)
+            else:
+                timeout_span = (s, e)
+        if list_bytes * _HUFFMAN_MAX_EXPANSION > self.max_list_bytes:
+            return None  # near the limit: the exact size is the full scan's business
+        strip = [(_shifted(a, spans, True), _shifted(b, spans, False)) for a, b in base.strip_spans]
+        hb = HeaderBlock(block, fields, list_bytes, timeout_span, strip, False, trace_spans)
+        if not trace_spans and len(block) <= _CACHE_MAX_BLOCK_BYTES:
+            # A deadline alone repeats (a fixed timeout, or a countdown's few values): keep
+            # the whole block too, so it hits the cache at once next time.
+            if len(_SCANNED) >= _CACHE_ENTRIES:
+                _SCANNED.clear()
+            _SCANNED[block] = (self.max_list_bytes, hb)
+        return hb
 
     def _scan(self, buf: bytes) -> HeaderBlock:
         fields: dict[str, str] = {}
@@ -451,6 +557,73 @@ def _other_fields(buf: bytes) -> dict[str, str]:
         if name not in WANTED and name not in out:
             out[name] = _text(buf, vs, ve, vh)
     return out
+
+
+_PER_CALL_NAMES = {b"traceparent": "traceparent", b"grpc-timeout": "grpc-timeout"}
+_PER_CALL_NAMES.update({_HUFFMAN_ENCODER.encode(k): v for k, v in list(_PER_CALL_NAMES.items())})
+"""The literal names, raw and Huffman-coded (the code is canonical), of the fields whose
+values change on every call."""
+
+_MAX_PER_CALL_BYTES = 256
+"""What the per-call fields may add to a block the scan cache would take."""
+
+PerCallSpan = tuple[str, int, int, int, int, bool]
+"""(name, field start, field end, value start, value end, value Huffman-coded?)."""
+
+
+def _per_call_spans(buf: bytes) -> list[PerCallSpan] | None:
+    """The ``traceparent`` and ``grpc-timeout`` literals of a block that references only the
+    static table, in block order, found without decoding anything; None when there are
+    none, two of a name, or anything else this light walk does not follow (a table size
+    update, an index past the static table, a multi-byte integer, a malformed
+    representation). Single-byte integers are read inline: this runs on every call."""
+    found: list[PerCallSpan] = []
+    pos, n = 0, len(buf)
+    names = _PER_CALL_NAMES
+    while pos < n:
+        start = pos
+        b = buf[pos]
+        if b & 0x80:  # indexed field: a static entry
+            if not 0 < b & 0x7F <= 61:
+                return None
+            pos += 1
+            continue
+        if b & 0xE0 == 0x20:  # table size update
+            return None
+        idx = b & (0x3F if b & 0xC0 == 0x40 else 0x0F)
+        if idx > 61 or idx == (0x3F if b & 0xC0 == 0x40 else 0x0F):
+            return None
+        pos += 1
+        name = None
+        if not idx:  # a literal name
+            if pos >= n or buf[pos] & 0x7F == 0x7F:
+                return None
+            ne = pos + 1 + (buf[pos] & 0x7F)
+            name = names.get(buf[pos + 1:ne])
+            pos = ne
+        if pos >= n or buf[pos] & 0x7F == 0x7F:
+            return None
+        vh = bool(buf[pos] & 0x80)
+        vs = pos + 1
+        pos = vs + (buf[pos] & 0x7F)
+        if pos > n:
+            return None
+        if name is not None:
+            if any(f[0] == name for f in found):
+                return None
+            found.append((name, start, pos, vs, pos, vh))
+    return found or None
+
+
+def _shifted(offset: int, cuts: list[PerCallSpan], start: bool) -> int:
+    """``offset`` in a block with ``cuts`` removed, as an offset in the whole block: a field
+    start moves past a cut made at it, a field end does not."""
+    for _name, s, e, _vs, _ve, _vh in cuts:
+        if offset > s or (start and offset == s):
+            offset += e - s
+        else:
+            break
+    return offset
 
 
 class _NeedsDecoder(Exception):

@@ -485,3 +485,54 @@ def test_fuzz_header_lists_match_the_reference_decoder(specs, table) -> None:
     for pairs, huffman, sensitive in specs:
         block = _encode(enc, pairs, huffman, sensitive)
         _check_block(reader.read(block), pairs, ref.decode(block, raw=True), huffman)
+
+
+# ---------------------------------------------------------------- per-call fields
+TRACEPARENTS = st.builds(lambda t, s, f: f"00-{t:032x}-{s:016x}-{f:02x}",
+                         st.integers(1, 2**128 - 1), st.integers(1, 2**64 - 1), st.sampled_from([0, 1]))
+per_call_lists = st.tuples(
+    header_lists.map(lambda pairs: [p for p in pairs if p[0] not in ("traceparent", "grpc-timeout")]),
+    st.none() | TRACEPARENTS, st.none() | st.from_regex(r"\A[0-9]{1,8}[HMSmun]\Z"),
+    st.integers(0, 12), st.integers(0, 12), st.booleans(),
+)
+
+
+@FAST
+@given(case=per_call_lists)
+def test_blocks_with_a_traceparent_or_a_deadline_read_as_the_full_scan_does(case) -> None:
+    """The per-call fields (read apart from the cached rest of the block) give what scanning
+    the whole block gives: fields, sizes, spans, and so the same forwarded bytes."""
+    pairs, traceparent, timeout, at_t, at_d, huffman = case
+    pairs = list(pairs)
+    if timeout is not None:
+        pairs.insert(at_d % (len(pairs) + 1), ("grpc-timeout", timeout))
+    if traceparent is not None:
+        pairs.insert(at_t % (len(pairs) + 1), ("traceparent", traceparent))
+    enc = Encoder()
+    enc.header_table_size = 0
+    block = _encode(enc, pairs, huffman, [False] * len(pairs))
+    if block[0] & 0xE0 == 0x20:
+        block = block[1:]  # the size update to 0 (the peer sent it before)
+    reader = HeaderReader(BIG)
+    reader.table_size = 0
+    whole = reader._scan(block)
+    for _ in range(2):  # the first read scans the rest, the second finds it cached
+        hb = reader.read(block)
+        assert hb.fields == whole.fields
+        assert (hb.list_bytes, hb.timeout_span, hb.trace_spans, hb.strip_spans) == \
+            (whole.list_bytes, whole.timeout_span, whole.trace_spans, whole.strip_spans)
+        new_tp = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+        assert hb.forwardable("77m", new_tp) == whole.forwardable("77m", new_tp)
+        assert hb.forwardable() == whole.forwardable()
+    _check_block(hb, pairs, Decoder().decode(block, raw=True), huffman)
+
+
+def test_two_traceparents_take_the_full_scan() -> None:
+    pairs = [(":path", "/a.B/C"), ("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01"),
+             ("x-a", "b"), ("traceparent", "00-" + "3" * 32 + "-" + "4" * 16 + "-00")]
+    block = encode_block(pairs)
+    hb = HeaderReader(BIG).read(block)
+    assert hb.get("traceparent") == pairs[1][1] and len(hb.trace_spans) == 2
+    assert _fresh_decode(hb.forwardable(traceparent="00-" + "5" * 32 + "-" + "6" * 16 + "-01")) == \
+        [(b":path", b"/a.B/C"), (b"traceparent", b"00-" + b"5" * 32 + b"-" + b"6" * 16 + b"-01"),
+         (b"x-a", b"b")]
