@@ -51,7 +51,7 @@ test-all: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-# The data path benchmark (see bench/ and ../shared/BENCH.md): about 5 minutes.
+# The benchmarks (see bench/README.md and ../shared/BENCH.md): about 10 minutes.
 .PHONY: bench
 bench: install
 	$(PY) -m bench --json bench/out/latest.json

@@ -3,7 +3,9 @@
 Starts the backend and every path (direct, mesh, mesh-all, nginx, haproxy when installed) as
 processes, checks each with grpcio (and mesh-all's layers at work from the sidecars' /stats),
 measures, then each layer's cost (on versus off) and the mesh-all client's RSS with 100
-endpoints known, prints plain-text tables on stdout and, with ``--json``, writes every
+endpoints known; a full run then measures a control plane with 1,000 simulated sidecars
+(``bench.cp_scale``) and the order saga through the demo mesh against the same services wired
+directly (``bench.saga``). It prints plain-text tables on stdout and, with ``--json``, writes every
 figure. Progress goes to stderr. Exit 0 on success, 1 when a path or a measurement failed
 (one clear message on stderr), 130 when interrupted. Every process started is stopped by PID
 at the end, also on failure; the working directory is removed unless ``--keep-dir``.
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench import h2load, layer_cost, mesh_full, paths, report
+from bench import cp_scale, h2load, layer_cost, mesh_full, paths, report, saga
 from bench.certs import make_pki
 from bench.measure import Plan, Runner
 from bench.procs import BenchError, ProcGroup
@@ -46,6 +48,19 @@ REQUIRED_KEYS = (
 )
 """Numeric keys every run must produce; ``layer_cost_us_per_call`` (an object) is checked too."""
 
+FULL_ONLY_KEYS = (
+    "cp_push_p50_ms_1000_sidecars",
+    "cp_push_p99_ms_1000_sidecars",
+    "cp_rss_mb_1000_sidecars",
+    "cp_registrations_per_s",
+    "saga_orders_per_s_ratio_mesh_vs_direct",
+    "saga_p99_ms_mesh",
+    "saga_p99_ms_direct",
+)
+"""Numeric keys of the parts a full run adds (``--quick`` skips them): the control plane at
+1,000 simulated sidecars (``bench.cp_scale``) and the saga, mesh against direct
+(``bench.saga``)."""
+
 
 class Interrupted(Exception):
     """SIGTERM or SIGINT arrived; unwinds so the processes are stopped."""
@@ -64,9 +79,10 @@ def _finite(value: object) -> bool:
 
 
 def check_keys(doc: dict) -> None:
-    """BenchError unless every required key is a finite number and ``layer_cost_us_per_call``
-    has a finite cost for every layer measured."""
-    bad = [k for k in REQUIRED_KEYS if not _finite(doc.get(k))]
+    """BenchError unless every required key (and on a full run every ``FULL_ONLY_KEYS``) is a
+    finite number and ``layer_cost_us_per_call`` has a finite cost for every layer measured."""
+    keys = REQUIRED_KEYS if doc.get("quick") else REQUIRED_KEYS + FULL_ONLY_KEYS
+    bad = [k for k in keys if not _finite(doc.get(k))]
     costs = doc.get("layer_cost_us_per_call")
     expected = {s.layer for s in layer_cost.SWITCHES} | set(layer_cost.IN_PROCESS_LAYERS) | {
         s.layer + layer_cost.IN_PROCESS_SUFFIX for s in layer_cost.SWITCHES}
@@ -118,16 +134,27 @@ def run(quick: bool, workdir: Path) -> dict:
         rss_100 = mesh_full.rss_with_endpoints(
             group, mesh_all, workdir / "mesh-all", runner.body, runner.response_bytes,
             requests=plan.warmup_requests, clients=plan.clients, streams=plan.streams, log=_log)
-        # Issue 14's control-plane (bench/cp_scale.py) and saga (bench/saga.py) parts run
-        # here, and hand their figures to report.build.
         group.check_alive()
     finally:
         if mesh_all is not None:
             mesh_all.close()
         group.stop_all()
+    later: dict = {}
+    if not quick:
+        # The control plane at 1,000 sidecars, then the saga: each on a machine the data
+        # path's processes have left.
+        group = ProcGroup(log_dir=workdir)
+        try:
+            later["control_plane"] = cp_scale.run(workdir / "cp-scale", group, sidecars=1000,
+                                                  changes=5, log=_log)
+            group.stop_all()
+            later["saga"] = saga.run(workdir / "saga", group, orders=2000, in_flight=16, log=_log)
+        finally:
+            group.stop_all()
     doc = report.build(figures, plan, quick=quick, duration_s=time.monotonic() - started,
                        loadavg_start=loadavg, layer_costs=costs,
-                       mesh_all={"layers_at_work": mesh_all.evidence, "rss_100_endpoints": rss_100})
+                       mesh_all={"layers_at_work": mesh_all.evidence, "rss_100_endpoints": rss_100},
+                       control_plane=later.get("control_plane"), saga=later.get("saga"))
     check_keys(doc)
     return doc
 

@@ -67,7 +67,8 @@ def path_summary(fig: PathFigures, direct: PathFigures, nginx: PathFigures | Non
 
 def build(figures: dict[str, PathFigures], plan: Plan, *, quick: bool, duration_s: float,
           loadavg_start: tuple[float, float, float], layer_costs: list[LayerCost] | None = None,
-          mesh_all: dict[str, Any] | None = None) -> dict[str, Any]:
+          mesh_all: dict[str, Any] | None = None, control_plane: dict[str, float] | None = None,
+          saga: dict[str, float] | None = None) -> dict[str, Any]:
     """The JSON document: headline keys (mesh and mesh-all vs nginx vs direct, layer costs),
     `paths`, `layer_costs`, `mesh_all` (what proved the layers acted, the 100-endpoint RSS
     run), `quick`, `machine`."""
@@ -111,8 +112,9 @@ def build(figures: dict[str, PathFigures], plan: Plan, *, quick: bool, duration_
     if layer_costs is not None:
         doc["layer_cost_us_per_call"] = {r.layer: r.cost_us for r in layer_costs}
         doc["layer_costs"] = [asdict(r) for r in layer_costs]
-    # Issue 14's control-plane (bench/cp_scale.py) and saga (bench/saga.py) parts add their
-    # headline keys and sections here.
+    for part in (control_plane, saga):  # full runs: flat headline keys (see their modules)
+        if part is not None:
+            doc.update(part)
     if mesh_all is not None:
         doc["mesh_all"] = mesh_all
     doc.update({
@@ -196,6 +198,20 @@ def render(doc: dict[str, Any]) -> str:
                    f"({r['registered']} more instances registered: {r['idle_services']} idle "
                    f"services x {r['instances_per_service']}), after {r['requests']:,} calls: "
                    f"RSS {r['rss_mb']:.1f} MB (before the registrations {r['rss_mb_before']:.1f} MB)")
+        out.append("")
+    if "cp_push_p99_ms_1000_sidecars" in doc:
+        out.append("Control plane with 1,000 simulated sidecars (bench.cp_scale): config change -> "
+                   f"ACK p50 {doc['cp_push_p50_ms_1000_sidecars']:.0f} ms, "
+                   f"p99 {doc['cp_push_p99_ms_1000_sidecars']:.0f} ms; "
+                   f"RSS {doc['cp_rss_mb_1000_sidecars']:.0f} MB; "
+                   f"registrations {doc['cp_registrations_per_s']:.0f}/s")
+        out.append("")
+    if "saga_orders_per_s_ratio_mesh_vs_direct" in doc:
+        out.append("Order saga (bench.saga): "
+                   f"mesh {doc['saga_orders_per_s_mesh']:.1f} orders/s (p50 {doc['saga_p50_ms_mesh']:.0f} ms, "
+                   f"p99 {doc['saga_p99_ms_mesh']:.0f} ms), direct {doc['saga_orders_per_s_direct']:.1f} "
+                   f"orders/s (p50 {doc['saga_p50_ms_direct']:.0f} ms, p99 {doc['saga_p99_ms_direct']:.0f} ms): "
+                   f"{doc['saga_orders_per_s_ratio_mesh_vs_direct']:.2f}x")
         out.append("")
     out.append("Headline (mesh = two sidecars; CPU and RSS per sidecar / per nginx worker; "
                "all_layers = the mesh-all path)")

@@ -144,6 +144,7 @@ def fresh_admin(mesh: Mesh) -> None:
     mesh._channel = None
 
 
+@pytest.mark.slow  # 9 s; rotation through every phase runs in the default suite under load
 def test_rotations_of_an_empty_mesh_with_meshctl(tmp_path: Path) -> None:
     """IDLE with one signing CA; ``ca rotate`` refuses a half-given CA and a non-CA
     certificate with one line, and a second rotation while one runs; a restarted control

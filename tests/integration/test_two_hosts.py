@@ -510,6 +510,7 @@ def wait_synced(h: Hosts, by_replica: dict[str, set[str]],
         raise AssertionError(f"not in sync: {last[:6]}") from None
 
 
+@pytest.mark.slow  # 18 s; the leader's takeover is also in the default suite (the test above)
 @pytest.mark.timeout(120)
 def test_the_saga_runs_across_two_hosts_and_survives_the_leader_killed(hosts: Hosts) -> None:
     h = hosts
