@@ -264,6 +264,13 @@ _SCANNED: dict[bytes, tuple[int, HeaderBlock]] = {}
 """Context-free blocks already scanned (requests and trailers repeat byte for byte)."""
 
 
+def _remember(block: bytes, max_list_bytes: int, hb: HeaderBlock) -> None:
+    """Keep ``block``'s scan (made under ``max_list_bytes``); the cache starts over when full."""
+    if len(_SCANNED) >= _CACHE_ENTRIES:
+        _SCANNED.clear()
+    _SCANNED[block] = (max_list_bytes, hb)
+
+
 class HeaderReader:
     """Decoder-side HPACK state for the blocks one peer sends on one connection."""
 
@@ -302,9 +309,7 @@ class HeaderReader:
         if cacheable and self.table_size == 0 and not hb.trace_spans:
             # Same bytes under an empty table always scan the same: share the result (not
             # for a block with a traceparent: one per call, it would only churn the cache).
-            if len(_SCANNED) >= _CACHE_ENTRIES:
-                _SCANNED.clear()
-            _SCANNED[block] = (self.max_list_bytes, hb)
+            _remember(block, self.max_list_bytes, hb)
         return hb
 
     def _with_our_traceparent(self, block: bytes) -> HeaderBlock | None:
@@ -319,21 +324,10 @@ class HeaderReader:
         if not block.startswith(_OUR_TRACEPARENT_HEAD, cut):
             return None
         head = block[:cut]
-        hit = _SCANNED.get(head)
-        if hit is not None and hit[0] == self.max_list_bytes:
-            base = hit[1]
-        else:
-            try:
-                base = self._scan(head)
-            except (_NeedsDecoder, HpackError, HeaderListTooLarge):
-                return None
-            if len(head) <= _CACHE_MAX_BLOCK_BYTES and not base.trace_spans:
-                if len(_SCANNED) >= _CACHE_ENTRIES:
-                    _SCANNED.clear()
-                _SCANNED[head] = (self.max_list_bytes, base)
+        base = self._scan_cached(head)
         # Huffman strings count at most 8/5 of their wire length: past this bound the exact
         # size is the full scan's business.
-        if base.trace_spans or (base.list_bytes + len(head) + _OUR_TRACEPARENT_LIST_BYTES
+        if base is None or base.trace_spans or (base.list_bytes + len(head) + _OUR_TRACEPARENT_LIST_BYTES
                                 > self.max_list_bytes):
             return None
         fields = dict(base.fields)
@@ -357,21 +351,9 @@ class HeaderReader:
             parts.append(block[pos:s])
             pos = e
         parts.append(block[pos:])
-        head = b"".join(parts)
-        hit = _SCANNED.get(head)
-        if hit is not None and hit[0] == self.max_list_bytes:
-            base = hit[1]
-        else:
-            try:
-                base = self._scan(head)
-            except (_NeedsDecoder, HpackError, HeaderListTooLarge):
-                return None
-            if base.trace_spans or base.timeout_span is not None:
-                return None  # the walk missed a field the scan saw: let the full scan judge
-            if len(head) <= _CACHE_MAX_BLOCK_BYTES:
-                if len(_SCANNED) >= _CACHE_ENTRIES:
-                    _SCANNED.clear()
-                _SCANNED[head] = (self.max_list_bytes, base)
+        base = self._scan_cached(b"".join(parts))
+        if base is None or base.trace_spans or base.timeout_span is not None:
+            return None  # the walk missed a field the scan saw: let the full scan judge
         fields = dict(base.fields)
         list_bytes = base.list_bytes
         timeout_span: tuple[int, int] | None = None
@@ -394,10 +376,22 @@ class HeaderReader:
         if not trace_spans and len(block) <= _CACHE_MAX_BLOCK_BYTES:
             # A deadline alone repeats (a fixed timeout, or a countdown's few values): keep
             # the whole block too, so it hits the cache at once next time.
-            if len(_SCANNED) >= _CACHE_ENTRIES:
-                _SCANNED.clear()
-            _SCANNED[block] = (self.max_list_bytes, hb)
+            _remember(block, self.max_list_bytes, hb)
         return hb
+
+    def _scan_cached(self, head: bytes) -> HeaderBlock | None:
+        """The scan of ``head`` (the part of a block that requests repeat byte for byte),
+        from the scan cache or made and kept there; None when it does not scan on its own."""
+        hit = _SCANNED.get(head)
+        if hit is not None and hit[0] == self.max_list_bytes:
+            return hit[1]
+        try:
+            base = self._scan(head)
+        except (_NeedsDecoder, HpackError, HeaderListTooLarge):
+            return None
+        if len(head) <= _CACHE_MAX_BLOCK_BYTES and not base.trace_spans:
+            _remember(head, self.max_list_bytes, base)
+        return base
 
     def _scan(self, buf: bytes) -> HeaderBlock:
         fields: dict[str, str] = {}
