@@ -42,8 +42,8 @@ import grpc
 from bench import grpc_client
 from bench.paths import MESH_AUTHORITY, BenchPath
 from bench.procs import BenchError, Proc, ProcGroup
+from demo_services.launcher.admin import AdminClient
 from protos.mesh.v1 import control_pb2 as pb
-from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 from tests.support.sidecar import REPO_ROOT
 
 TRUST_DOMAIN = "mesh.local"
@@ -120,15 +120,11 @@ class Admin:
     CA dir the control plane wrote), as ``meshctl`` calls it."""
 
     def __init__(self, api: str, ca_dir: Path) -> None:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=(ca_dir / "ca.pem").read_bytes(),
-            private_key=(ca_dir / "admin-key.pem").read_bytes(),
-            certificate_chain=(ca_dir / "admin.pem").read_bytes())
-        self.channel = grpc.secure_channel(api, creds)
-        self.stub = pb_grpc.AdminStub(self.channel)
+        self._client = AdminClient(api, ca_dir)  # the demo's channel, as meshctl's identity
+        self.stub = self._client.stub
 
     def close(self) -> None:
-        self.channel.close()
+        self._client.close()
 
     def _call(self, what: str, fn: Callable[..., Any], request: Any) -> Any:
         try:
