@@ -211,6 +211,10 @@ class _Launch:
                   "--admin-port", "0",
                   "--report-interval-s", f"{self.s.report_interval_s:g}",
                   "--health-interval-s", f"{self.s.health_interval_s:g}",
+                  # A sidecar must be back within the registry's grace period after a control
+                  # plane restart, or the restarted control plane drops its instance (and a
+                  # snapshot goes out without it): reconnect backoff at most half the grace.
+                  "--max-backoff-s", f"{max(0.05, min(5.0, self.s.grace_period_s / 2)):g}",
                   "--drain-timeout-s", f"{self.s.drain_timeout_s:g}",
                   "--trace-sample-rate", f"{self.s.trace_sample_rate:g}",
                   "--trace-export-delay-ms", str(TRACE_EXPORT_DELAY_MS),
