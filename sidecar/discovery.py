@@ -43,8 +43,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 from mesh_common.snapshot import (
     MAX_SNAPSHOT_BYTES,
     Snapshot,
@@ -54,10 +52,10 @@ from mesh_common.snapshot import (
     merge,
 )
 from protos.mesh.v1 import control_pb2 as pb
-from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 
 from .layers.calllog import TapBatch, Taps
 from .layers.stats import StatsReport
+from .rpc import Channel, RpcError, StreamCall, client_tls
 from .upstream import ResilienceReport
 
 if TYPE_CHECKING:
@@ -82,8 +80,8 @@ MAX_INFLATED_SNAPSHOT_BYTES = MAX_SNAPSHOT_BYTES
 decompression bomb: 1 GiB of zeros is 1 MiB of zlib) is NACKed without inflating the rest,
 so memory stays bounded (about twice this, zlib's output blocks and their join, plus the
 message itself)."""
-CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                   ("grpc.enable_retries", 0))
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Cap on one message from the control plane (bytes)."""
 
 
 def backoff_s(attempt: int, rng: random.Random, *, start_s: float = BACKOFF_START_S,
@@ -314,17 +312,16 @@ class DiscoveryState:
 
 
 # ---------------------------------------------------------------------- the stream (I/O)
-ChannelFactory = Callable[[str], grpc.aio.Channel]
+ChannelFactory = Callable[[str], Channel]
+STREAM_METHOD = "/mesh.v1.Discovery/Stream"
 
 
 def mtls_channels(identity: DynamicIdentity) -> ChannelFactory:
-    """A channel factory that builds mTLS credentials from ``identity``'s certificate at the
+    """A channel factory that builds the mTLS context from ``identity``'s certificate at the
     moment of each call (so a renewed certificate is used by the next connection)."""
-    def make(address: str) -> grpc.aio.Channel:
-        creds = grpc.ssl_channel_credentials(root_certificates=identity.bundle_pem,
-                                             private_key=identity.key.private_pem(),
-                                             certificate_chain=identity.cert_pem)
-        return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+    def make(address: str) -> Channel:
+        return Channel(address, tls=client_tls(identity.files),
+                       max_message_bytes=MAX_MESSAGE_BYTES)
     return make
 
 
@@ -424,8 +421,8 @@ class DiscoveryClient:
             try:
                 await self._session(address)
                 error = "the control plane ended the stream"
-            except grpc.aio.AioRpcError as exc:
-                error = f"{exc.code().name}: {one_line(exc.details() or '', 200)}"
+            except RpcError as exc:
+                error = f"{exc.code.name}: {one_line(exc.details, 200)}"
             except asyncio.InvalidStateError:
                 error = "the stream closed"
             except (OSError, ValueError) as exc:
@@ -458,7 +455,7 @@ class DiscoveryClient:
         """One stream: register, then read, write and report until one of them ends; returns
         when the control plane ends the stream, raises when it fails."""
         async with self._channel(address) as channel:
-            call = pb_grpc.DiscoveryStub(channel).Stream()
+            call = await channel.open_stream(STREAM_METHOD, pb.ControlMessage)
             outbox: asyncio.Queue[pb.SidecarMessage] = asyncio.Queue(OUTBOX_MAX)
             outbox.put_nowait(register_message(
                 self.registration, health=self.health(), version=self.state.version,
@@ -485,11 +482,11 @@ class DiscoveryClient:
             for task in done:
                 task.result()  # the failure that ended the session, if any
 
-    async def _read(self, call: Any, outbox: asyncio.Queue[pb.SidecarMessage],
-                    address: str) -> None:
+    async def _read(self, call: StreamCall[pb.ControlMessage],
+                    outbox: asyncio.Queue[pb.SidecarMessage], address: str) -> None:
         while True:
             msg = await call.read()
-            if msg is grpc.aio.EOF:
+            if msg is None:
                 return
             if not self.connected:  # the control plane has answered: the session works
                 self.connected = True
@@ -504,7 +501,8 @@ class DiscoveryClient:
             if self.state.taps is not None and self.state.taps.active:
                 self._tap_wake.set()
 
-    async def _write(self, call: Any, outbox: asyncio.Queue[pb.SidecarMessage]) -> None:
+    async def _write(self, call: StreamCall[pb.ControlMessage],
+                     outbox: asyncio.Queue[pb.SidecarMessage]) -> None:
         while True:
             await call.write(await outbox.get())
 

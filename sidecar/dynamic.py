@@ -1,7 +1,7 @@
 """Dynamic mode's identity: join the mesh with a token, then keep the certificate fresh.
 
-Joining: a key made in memory (``WorkloadKey``), a CSR for our SPIFFE ID and an HMAC proof
-keyed by the token's secret go to the control plane's plaintext join listener
+Joining: a key (``WorkloadKey``, made at the first join), a CSR for our SPIFFE ID and an
+HMAC proof keyed by the token's secret go to the control plane's plaintext join listener
 (``mesh.v1.Bootstrap/Join``; several join addresses, one per control-plane replica, are tried
 in turn while one is out of reach); the answer is accepted only if the bundle carries the
 token's CA pin and the certificate is ours (``check_issued``). Renewing: at two thirds of the
@@ -15,10 +15,13 @@ CA key already trusted). After each renewal ``on_renewed`` callbacks run (the di
 stream reports the new identity at once: ``trust`` is what it reports). A
 certificate that expired because the control plane was out of reach makes ``/ready`` say so,
 and the next success (a renewal is refused for an expired certificate, so a new join with
-the token) restores it. The key is never written to disk or logged; the token's secret is
-never logged.
+the token) restores it. The key is made, CSRs signed and answers checked by the sidecar's
+short-lived helper process (``python -m sidecar.certwork``, through ``sidecar.identity``): the
+key comes back over a pipe and stays in memory, never written to disk or logged; the token's
+secret is never logged.
 
-``grpc`` and ``cryptography`` are imported here only: the standalone data path loads neither.
+The calls go over ``sidecar.rpc`` (the sidecar's own HTTP/2 core): no sidecar process loads
+grpcio, and only that helper loads ``cryptography``.
 """
 
 from __future__ import annotations
@@ -30,32 +33,30 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 
-import grpc
-
 from mesh_common.jointoken import ANSWER_MAC_METADATA, JoinToken, check_answer_mac, join_proof
 from mesh_common.spiffe import SpiffeId
 from protos.mesh.v1 import control_pb2 as pb
-from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 
 from .identity import (
     IdentityError,
+    Issued,
     MemoryTlsFiles,
     TrustFields,
     WorkloadKey,
-    bundle_key_hashes,
     check_issued,
     renew_at,
-    trust_fields,
 )
+from .rpc import Channel, Code, RpcError, binary_header, client_tls
 from .tls import TlsFiles
 
 log = logging.getLogger("mesh.sidecar.identity")
 
 RPC_TIMEOUT_S = 10.0
 # Codes worth trying again later: the control plane is away or busy, not saying no.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+RETRYABLE = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED,
+                       Code.ABORTED, Code.INTERNAL, Code.UNKNOWN})
+JOIN_METHOD = "/mesh.v1.Bootstrap/Join"
+RENEW_METHOD = "/mesh.v1.Identity/Renew"
 
 
 class JoinRefused(Exception):
@@ -95,7 +96,9 @@ class DynamicIdentity:
         self._api_index = 0
         self.instance_id = instance_id or f"{service}-{socket.gethostname()}-{os.getpid()}"
         self.max_backoff_s = max_backoff_s
-        self.key = WorkloadKey()
+        self._key: WorkloadKey | None = None  # made at the first join
+        self.issued: Issued | None = None
+        """What the current certificate and bundle passed the checks with."""
         self.memfiles: MemoryTlsFiles | None = None
         self.cert_pem = b""
         self.bundle_pem = b""
@@ -146,6 +149,20 @@ class DynamicIdentity:
         self._wake.set()
 
     @property
+    def key(self) -> WorkloadKey:
+        """Our key (made at the first join; AssertionError before)."""
+        assert self._key is not None, "join first"
+        return self._key
+
+    async def _new_csr(self) -> bytes:
+        """A CSR (DER) for our SPIFFE ID from the helper process; the first one also makes
+        our key. Raises IdentityError when the helper cannot do it."""
+        if self._key is None:
+            self._key, csr = await WorkloadKey.generate(self.spiffe_id)
+            return csr
+        return await self._key.csr_der(self.spiffe_id)
+
+    @property
     def files(self) -> TlsFiles:
         assert self.memfiles is not None, "join first"
         return self.memfiles.files
@@ -162,48 +179,51 @@ class DynamicIdentity:
             try:
                 await self._join_once()
                 return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE:
+            except RpcError as exc:
+                if exc.code not in RETRYABLE:
                     raise JoinRefused(
                         f"join refused by the control plane at {address}: "
-                        f"{exc.code().name}: {exc.details()}") from None
-                self.last_error = f"join: {address}: {exc.code().name}: {exc.details()}"
+                        f"{exc.code.name}: {exc.details}") from None
+                self.last_error = f"join: {address}: {exc.code.name}: {exc.details}"
                 self._next_join_address()
                 tried += 1
                 if tried < len(self.join_addresses):  # the next address at once
                     log.warning("control plane at %s cannot take the join (%s: %s); trying %s",
-                                address, exc.code().name, exc.details(), self.join_address)
+                                address, exc.code.name, exc.details, self.join_address)
                     continue
                 tried = 0  # every address tried: pause (backoff) before the next round
                 log.warning("control plane at %s cannot take the join (%s: %s); retrying in "
-                            "%.1fs", address, exc.code().name, exc.details(), backoff)
+                            "%.1fs", address, exc.code.name, exc.details, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
     async def _join_once(self, again: bool = False) -> None:
         """One join. ``again`` (a join after a renewal failed or the certificate expired):
         the answer's bundle may carry the token's pin or a CA key already trusted."""
-        csr = self.key.csr_der(self.spiffe_id)
+        try:
+            csr = await self._new_csr()
+        except IdentityError as exc:
+            raise JoinRefused(f"cannot join: {exc}") from None
         request = pb.JoinRequest(token_id=self.token.token_id, csr=csr,
                                  proof=join_proof(self.token.secret, csr),
                                  instance_id=self.instance_id)
-        async with grpc.aio.insecure_channel(self.join_address) as channel:
-            call = pb_grpc.BootstrapStub(channel).Join(request, timeout=RPC_TIMEOUT_S)
-            resp = await call
-            trailers = await call.trailing_metadata()
+        async with Channel(self.join_address, connect_timeout_s=RPC_TIMEOUT_S) as channel:
+            resp, trailers = await channel.unary_with_trailers(
+                JOIN_METHOD, request, pb.JoinResponse, timeout_s=RPC_TIMEOUT_S)
         # The join travels in plaintext: the answer counts only with the control plane's MAC
         # over it, keyed by the token's secret (a forged or altered answer has none that fits).
-        mac = next((bytes(v) for k, v in (trailers or ()) if k == ANSWER_MAC_METADATA), b"")
+        mac = binary_header(trailers.lookup(ANSWER_MAC_METADATA)) if trailers is not None else b""
         if not check_answer_mac(self.token.secret, csr, resp.certificate_pem,
                                 resp.trust_bundle_pem, resp.spiffe_id, resp.otlp_endpoint, mac):
             raise JoinRefused(f"refusing to join via {self.join_address}: the answer's "
                               f"{'MAC does not match' if mac else 'MAC is missing'} (not the "
                               f"control plane that made this token, or altered on the way)")
         pins = {self.token.ca_key_sha256}
-        if again and self.bundle_pem:
-            pins |= bundle_key_hashes(self.bundle_pem)
+        if again and self.issued is not None:
+            pins |= self.issued.bundle_key_hashes
         try:
-            self._accept(resp.certificate_pem.encode(), resp.trust_bundle_pem.encode(), pins)
+            await self._accept(resp.certificate_pem.encode(), resp.trust_bundle_pem.encode(),
+                               pins)
         except IdentityError as exc:
             raise JoinRefused(f"refusing to join via {self.join_address}: {exc}") from None
         self.otlp_endpoint = resp.otlp_endpoint
@@ -212,19 +232,18 @@ class DynamicIdentity:
 
     # ------------------------------------------------------------- renew
     async def _renew_once(self) -> None:
-        creds = grpc.ssl_channel_credentials(root_certificates=self.bundle_pem,
-                                             private_key=self.key.private_pem(),
-                                             certificate_chain=self.cert_pem)
-        request = pb.RenewRequest(csr=self.key.csr_der(self.spiffe_id),
+        request = pb.RenewRequest(csr=await self._new_csr(),
                                   instance_id=self.instance_id)
-        async with grpc.aio.secure_channel(self.api_address, creds) as channel:
-            resp = await pb_grpc.IdentityStub(channel).Renew(request, timeout=RPC_TIMEOUT_S)
+        async with Channel(self.api_address, tls=client_tls(self.files),
+                           connect_timeout_s=RPC_TIMEOUT_S) as channel:
+            resp = await channel.unary(RENEW_METHOD, request, pb.RenewResponse,
+                                       timeout_s=RPC_TIMEOUT_S)
         # No pin: the bundle we already trust authenticated this answer (mTLS).
-        self._accept(resp.certificate_pem.encode(), resp.trust_bundle_pem.encode(), None)
+        await self._accept(resp.certificate_pem.encode(), resp.trust_bundle_pem.encode(), None)
 
-    def _accept(self, cert_pem: bytes, bundle_pem: bytes, pin: set[str] | None) -> None:
+    async def _accept(self, cert_pem: bytes, bundle_pem: bytes, pin: set[str] | None) -> None:
         now = _now()
-        cert = check_issued(self.key, self.spiffe_id, cert_pem, bundle_pem, pin, now)
+        issued = await check_issued(self.key, self.spiffe_id, cert_pem, bundle_pem, pin, now)
         new = MemoryTlsFiles(cert_pem, self.key, bundle_pem)
         old = self.memfiles
         if old is not None:
@@ -238,9 +257,10 @@ class DynamicIdentity:
                 raise
         self.memfiles = new
         self.cert_pem, self.bundle_pem = cert_pem, bundle_pem
-        self.trust = trust_fields(cert, bundle_pem)
-        self.not_after = cert.not_valid_after_utc
-        self.renew_time = renew_at(cert, received=now)
+        self.issued = issued
+        self.trust = issued.trust
+        self.not_after = issued.not_valid_after_utc
+        self.renew_time = renew_at(issued, received=now)
         self._expired_logged = False
         if old is not None:
             old.close()  # the TLS state has loaded the new files; open connections keep theirs
@@ -287,10 +307,10 @@ class DynamicIdentity:
                          self.trust.issuer_sha256[:12], self.trust.bundle_sha256[:12])
                 self._renewed()
                 continue
-            except grpc.aio.AioRpcError as exc:
+            except RpcError as exc:
                 what = "join again" if expired else "renew"
-                self.last_error = f"{what}: {exc.code().name}: {exc.details()}"
-                if not expired and exc.code() not in RETRYABLE:
+                self.last_error = f"{what}: {exc.code.name}: {exc.details}"
+                if not expired and exc.code not in RETRYABLE:
                     # Refused (not just unreachable): try the token instead, right away.
                     log.warning("renewal refused (%s); joining again with the token",
                                 self.last_error)
@@ -302,15 +322,15 @@ class DynamicIdentity:
                         backoff = 0.2
                         self._renewed()
                         continue
-                    except grpc.aio.AioRpcError as exc2:
-                        self.last_error = f"join again: {exc2.code().name}: {exc2.details()}"
-                        if exc2.code() in RETRYABLE:
+                    except RpcError as exc2:
+                        self.last_error = f"join again: {exc2.code.name}: {exc2.details}"
+                        if exc2.code in RETRYABLE:
                             self._next_join_address()
                     except (JoinRefused, IdentityError) as exc2:
                         self.last_error = f"join again: {exc2}"
-                if not expired and exc.code() in RETRYABLE:
+                if not expired and exc.code in RETRYABLE:
                     self._next_api_address()  # out of reach: the next address next time
-                if expired and exc.code() in RETRYABLE:
+                if expired and exc.code in RETRYABLE:
                     self._next_join_address()
             except (JoinRefused, IdentityError) as exc:
                 self.last_error = str(exc)

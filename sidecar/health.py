@@ -1,5 +1,6 @@
-"""Health of the local app (dynamic mode): ``grpc.health.v1.Health/Check`` every few seconds;
-an app that answers UNIMPLEMENTED is checked by TCP connect instead (logged once).
+"""Health of the local app (dynamic mode): ``grpc.health.v1.Health/Check`` every few seconds
+(over ``sidecar.rpc``, h2c); an app that answers UNIMPLEMENTED is checked by TCP connect
+instead (logged once).
 
 What it finds is shown in ``/stats`` (``app_health``) and goes to the control plane: in the
 sidecar's registration (after the first check, ``first_check``) and at once on every change
@@ -13,14 +14,16 @@ import logging
 import time
 from collections.abc import Callable
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from mesh_common.bootstrap import HostPort
+
+from .rpc import Channel, Code, RpcError
 
 log = logging.getLogger("mesh.sidecar.health")
 
 METHODS = ("grpc", "tcp", "none")
+CHECK = "/grpc.health.v1.Health/Check"
 
 
 class AppHealth:
@@ -43,7 +46,7 @@ class AppHealth:
         self.checked_at: float | None = None
         self.checks = 0
         self.on_change: Callable[[str], None] | None = None
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: Channel | None = None
         self._first_done = asyncio.Event()
         if method == "none":
             self._first_done.set()
@@ -94,13 +97,13 @@ class AppHealth:
 
     async def _check_grpc(self) -> None:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(str(self.app))
-        stub = health_pb2_grpc.HealthStub(self._channel)
+            self._channel = Channel(str(self.app), connect_timeout_s=self.timeout_s)
         try:
-            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""),
-                                    timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            resp = await self._channel.unary(
+                CHECK, health_pb2.HealthCheckRequest(service=""), health_pb2.HealthCheckResponse,
+                timeout_s=self.timeout_s)
+        except RpcError as exc:
+            if exc.code == Code.UNIMPLEMENTED:
                 log.info("local app %s does not implement grpc.health.v1: checking it by TCP "
                          "connect instead", self.app)
                 self.method = "tcp"
@@ -108,9 +111,8 @@ class AppHealth:
                 self._channel = None
                 await self._check_tcp()
                 return
-            self._set("UNREACHABLE" if exc.code() in (grpc.StatusCode.UNAVAILABLE,
-                                                      grpc.StatusCode.DEADLINE_EXCEEDED)
-                      else "NOT_SERVING", f"{exc.code().name}: {exc.details()}")
+            self._set("UNREACHABLE" if exc.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
+                      else "NOT_SERVING", f"{exc.code.name}: {exc.details}")
             return
         self._set(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status), None)
 

@@ -32,6 +32,7 @@ from sidecar.layers.calllog import (
     rfc3339_ms,
 )
 from sidecar.layers.stats import StatsReport
+from sidecar.rpc import Channel
 
 TD = "mesh.local"
 UNARY = "/meshtest.Echo/Unary"
@@ -369,7 +370,7 @@ async def test_a_tap_over_the_discovery_stream_sends_batches_and_ends_with_the_s
     layer = CallLog("outbound", "web", taps)
     client = DiscoveryClient(
         _state(taps), Registration("web-1", outbound="127.0.0.1:1", admin="127.0.0.1:2"),
-        addresses=[f"127.0.0.1:{port}"], channel=grpc.aio.insecure_channel,
+        addresses=[f"127.0.0.1:{port}"], channel=Channel,
         take_report=lambda: StatsReport(0.05, {}, {}), health=lambda: "",
         cert_not_after_unix=lambda: 0, report_interval_s=0.05, max_backoff_s=5)
     task = asyncio.create_task(client.run())

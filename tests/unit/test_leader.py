@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import click
-import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -197,6 +196,7 @@ async def test_a_join_tries_each_join_address_in_turn_then_backs_off(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from mesh_common.jointoken import new_token
     from sidecar import dynamic
+    from sidecar.rpc import Code, RpcError
 
     token = new_token("0" * 64, "127.0.0.2:1", "127.0.0.2:2")
     ident = dynamic.DynamicIdentity(token, "echo", TD,
@@ -204,10 +204,9 @@ async def test_a_join_tries_each_join_address_in_turn_then_backs_off(
     tried: list[str] = []
     sleeps: list[float] = []
 
-    class Unavailable(grpc.aio.AioRpcError):
+    class Unavailable(RpcError):
         def __init__(self) -> None:
-            super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
-                             grpc.aio.Metadata(), "no leader elected yet")
+            super().__init__(Code.UNAVAILABLE, "no leader elected yet")
 
     async def join_once(again: bool = False) -> None:
         tried.append(ident.join_address)

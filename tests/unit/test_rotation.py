@@ -21,7 +21,7 @@ from control_plane import ca as CA
 from control_plane import rotation as R
 from mesh_common.spiffe import SpiffeId
 from protos.mesh.v1 import control_pb2 as pb
-from sidecar.identity import WorkloadKey, bundle_key_hashes, check_issued, trust_fields
+from sidecar.certwork import CheckFailed, bundle_key_hashes, check, make_key_and_csr, trust_fields
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -428,26 +428,29 @@ def test_an_unusable_ca_is_refused_with_the_reason(old, case: str, message: str)
 
 
 # ---------------------------------------------------------------------- what a sidecar reports
-def _csr(key: WorkloadKey | None = None) -> bytes:
-    return (key or WorkloadKey()).csr_der(SpiffeId(TD, "payment"))
+ME_URI = SpiffeId(TD, "payment").uri
+
+
+def _csr() -> bytes:
+    """A CSR for ``payment`` with a new key."""
+    return make_key_and_csr(ME_URI, "payment", None)[1]
 
 
 def test_a_sidecar_reports_its_serial_bundle_and_issuer(old, new) -> None:
-    key = WorkloadKey()
+    key_pem, csr = make_key_and_csr(ME_URI, "payment", None)
     t = R.trust_for(R.REISSUE, old, new)
-    issued = t.signer.sign_workload_csr(_csr(key), "payment", NOW, dt.timedelta(hours=1))
-    cert = check_issued(key, SpiffeId(TD, "payment"), issued.pem, t.bundle_pem, None,
-                        NOW + dt.timedelta(minutes=1))
-    fields = trust_fields(cert, t.bundle_pem)
-    assert fields.cert_serial == format(issued.serial, "x")
-    assert fields.bundle_sha256 == t.bundle_sha256  # what the control plane compares with
-    assert fields.issuer_sha256 == new.sha256
-    assert trust_fields(cert, old.chain_pem).issuer_sha256 == ""  # not in that bundle
+    issued = t.signer.sign_workload_csr(csr, "payment", NOW, dt.timedelta(hours=1))
+    later = T0 + 60
+    fields = check(key_pem, ME_URI, issued.pem, t.bundle_pem, None, later)
+    assert fields["cert_serial"] == format(issued.serial, "x")
+    assert fields["bundle_sha256"] == t.bundle_sha256  # what the control plane compares with
+    assert fields["issuer_sha256"] == new.sha256
+    assert set(fields["bundle_key_hashes"]) == {old.key_sha256, new.key_sha256}
+    cert = x509.load_pem_x509_certificate(issued.pem)
+    assert trust_fields(cert, old.chain_pem)["issuer_sha256"] == ""  # not in that bundle
     # A join checks the token's pin; a join again also accepts a CA key already trusted.
     done = R.trust_for(R.DONE, old, new)
-    with pytest.raises(Exception, match="was the mesh's CA rotated"):
-        check_issued(key, SpiffeId(TD, "payment"), issued.pem, done.bundle_pem,
-                     old.key_sha256, NOW + dt.timedelta(minutes=1))
-    check_issued(key, SpiffeId(TD, "payment"), issued.pem, done.bundle_pem,
-                 {old.key_sha256} | bundle_key_hashes(t.bundle_pem),
-                 NOW + dt.timedelta(minutes=1))
+    with pytest.raises(CheckFailed, match="was the mesh's CA rotated"):
+        check(key_pem, ME_URI, issued.pem, done.bundle_pem, [old.key_sha256], later)
+    check(key_pem, ME_URI, issued.pem, done.bundle_pem,
+          [old.key_sha256, *bundle_key_hashes(t.bundle_pem)], later)

@@ -38,6 +38,7 @@ from sidecar.discovery import (
 )
 from sidecar.layers.stats import LATENCY_BOUNDS_MS, Stats, StatsReport, latency_bucket
 from sidecar.main import UsageError, main, parse_control_planes, parse_labels
+from sidecar.rpc import Channel
 
 TD = "mesh.local"
 
@@ -437,7 +438,7 @@ async def test_a_session_registers_acks_reports_and_resyncs_after_the_stream_end
     client = DiscoveryClient(
         sc.state(), Registration("web-1", outbound="127.0.0.1:1", admin="127.0.0.1:2"),
         addresses=[f"127.0.0.1:{dead_port}", f"127.0.0.1:{port}"],
-        channel=lambda address: grpc.aio.insecure_channel(address),
+        channel=Channel,
         take_report=lambda: StatsReport(0.05, {}, {}), health=lambda: "SERVING",
         cert_not_after_unix=lambda: 1234, report_interval_s=0.05, max_backoff_s=0.05)
     task = asyncio.create_task(client.run())
