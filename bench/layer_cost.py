@@ -9,7 +9,7 @@ switched between runs through the control plane (``Admin.ApplyConfig``/``DeleteC
 version (a switch that leaves the version as it was fails the run). CPU = utime+stime
 (``/proc``) of the sidecar the layer acts in (the client sidecar for the outbound layers, the
 echo sidecar for authorization) over the run, read once every span of the run is exported
-(the export thread sends them up to 1 s later), ÷ requests. Rounds alternate their order
+(the export task sends them up to 1 s later), ÷ requests. Rounds alternate their order
 (forward, then backward) so drift hits on and off alike; on and off are medians over rounds,
 the cost is the median of the per-round differences, and their standard error says how much
 this shared machine's noise can hide (identical runs differ by 10-20 µs per call).
@@ -18,15 +18,15 @@ this shared machine's noise can hide (identical runs differ by 10-20 µs per cal
 echo's, built as ``sidecar.process`` builds them) over the snapshots the mesh-all client held,
 driven with synthetic calls, no sockets: request headers, response headers, trailers (OK) and
 the end, as the relay calls the hooks; µs per call of this process's CPU time
-(``process_time``: every thread, so the span export thread too; time spent descheduled does
-not count), every stack in each round (interleaved, alternating order), the lowest round as
+(``process_time``: every thread; spans are encoded and sent on this thread, in the timed
+loop's flush; time spent descheduled does not count), every stack in each round (interleaved, alternating order), the lowest round as
 each stack's figure (the least disturbed run; cost = on - off of those).
 
 * Layers every stack always has (stats, metrics, calllog, trace): each stack with and without
   the layer; the figure per sidecar is the mean of the outbound and inbound differences.
   Trace samples new traces at the sidecar default (0.1) and, in the bench, exports them for
-  real: ``sidecar.tracing.Tracer`` (the sidecar's own exporter: OTel SDK batch processor,
-  OTLP/gRPC over mTLS) to the mesh-all control plane's receiver, with an identity joined as
+  real: ``sidecar.tracing.Tracer`` (the sidecar's own exporter: bounded queue, OTLP/gRPC
+  over ``sidecar.rpc`` with mTLS, on an event loop of this process) to the mesh-all control plane's receiver, with an identity joined as
   ``client``; each timed loop ends with a flush, so the row holds building, converting,
   encoding and sending the spans. It is measured here and not at runtime because the
   sample rate is a start-up flag: "off" would be another process (two identical sidecar
@@ -210,25 +210,32 @@ def _stderr(values: list[float]) -> float | None:
 class SpanExport:
     """The sidecar's own span exporter (``sidecar.tracing.Tracer``) in this process, sending to
     the mesh-all control plane's OTLP receiver over mTLS with an identity joined as
-    ``client`` (a join token made through the Admin API; ``bench.registrar.join``)."""
+    ``client`` (a join token made through the Admin API; ``bench.registrar.join``), its
+    certificate, key and bundle in anonymous in-memory files (the key never touches disk).
+    Spans wait in the tracer's queue (``sink`` runs outside any event loop) until ``flush``
+    sends them on this object's own event loop."""
 
     def __init__(self, mesh: MeshAll) -> None:
         import asyncio
 
         from bench.registrar import join
+        from sidecar.identity import MemoryTlsFiles, WorkloadKey
         from sidecar.tracing import Tracer, parse_otlp_endpoint
 
         ident, _ = asyncio.run(join("client", mesh.admin.create_token("client"), TRUST_DOMAIN))
-        creds = (ident.bundle_pem, ident.key_pem, ident.cert_pem)
+        self._memfiles = MemoryTlsFiles(ident.cert_pem, WorkloadKey(ident.key_pem),
+                                        ident.bundle_pem)
+        files = self._memfiles.files
+        self.loop = asyncio.new_event_loop()
         self.tracer = Tracer(parse_otlp_endpoint(mesh.cp.otlp), service="client",
-                             instance_id="client-bench-in-process", credentials=lambda: creds)
+                             instance_id="client-bench-in-process", tls=lambda: files)
 
     def sink(self, span: Any) -> None:
         self.tracer.submit(span)
 
     def flush(self) -> None:
         """Export every span submitted so far (blocks until the receiver answered)."""
-        if not self.tracer.flush(timeout_s=30):
+        if not self.loop.run_until_complete(self.tracer.flush(timeout_s=30)):
             raise BenchError(f"in-process span export did not finish: {self.tracer.stats()}")
 
     def check(self) -> dict[str, Any]:
@@ -239,7 +246,12 @@ class SpanExport:
         return st
 
     def close(self) -> None:
-        self.tracer.shutdown()
+        """Stop the tracer (closing its channel), then the loop and the in-memory files."""
+        try:
+            self.loop.run_until_complete(self.tracer.aclose(timeout_s=10))
+        finally:
+            self.loop.close()
+            self._memfiles.close()
 
 
 class _Harness:

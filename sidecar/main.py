@@ -270,14 +270,10 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
 def _dynamic_tracing(opts: TracingOptions, identity: Any) -> TracingOptions:
     """Dynamic mode's tracing: ``--otlp-endpoint``, else the control plane's receiver named
     in the join answer ("" = none: nothing is exported); mTLS with the identity's current
-    certificate (read before each export batch, so a renewed one is used); the identity's
-    instance id."""
-    key_pem = identity.key.private_pem()  # the key never changes; the certificate does
-
-    def credentials() -> tuple[bytes, bytes, bytes]:
-        return identity.bundle_pem, key_pem, identity.cert_pem
+    in-memory files (asked for before each export batch, so a renewed certificate is used);
+    the identity's instance id."""
     return dataclasses.replace(opts, otlp_endpoint=opts.otlp_endpoint or identity.otlp_endpoint
-                               or None, credentials=credentials,
+                               or None, tls=lambda: identity.files,
                                instance_id=opts.instance_id or identity.instance_id)
 
 

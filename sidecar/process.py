@@ -404,8 +404,8 @@ def _cert_not_after(path: str) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class TracingOptions:
     """How the sidecar traces calls (``--trace-sample-rate``, ``--otlp-endpoint``,
-    ``--trace-export-delay-ms``): ``otlp_endpoint`` ``HOST:PORT`` (mTLS with ``credentials``,
-    default the config's certificate files) or ``http://HOST:PORT`` (plaintext), None =
+    ``--trace-export-delay-ms``): ``otlp_endpoint`` ``HOST:PORT`` (mTLS with the files ``tls``
+    names, default the config's certificate files) or ``http://HOST:PORT`` (plaintext), None =
     export nothing (and build no spans); ``instance_id`` names this replica in the spans'
     resource (default ``SERVICE-HOSTNAME-PID``)."""
 
@@ -413,8 +413,9 @@ class TracingOptions:
     otlp_endpoint: str | None = None
     export_delay_ms: float = 1000.0
     instance_id: str | None = None
-    credentials: Callable[[], tuple[bytes, bytes, bytes]] | None = None
-    """(trust bundle, private key, certificate chain) PEM, read in the export thread."""
+    tls: Callable[[], TlsFiles] | None = None
+    """The current certificate, key and trust bundle files; called before each export batch
+    (whose bytes, when changed, make a new channel)."""
 
 
 class Sidecar:
@@ -562,19 +563,19 @@ class Sidecar:
         return trace
 
     def _start_tracer(self) -> Any:
-        """The span exporter for ``--otlp-endpoint`` (its thread starts now). Raises
-        ValueError for an endpoint that does not parse."""
-        from .tracing import Tracer, file_credentials, parse_otlp_endpoint
+        """The span exporter for ``--otlp-endpoint`` (its export task starts with the first
+        span, on the running loop). Raises ValueError for an endpoint that does not parse."""
+        from .tracing import Tracer, parse_otlp_endpoint
 
         opts = self.tracing
         assert opts.otlp_endpoint
         target = parse_otlp_endpoint(opts.otlp_endpoint)
-        creds = opts.credentials
-        if creds is None and not target.plaintext:
-            creds = file_credentials(self.boot.ca_file, self.boot.key_file, self.boot.cert_file)
+        # Standalone: the config's files (fixed paths; their bytes are read before each batch).
+        files = TlsFiles(cert=self.boot.cert_file, key=self.boot.key_file, ca=self.boot.ca_file)
+        tls = opts.tls or (lambda: files)
         instance = opts.instance_id or f"{self.boot.service}-{socket.gethostname()}-{os.getpid()}"
         tracer = Tracer(target, service=self.boot.service, instance_id=instance,
-                        credentials=creds, schedule_delay_ms=opts.export_delay_ms)
+                        tls=tls, schedule_delay_ms=opts.export_delay_ms)
         self.stats_sections["tracing"] = self._tracing_stats
         log.info("exporting spans to %s (sample rate %g)", target, opts.sample_rate)
         return tracer

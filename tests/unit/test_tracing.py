@@ -1,24 +1,33 @@
 """Tracing without sockets: W3C ``traceparent`` parsing (hostile values too), parent-based
 sampling, ids and the ``traceparent`` each side sends on, unsampled calls that build nothing,
-the layers' decisions as span events, the finished span's attributes, the OpenTelemetry
-conversion and the export pipeline (SDK batch processor, counted failures, credentials
-renewed), and the header splice in ``HeaderBlock.forwardable`` (scanned and decoded blocks;
+the layers' decisions as span events, the finished span's attributes, the OTLP encoding
+(decoded back) and the export pipeline on the event loop (batches and their delay, a full
+queue dropping its oldest, counted failures, a new channel for renewed credentials, closing
+flushes), and the header splice in ``HeaderBlock.forwardable`` (scanned and decoded blocks;
 property test) and in the relay (every attempt of a retried call)."""
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import logging
 import random
-import threading
-from collections.abc import Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hpack import Encoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 from mesh_common.snapshot import (
     CircuitLimits,
@@ -28,6 +37,7 @@ from mesh_common.snapshot import (
     RouteRule,
     Snapshot,
 )
+from sidecar import tracing
 from sidecar.http2 import grpc as G
 from sidecar.http2.headers import HeaderReader, encode_block
 from sidecar.http2.relay import Call, LocalReply
@@ -43,12 +53,14 @@ from sidecar.layers.trace import (
     parse_traceparent,
 )
 from sidecar.stack import Stack, inbound_stack, outbound_stack
+from sidecar.tls import TlsFiles
 from sidecar.tracing import (
+    MAX_BATCH_SPANS,
+    ChannelExport,
     OtlpTarget,
     Tracer,
-    file_credentials,
+    encode,
     parse_otlp_endpoint,
-    to_readable,
 )
 from tests.unit import test_retry as R
 from tests.unit.test_frames_headers import (
@@ -426,166 +438,361 @@ def test_the_inbound_stack_traces_with_server_spans() -> None:
     assert span.error == "NOT_FOUND: no such order" and span.attributes["mesh.source"] == "web"
 
 
-# ====================================================================== OpenTelemetry
+# ====================================================================== OTLP export
 def finished(**kw: Any) -> FinishedSpan:
     base = dict(trace_id=TRACE, span_id="b7ad6b7169203331", parent_id=PARENT, name=SAY,
                 outbound=True, start_ns=1_000, end_ns=5_000,
-                attributes={"rpc.system": "grpc", "rpc.grpc.status_code": 0}, error=None,
+                attributes={"rpc.system": "grpc", "rpc.grpc.status_code": 0},
+                error=None,
                 events=((2_000, "retry", "retry 1", {"mesh.attempt": 2}),
                         (3_000, "endpoint", "attempt 2", None)))
     base.update(kw)
     return FinishedSpan(**base)  # type: ignore[arg-type]
 
 
-def test_a_finished_span_becomes_an_sdk_span() -> None:
-    from opentelemetry.sdk.resources import Resource
-    resource = Resource({"service.name": "web", "service.instance.id": "web-1"})
-    rs = to_readable(finished(), resource)
-    assert rs.name == SAY and rs.kind is SpanKind.CLIENT and rs.resource is resource
-    assert rs.context.trace_id == int(TRACE, 16) and rs.context.span_id == 0xb7ad6b7169203331
-    assert rs.context.trace_flags.sampled and rs.parent.span_id == int(PARENT, 16)
-    assert (rs.start_time, rs.end_time) == (1_000, 5_000)
-    assert rs.status.status_code is StatusCode.UNSET
-    assert [(e.name, dict(e.attributes), e.timestamp) for e in rs.events] == [
-        ("retry", {"message": "retry 1", "mesh.attempt": 2}, 2_000),
-        ("endpoint", {"message": "attempt 2"}, 3_000)]
-    err = to_readable(finished(outbound=False, parent_id="", error="UNAVAILABLE: x"), resource)
-    assert err.kind is SpanKind.SERVER and err.parent is None
-    assert err.status.status_code is StatusCode.ERROR and err.status.description == "UNAVAILABLE: x"
+def _value(v: Any) -> Any:
+    kind = v.WhichOneof("value")
+    return (kind, getattr(v, kind)) if kind else None
 
 
-class Recording(SpanExporter):
-    """A real ``SpanExporter`` that keeps what it is given (or fails when told to)."""
+def _kvs(kvs: Any) -> list[tuple[str, Any]]:
+    return [(kv.key, _value(kv.value)) for kv in kvs]
 
-    def __init__(self, creds: Any, fail: bool = False) -> None:
-        self.creds = creds
+
+def test_encoding_carries_every_field_of_the_span_and_decodes_back() -> None:
+    client = finished(attributes={"rpc.system": "grpc", "rpc.grpc.status_code": 0,
+                                  "mesh.retried": True, "mesh.latency_ms": 1.5})
+    server = finished(span_id="1" * 16, parent_id="", outbound=False, error="UNAVAILABLE: x",
+                      events=((4_000, "denied", "no", {"message": "own text", "k": "v"}),))
+    wire = encode([client, server], service="web", instance_id="web-1").SerializeToString()
+    request = ExportTraceServiceRequest.FromString(wire)
+    (rs,) = request.resource_spans
+    assert _kvs(rs.resource.attributes) == [("service.name", ("string_value", "web")),
+                                            ("service.instance.id", ("string_value", "web-1"))]
+    (ss,) = rs.scope_spans
+    assert (ss.scope.name, ss.scope.version) == ("mesh.sidecar", "0.1.0")
+    c, s = ss.spans
+    assert c.trace_id == bytes.fromhex(TRACE) and c.span_id == bytes.fromhex("b7ad6b7169203331")
+    assert c.parent_span_id == bytes.fromhex(PARENT) and c.name == SAY
+    assert c.kind == trace_pb2.Span.SPAN_KIND_CLIENT
+    assert (c.start_time_unix_nano, c.end_time_unix_nano) == (1_000, 5_000)
+    assert _kvs(c.attributes) == [("rpc.system", ("string_value", "grpc")),
+                                  ("rpc.grpc.status_code", ("int_value", 0)),
+                                  ("mesh.retried", ("bool_value", True)),
+                                  ("mesh.latency_ms", ("double_value", 1.5))]
+    assert [(e.name, e.time_unix_nano, _kvs(e.attributes)) for e in c.events] == [
+        ("retry", 2_000, [("message", ("string_value", "retry 1")),
+                          ("mesh.attempt", ("int_value", 2))]),
+        ("endpoint", 3_000, [("message", ("string_value", "attempt 2"))])]
+    assert c.status.code == trace_pb2.Status.STATUS_CODE_UNSET and c.status.message == ""
+    assert c.flags == 0x300  # the parent's remoteness is known, and it is remote
+    assert s.kind == trace_pb2.Span.SPAN_KIND_SERVER and s.parent_span_id == b""
+    assert s.flags == 0x100 and s.span_id == bytes.fromhex("1" * 16)
+    assert (s.status.code, s.status.message) == (trace_pb2.Status.STATUS_CODE_ERROR,
+                                                 "UNAVAILABLE: x")
+    # ``message`` first; an attribute of that name gives its value, as a dict update would.
+    assert [_kvs(e.attributes) for e in s.events] == [
+        [("message", ("string_value", "own text")), ("k", ("string_value", "v"))]]
+
+
+class Export:
+    """An injected ``send`` that keeps each request it is given (as span id lists) and, when
+    told to, fails or waits for ``release`` first."""
+
+    def __init__(self, fail: BaseException | None = None, hold: bool = False) -> None:
+        self.requests: list[list[str]] = []
         self.fail = fail
-        self.spans: list[ReadableSpan] = []
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
         self.closed = False
-        self.exported = threading.Event()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.spans.extend(spans)
-        self.exported.set()
-        return SpanExportResult.FAILURE if self.fail else SpanExportResult.SUCCESS
+    async def __call__(self, request: ExportTraceServiceRequest) -> None:
+        self.entered.set()
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        self.requests.append([s.span_id.hex() for rs in request.resource_spans
+                              for ss in rs.scope_spans for s in ss.spans])
 
-    def shutdown(self) -> None:
+    async def aclose(self) -> None:
+        self.closed = True
+
+    @property
+    def spans(self) -> list[str]:
+        return [s for r in self.requests for s in r]
+
+
+async def until(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+    """Poll ``check`` on the loop until it is truthy; fails after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not (got := check()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+    return got
+
+
+def plain_tracer(send: Any, **kw: Any) -> Tracer:
+    return Tracer(OtlpTarget("127.0.0.1:4317", plaintext=True), service="web",
+                  instance_id="web-1", send=send, **kw)
+
+
+def span_ids(n: int, start: int = 0) -> list[str]:
+    return [f"{i:016x}" for i in range(start + 1, start + n + 1)]
+
+
+async def test_queued_spans_leave_together_once_the_first_waited_the_delay() -> None:
+    export = Export()
+    tracer = plain_tracer(export, schedule_delay_ms=300)
+    t0 = time.monotonic()
+    for sid in span_ids(3):
+        tracer.submit(finished(span_id=sid))
+    await asyncio.sleep(0.1)
+    assert export.requests == []  # still within the delay
+    await until(lambda: export.requests)
+    assert time.monotonic() - t0 >= 0.29
+    assert export.requests == [span_ids(3)]
+    stats = tracer.stats()
+    assert (stats["spans_submitted"], stats["spans_exported"], stats["exports"],
+            stats["spans_dropped"], stats["exporters_made"]) == (3, 3, 1, 0, 0)
+    assert await tracer.aclose()
+
+
+async def test_a_full_batch_is_sent_at_once_and_larger_queues_in_batches_of_the_max() -> None:
+    export = Export()
+    tracer = plain_tracer(export, schedule_delay_ms=60_000)
+    ids = span_ids(MAX_BATCH_SPANS + 100)
+    for sid in ids[:MAX_BATCH_SPANS]:
+        tracer.submit(finished(span_id=sid))
+    await until(lambda: export.requests)  # a full batch: no 60 s wait
+    assert export.requests == [ids[:MAX_BATCH_SPANS]]
+    for sid in ids[MAX_BATCH_SPANS:]:
+        tracer.submit(finished(span_id=sid))
+    await asyncio.sleep(0.05)
+    assert len(export.requests) == 1  # 100 spans: they wait for the delay
+    assert await tracer.flush()
+    assert export.requests == [ids[:MAX_BATCH_SPANS], ids[MAX_BATCH_SPANS:]]
+    assert await tracer.aclose()
+
+
+async def test_a_full_queue_drops_its_oldest_spans_and_counts_them() -> None:
+    export = Export(hold=True)
+    tracer = plain_tracer(export, schedule_delay_ms=60_000, max_queue_spans=4)
+    first = span_ids(4)
+    for sid in first:  # a full batch: the task takes it and waits on the collector
+        tracer.submit(finished(span_id=sid))
+    await until(export.entered.is_set)
+    later = span_ids(10, start=4)
+    for sid in later:  # 4 fit in the queue: the 6 oldest of them are dropped
+        tracer.submit(finished(span_id=sid))
+    assert tracer.stats()["spans_dropped_queue_full"] == 6
+    export.release.set()
+    assert await tracer.flush()
+    assert export.requests == [first, later[-4:]]
+    assert tracer.stats()["spans_exported"] == 8
+    assert await tracer.aclose()
+
+
+class Code(enum.IntEnum):
+    UNAVAILABLE = 14
+
+
+class FakeRpcError(Exception):
+    """Shaped as ``sidecar.rpc.RpcError``: ``code`` and ``details``."""
+
+    def __init__(self, code: Code, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+async def test_a_failed_export_drops_its_batch_counts_it_and_warns_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    export = Export(fail=FakeRpcError(Code.UNAVAILABLE, "connection refused"))
+    tracer = plain_tracer(export, schedule_delay_ms=60_000)
+    with caplog.at_level(logging.WARNING, logger="mesh.sidecar.tracing"):
+        for _ in range(2):
+            for _ in range(3):
+                tracer.submit(finished())
+            assert await tracer.flush()
+    stats = tracer.stats()
+    assert (stats["spans_exported"], stats["spans_dropped"], stats["exports"],
+            stats["exports_failed"]) == (0, 6, 2, 2)
+    assert stats["last_error"] == "UNAVAILABLE: connection refused"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "UNAVAILABLE" in warnings[0].getMessage()
+    export.fail = OSError("no route")
+    tracer.submit(finished())
+    assert await tracer.flush()
+    assert tracer.stats()["spans_dropped"] == 7 and "no route" in tracer.stats()["last_error"]
+    export.fail = None
+    tracer.submit(finished())
+    assert await tracer.flush()
+    assert tracer.stats()["spans_exported"] == 1  # the next batch goes out as usual
+    assert await tracer.aclose()
+
+
+async def test_an_export_without_an_answer_in_time_is_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracing, "EXPORT_TIMEOUT_S", 0.05)
+    export = Export(hold=True)
+    tracer = plain_tracer(export, schedule_delay_ms=60_000)
+    tracer.submit(finished())
+    assert await tracer.flush()
+    stats = tracer.stats()
+    assert (stats["spans_dropped"], stats["exports_failed"]) == (1, 1)
+    assert stats["last_error"].startswith("TimeoutError")
+    assert await tracer.aclose()
+
+
+async def test_submit_never_encodes_so_a_bad_span_fails_only_its_batch() -> None:
+    export = Export()
+    tracer = plain_tracer(export, schedule_delay_ms=60_000)
+    tracer.submit(finished(trace_id="not hex"))  # returns: encoding happens in the task
+    assert await tracer.flush()
+    assert tracer.stats()["exports_failed"] == 1 and export.requests == []
+    assert await tracer.aclose()
+
+
+async def test_aclose_flushes_what_is_queued_closes_the_sender_and_ignores_later_spans(
+        ) -> None:
+    export = Export()
+    tracer = plain_tracer(export, schedule_delay_ms=60_000)
+    for sid in span_ids(3):
+        tracer.submit(finished(span_id=sid))
+    task = tracer._task
+    assert task is not None and not task.done()
+    assert await tracer.aclose()
+    assert export.requests == [span_ids(3)] and export.closed and task.done()
+    tracer.submit(finished())
+    assert tracer.stats()["spans_submitted"] == 3 and tracer._task is None
+
+
+async def test_aclose_gives_up_at_its_timeout_and_counts_what_it_drops() -> None:
+    export = Export(hold=True)
+    tracer = plain_tracer(export, schedule_delay_ms=60_000, max_queue_spans=2)
+    for _ in range(4):  # 2 in flight (stuck), 2 queued
+        tracer.submit(finished())
+        await asyncio.sleep(0)
+    await until(export.entered.is_set)
+    t0 = time.monotonic()
+    assert not await tracer.aclose(timeout_s=0.2)
+    assert time.monotonic() - t0 < 2.0
+    stats = tracer.stats()
+    assert stats["spans_dropped"] == 4 and stats["spans_exported"] == 0 and export.closed
+
+
+def test_outside_a_running_loop_spans_wait_until_flush_sends_them() -> None:
+    export = Export()
+    tracer = plain_tracer(export, schedule_delay_ms=1)
+    tracer.submit(finished())
+    assert tracer._task is None
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(tracer.flush())
+        assert export.spans == ["b7ad6b7169203331"]
+        assert loop.run_until_complete(tracer.aclose())
+    finally:
+        loop.close()
+
+
+class FakeChannel:
+    """Stands in for ``sidecar.rpc.Channel``: keeps its calls; closed or not."""
+
+    def __init__(self, target: OtlpTarget, files: TlsFiles | None) -> None:
+        self.target = target
+        self.files = files
+        self.calls: list[tuple[str, Any, Any, float]] = []
+        self.closed = False
+
+    async def unary(self, method: str, request: Any, response_type: Any, *,
+                    timeout_s: float) -> Any:
+        assert not self.closed
+        self.calls.append((method, request, response_type, timeout_s))
+        return response_type()
+
+    async def close(self) -> None:
         self.closed = True
 
 
-def test_the_tracer_exports_through_the_batch_processor_and_counts() -> None:
-    made: list[Recording] = []
+async def test_credentials_are_read_per_batch_and_a_change_makes_a_new_channel(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = TlsFiles(cert=str(tmp_path / "cert.pem"), key=str(tmp_path / "key.pem"),
+                     ca=str(tmp_path / "ca.pem"))
+    for path in (files.cert, files.key, files.ca):
+        Path(path).write_bytes(b"first " + path.encode())
+    current = [files]
+    made: list[FakeChannel] = []
 
-    def factory(target: OtlpTarget, creds: Any) -> SpanExporter:
-        made.append(Recording(creds))
+    def connect(target: OtlpTarget, tls_files: TlsFiles | None) -> FakeChannel:
+        made.append(FakeChannel(target, tls_files))
         return made[-1]
-    tracer = Tracer(OtlpTarget("127.0.0.1:4317", plaintext=True), service="web",
-                    instance_id="web-1", schedule_delay_ms=10_000, factory=factory)
-    try:
+    target = OtlpTarget("127.0.0.1:4317", plaintext=False)
+    send = ChannelExport(target, lambda: current[0], connect=connect)
+    tracer = Tracer(target, service="web", instance_id="web-1", send=send,
+                    schedule_delay_ms=60_000)
+    for _ in range(2):
         tracer.submit(finished())
-        tracer.submit(finished(span_id="1" * 16))
-        assert tracer.flush()
-        (exp,) = made
-        assert exp.creds is None and [s.context.span_id for s in exp.spans] == \
-            [0xb7ad6b7169203331, int("1" * 16, 16)]
-        assert exp.spans[0].resource.attributes["service.name"] == "web"
-        assert exp.spans[0].resource.attributes["service.instance.id"] == "web-1"
-        stats = tracer.stats()
-        assert (stats["spans_submitted"], stats["spans_exported"], stats["spans_dropped"]) == \
-            (2, 2, 0)
-    finally:
-        tracer.shutdown()
-    assert made[0].closed
-    tracer.submit(finished())  # after shutdown: ignored
-    assert tracer.stats()["spans_submitted"] == 2
+        assert await tracer.flush()
+    assert len(made) == 1 and made[0].files == files and made[0].target == target
+    assert len(made[0].calls) == 2
+    method, request, response_type, timeout_s = made[0].calls[0]
+    assert method == "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    assert isinstance(request, ExportTraceServiceRequest)
+    assert response_type is ExportTraceServiceResponse and timeout_s == tracing.EXPORT_TIMEOUT_S
+
+    Path(files.cert).write_bytes(b"renewed certificate")  # same paths, new bytes
+    with caplog.at_level(logging.INFO, logger="mesh.sidecar.tracing"):
+        tracer.submit(finished())
+        assert await tracer.flush()
+    assert len(made) == 2 and made[0].closed and len(made[1].calls) == 1
+    assert "renewed certificate" in caplog.text
+    assert tracer.stats()["exporters_made"] == 2
+
+    current[0] = TlsFiles(cert=str(tmp_path / "gone"), key=files.key, ca=files.ca)
+    tracer.submit(finished())
+    assert await tracer.flush()
+    stats = tracer.stats()
+    assert stats["spans_dropped"] == 1 and "FileNotFoundError" in stats["last_error"]
+    assert len(made) == 2 and not made[1].closed  # unreadable: the channel stays as it was
+
+    current[0] = files
+    tracer.submit(finished())
+    assert await tracer.flush()
+    assert len(made) == 2 and len(made[1].calls) == 2  # the same bytes again: same channel
+    assert await tracer.aclose()
+    assert made[1].closed
 
 
-def test_spans_of_a_failed_export_are_counted_as_dropped() -> None:
-    tracer = Tracer(OtlpTarget("127.0.0.1:4317", plaintext=True), service="web",
-                    instance_id="web-1", schedule_delay_ms=10_000,
-                    factory=lambda t, c: Recording(c, fail=True))
-    try:
-        for _ in range(3):
-            tracer.submit(finished())
-        tracer.flush()
-        stats = tracer.stats()
-        assert (stats["spans_exported"], stats["spans_dropped"], stats["exports_failed"]) == \
-            (0, 3, 1)
-    finally:
-        tracer.shutdown()
+async def test_a_plaintext_target_gets_one_channel_without_credentials() -> None:
+    made: list[FakeChannel] = []
 
-
-def test_a_full_queue_drops_spans_and_counts_them() -> None:
-    entered, release = threading.Event(), threading.Event()
-
-    class Stuck(Recording):
-        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-            entered.set()
-            release.wait(10)
-            return super().export(spans)
-    tracer = Tracer(OtlpTarget("127.0.0.1:4317", plaintext=True), service="web",
-                    instance_id="web-1", schedule_delay_ms=60_000, max_queue_spans=4,
-                    factory=lambda t, c: Stuck(c))
-    try:
-        for _ in range(4):  # a full batch: the export thread takes it and gets stuck
-            tracer.submit(finished())
-        assert entered.wait(10)
-        for _ in range(10):  # 4 fit in the queue, the 6 oldest are dropped
-            tracer.submit(finished())
-        assert tracer.stats()["spans_dropped_queue_full"] == 6
-        release.set()
-        tracer.flush()
-        assert tracer.stats()["spans_exported"] == 8
-    finally:
-        release.set()
-        tracer.shutdown()
-
-
-def test_mtls_credentials_are_read_per_batch_and_a_change_makes_a_new_exporter(
-        tmp_path: Any) -> None:
-    from tests.support.pki import make_ca
-    ca = make_ca(tmp_path)
-    first = ca.issue_workload("web")
-    second = ca.issue_workload("web")  # a renewal: another certificate, another key
-    current = [file_credentials(str(first.ca), str(first.key), str(first.cert))]
-
-    def creds() -> tuple[bytes, bytes, bytes]:
-        return current[0]()
-    made: list[Recording] = []
-
-    def factory(target: OtlpTarget, c: Any) -> SpanExporter:
-        assert c is not None  # mTLS: channel credentials made from the PEMs
-        made.append(Recording(c))
+    def connect(target: OtlpTarget, tls_files: TlsFiles | None) -> FakeChannel:
+        made.append(FakeChannel(target, tls_files))
         return made[-1]
-    tracer = Tracer(OtlpTarget("127.0.0.1:4317", plaintext=False), service="web",
-                    instance_id="web-1", credentials=creds, schedule_delay_ms=10_000,
-                    factory=factory)
-    try:
+    target = OtlpTarget("127.0.0.1:4317", plaintext=True)
+    tracer = Tracer(target, service="web", instance_id="web-1",
+                    send=ChannelExport(target, connect=connect), schedule_delay_ms=60_000)
+    for _ in range(3):
         tracer.submit(finished())
-        tracer.flush()
-        tracer.submit(finished())
-        tracer.flush()
-        assert len(made) == 1  # same credentials: same exporter
-        current[0] = file_credentials(str(second.ca), str(second.key), str(second.cert))
-        tracer.submit(finished())
-        tracer.flush()
-        assert len(made) == 2 and made[0].closed and len(made[1].spans) == 1
-        assert tracer.stats()["exporters_made"] == 2
-
-        def unreadable() -> tuple[bytes, bytes, bytes]:
-            raise FileNotFoundError("gone")
-        current[0] = unreadable
-        tracer.submit(finished())
-        tracer.flush()
-        stats = tracer.stats()
-        assert stats["spans_dropped"] == 1 and "gone" in stats["last_error"]
-    finally:
-        tracer.shutdown()
+        assert await tracer.flush()
+    assert len(made) == 1 and made[0].files is None and len(made[0].calls) == 3
+    assert await tracer.aclose() and made[0].closed
 
 
 def test_an_mtls_target_needs_credentials() -> None:
     with pytest.raises(ValueError, match="mTLS"):
         Tracer(OtlpTarget("127.0.0.1:4317", plaintext=False), service="w", instance_id="w")
+
+
+def test_the_exporter_loads_neither_grpc_nor_the_opentelemetry_sdk() -> None:
+    code = ("import sys, sidecar.tracing\n"
+            "print([m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', "
+            "'opentelemetry.sdk', 'opentelemetry.exporter'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.parametrize(("value", "target"), [
