@@ -1,11 +1,14 @@
-"""``python -m bench.ab TREE_A TREE_B [--rounds N] [--requests N] [--clients C --streams M] [--stream-mib N]``
+"""``python -m bench.ab TREE_A TREE_B [--rounds N] [--requests N] [--clients C --streams M] [--stream-mib N] [--latency-rps R]``
 
 Compare the sidecar of two source trees (e.g. ``git worktree add /tmp/base HEAD~1`` against
 the working tree) in one run: one backend, two meshes (client sidecar → mTLS → echo sidecar),
 h2load rounds interleaved A, B, A, B... so machine drift hits both alike. Prints, per tree,
 CPU per call per sidecar (µs, utime+stime from /proc) and req/s, medians over the rounds,
 and the B/A ratio. With ``--stream-mib N`` the rounds are instead one ClientStream of N x 1 MiB
-messages (grpcio) per tree: CPU per MiB per sidecar (ms) and MB/s. This machine's absolute
+messages (grpcio) per tree: CPU per MiB per sidecar (ms) and MB/s. With ``--latency-rps R``
+they are fixed-rate runs of ``--latency-s`` seconds at R requests per second through direct
+(client → backend), A and B: p50 and p99 (ms) and what each tree adds to direct's, medians
+over the rounds. This machine's absolute
 figures move ±20% between runs; an interleaved ratio is what tells whether a change helped.
 """
 
@@ -21,6 +24,7 @@ import yaml
 
 from bench import grpc_client, h2load
 from bench.certs import make_pki
+from bench.measure import latency_clients
 from bench.paths import BenchPath, start_backend
 from bench.procs import BenchError, Proc, ProcGroup
 from bench.procstat import cpu_seconds
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--stream-mib", type=int, default=0, metavar="N",
                     help="measure streaming (N x 1 MiB per round) instead of unary calls")
+    ap.add_argument("--latency-rps", type=int, default=0, metavar="R",
+                    help="measure latency at R requests per second instead (with direct)")
+    ap.add_argument("--latency-s", type=float, default=5.0,
+                    help="seconds per fixed-rate run (default 5)")
     args = ap.parse_args(argv)
     for tree in (args.tree_a, args.tree_b):
         if not (Path(tree) / "sidecar" / "main.py").is_file():
@@ -70,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                        streams=args.streams, authority="echo")  # warm-up
         if args.stream_mib > 0:
             return _streaming(meshes, args.rounds, args.stream_mib, args.tree_a, args.tree_b)
+        if args.latency_rps > 0:
+            ports = {"direct": int(backend.ready["port"]),
+                     **{label: port for label, (port, _) in meshes.items()}}
+            return _latency(ports, body, response_bytes, workdir, args)
         cpu: dict[str, list[float]] = {k: [] for k in meshes}
         rps: dict[str, list[float]] = {k: [] for k in meshes}
         for _ in range(args.rounds):
@@ -109,6 +121,33 @@ def _streaming(meshes: dict[str, tuple[int, list[int]]], rounds: int, mib: int,
               f"(rounds {[round(x, 2) for x in cpu[label]]}), {statistics.median(rate[label]):,.0f} MB/s")
     print(f"B/A CPU per MiB: {statistics.median(cpu['B']) / statistics.median(cpu['A']):.3f}, "
           f"B/A MB/s: {statistics.median(rate['B']) / statistics.median(rate['A']):.3f}")
+    return 0
+
+
+def _latency(ports: dict[str, int], body: Path, response_bytes: int, workdir: Path,
+             args: argparse.Namespace) -> int:
+    """Interleaved fixed-rate rounds (direct, A, B); prints p50/p99 and added vs direct."""
+    rate = args.latency_rps
+    clients = latency_clients(rate)
+    requests = int(rate * args.latency_s)
+    p50: dict[str, list[float]] = {k: [] for k in ports}
+    p99: dict[str, list[float]] = {k: [] for k in ports}
+    for rnd in range(args.rounds):
+        for label, port in ports.items():
+            log_file = workdir / f"latency-{rnd}-{label}.log"
+            what = f"{label}, {rate} rps"
+            out = h2load.run(URL.format(port=port), body, requests=requests, clients=clients,
+                             streams=8, authority="echo", rps_per_client=rate / clients,
+                             log_file=log_file, timeout_s=args.latency_s * 3 + 30)
+            h2load.check_complete(out, requests, response_bytes, what)
+            lat = h2load.read_latency_log(log_file, requests, what)
+            p50[label].append(lat.p50_ms)
+            p99[label].append(lat.p99_ms)
+    base50, base99 = statistics.median(p50["direct"]), statistics.median(p99["direct"])
+    for label in ports:
+        m50, m99 = statistics.median(p50[label]), statistics.median(p99[label])
+        print(f"{label:6s} p50 {m50:.3f} ms (+{m50 - base50:.3f}), p99 {m99:.3f} ms "
+              f"(+{m99 - base99:.3f}); rounds p50 {[round(x, 3) for x in p50[label]]}")
     return 0
 
 
