@@ -140,7 +140,7 @@ def _latency(ports: dict[str, int], body: Path, response_bytes: int, workdir: Pa
                              streams=8, authority="echo", rps_per_client=rate / clients,
                              log_file=log_file, timeout_s=args.latency_s * 3 + 30)
             h2load.check_complete(out, requests, response_bytes, what)
-            lat = h2load.read_latency_log(log_file, requests, what)
+            lat = h2load.latency_of(h2load.read_latency_log(log_file, requests, what))
             p50[label].append(lat.p50_ms)
             p99[label].append(lat.p99_ms)
     base50, base99 = statistics.median(p50["direct"]), statistics.median(p99["direct"])

@@ -175,8 +175,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def read_latency_log(log_file: Path, requests: int, what: str) -> Latency:
-    """Percentiles of the per-request durations (µs, third column) of an h2load --log-file.
+def read_latency_log(log_file: Path, requests: int, what: str) -> list[float]:
+    """The per-request durations (µs, third column) of an h2load --log-file.
 
     BenchError unless the log has exactly `requests` rows, all HTTP 200.
     """
@@ -194,9 +194,11 @@ def read_latency_log(log_file: Path, requests: int, what: str) -> Latency:
             f"{what}: latency log {log_file} has {len(durations_us)} rows (expected {requests}), "
             f"{bad_status} not HTTP 200"
         )
-    durations_us.sort()
-    return Latency(
-        count=len(durations_us),
-        p50_ms=percentile(durations_us, 50) / 1000,
-        p99_ms=percentile(durations_us, 99) / 1000,
-    )
+    return durations_us
+
+
+def latency_of(durations_us: list[float]) -> Latency:
+    """Count, p50 and p99 (ms) of request durations in µs (any order; ValueError if none)."""
+    ordered = sorted(durations_us)
+    return Latency(count=len(ordered), p50_ms=percentile(ordered, 50) / 1000,
+                   p99_ms=percentile(ordered, 99) / 1000)

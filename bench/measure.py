@@ -5,8 +5,9 @@
   backend) is its utime+stime over the measured runs divided by their requests (read after
   the path's `settle`, for the mesh-all sidecars once the run's spans are exported). RSS (MB) is
   read idle (after verification, before any load) and at the end of the path's last run.
-* latency: fixed rate (requests per second across all clients) for a fixed count of requests,
-  p50/p99 (ms) from h2load's per-request log.
+* latency: fixed rate (requests per second across all clients) for a fixed count of requests
+  (`latency_seconds` worth per path), split into `repeats` interleaved rounds; p50/p99 (ms)
+  over all of a path's requests, from h2load's per-request logs.
 * streaming: one ClientStream of 1 MiB messages per path, in `repeats` interleaved rounds;
   the figure is the median MB/s (10**6 bytes per second).
 
@@ -53,7 +54,7 @@ class Plan:
     @classmethod
     def full(cls) -> Plan:
         return cls(saturation_requests=20_000, warmup_requests=4_000, repeats=3, clients=4, streams=8,
-                   latency_rates=(200, 1000), latency_seconds=10, stream_messages=64,
+                   latency_rates=(200, 1000), latency_seconds=12, stream_messages=64,
                    verify_unary_calls=50, layer_rounds=5, layer_requests=5_000,
                    inproc_rounds=9, inproc_calls=5_000)
 
@@ -164,26 +165,34 @@ class Runner:
                 self.log(f"saturation round {rnd}/{self.plan.repeats} {p.name}: {result.req_per_s:,.0f} req/s")
 
     def latency(self) -> None:
-        """Fixed-rate runs; p50/p99 from a fresh h2load log per run."""
+        """Fixed-rate runs: per rate, ``repeats`` rounds interleaved over the paths (each a
+        fresh h2load log of ``latency_seconds / repeats`` worth of requests); p50/p99 over
+        every request of a path's rounds."""
+        rounds = self.plan.repeats
         for rate in self.plan.latency_rates:
             clients = latency_clients(rate)
-            requests = int(rate * self.plan.latency_seconds)
+            requests = max(1, int(rate * self.plan.latency_seconds / rounds))
+            samples: dict[str, list[float]] = {p.name: [] for p in self.paths}
+            for rnd in range(1, rounds + 1):
+                for p in self.paths:
+                    self._log_seq += 1
+                    log_file = self.workdir / f"latency-{self._log_seq}-{p.name}-{rate}rps.log"
+                    what = f"{p.name} path, {rate} rps, round {rnd}/{rounds}"
+                    try:
+                        result = h2load.run(p.url(h2load.UNARY_PATH), self.body, requests=requests,
+                                            clients=clients, streams=8, authority=p.authority,
+                                            rps_per_client=rate / clients, log_file=log_file,
+                                            timeout_s=self.plan.latency_seconds * 3 + 30)
+                        h2load.check_complete(result, requests, self.response_bytes, what)
+                        samples[p.name].extend(h2load.read_latency_log(log_file, requests, what))
+                        p.check_alive()
+                    except BenchError as e:
+                        raise p.explain(e)
             for p in self.paths:
-                self._log_seq += 1
-                log_file = self.workdir / f"latency-{self._log_seq}-{p.name}-{rate}rps.log"
-                what = f"{p.name} path, {rate} rps"
-                try:
-                    result = h2load.run(p.url(h2load.UNARY_PATH), self.body, requests=requests,
-                                        clients=clients, streams=8, authority=p.authority,
-                                        rps_per_client=rate / clients, log_file=log_file,
-                                        timeout_s=self.plan.latency_seconds * 3 + 30)
-                    h2load.check_complete(result, requests, self.response_bytes, what)
-                    lat = h2load.read_latency_log(log_file, requests, what)
-                    p.check_alive()
-                except BenchError as e:
-                    raise p.explain(e)
+                lat = h2load.latency_of(samples[p.name])
                 self.figures[p.name].latency[rate] = lat
-                self.log(f"latency {rate} rps {p.name}: p50 {lat.p50_ms:.3f} ms, p99 {lat.p99_ms:.3f} ms")
+                self.log(f"latency {rate} rps {p.name}: p50 {lat.p50_ms:.3f} ms, p99 "
+                         f"{lat.p99_ms:.3f} ms ({lat.count} requests in {rounds} rounds)")
 
     def streaming(self) -> None:
         """`repeats` interleaved rounds of one ClientStream of `stream_messages` x 1 MiB per
