@@ -5,7 +5,8 @@ HMAC proof keyed by the token's secret go to the control plane's plaintext join 
 (``mesh.v1.Bootstrap/Join``; several join addresses, one per control-plane replica, are tried
 in turn while one is out of reach); the answer is accepted only if the bundle carries the
 token's CA pin and the certificate is ours (``check_issued``). Renewing: at two thirds of the
-life (or at once when told, ``renew_now``), a new CSR over mTLS with the current certificate
+life (or at once when told, ``renew_now``), our CSR (made once, for the same key and name)
+over mTLS with the current certificate
 (``mesh.v1.Identity/Renew``, trying the control plane's API addresses in turn); the new identity is
 swapped into the relay's TLS state (new handshakes use it, open connections keep theirs). A
 renewed trust bundle is taken as the control plane sends it (a CA rotation adds a CA, then
@@ -97,6 +98,7 @@ class DynamicIdentity:
         self.instance_id = instance_id or f"{service}-{socket.gethostname()}-{os.getpid()}"
         self.max_backoff_s = max_backoff_s
         self._key: WorkloadKey | None = None  # made at the first join
+        self._csr_der: bytes | None = None
         self.issued: Issued | None = None
         """What the current certificate and bundle passed the checks with."""
         self.memfiles: MemoryTlsFiles | None = None
@@ -154,13 +156,14 @@ class DynamicIdentity:
         assert self._key is not None, "join first"
         return self._key
 
-    async def _new_csr(self) -> bytes:
-        """A CSR (DER) for our SPIFFE ID from the helper process; the first one also makes
-        our key. Raises IdentityError when the helper cannot do it."""
-        if self._key is None:
-            self._key, csr = await WorkloadKey.generate(self.spiffe_id)
-            return csr
-        return await self._key.csr_der(self.spiffe_id)
+    async def _csr(self) -> bytes:
+        """Our CSR (DER) for our SPIFFE ID: made with our key by the helper process at the
+        first join, then sent again by every join and renewal (the key and the name do not
+        change, so neither does what it asks for). Raises IdentityError when the helper
+        cannot make it."""
+        if self._key is None or self._csr_der is None:
+            self._key, self._csr_der = await WorkloadKey.generate(self.spiffe_id)
+        return self._csr_der
 
     @property
     def files(self) -> TlsFiles:
@@ -201,7 +204,7 @@ class DynamicIdentity:
         """One join. ``again`` (a join after a renewal failed or the certificate expired):
         the answer's bundle may carry the token's pin or a CA key already trusted."""
         try:
-            csr = await self._new_csr()
+            csr = await self._csr()
         except IdentityError as exc:
             raise JoinRefused(f"cannot join: {exc}") from None
         request = pb.JoinRequest(token_id=self.token.token_id, csr=csr,
@@ -232,7 +235,7 @@ class DynamicIdentity:
 
     # ------------------------------------------------------------- renew
     async def _renew_once(self) -> None:
-        request = pb.RenewRequest(csr=await self._new_csr(),
+        request = pb.RenewRequest(csr=await self._csr(),
                                   instance_id=self.instance_id)
         async with Channel(self.api_address, tls=client_tls(self.files),
                            connect_timeout_s=RPC_TIMEOUT_S) as channel:

@@ -180,6 +180,7 @@ def _children(pid: int) -> list[int]:
     return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
 
 
+@pytest.mark.slow  # 5 s; joins and renewals run in the default suite's dynamic-sidecar tests
 def test_a_dynamic_sidecar_joins_and_renews_without_cryptography_in_its_memory(
         tmp_path: Path) -> None:
     cp = start_cp(tmp_path / "ca", tmp_path / "data", "--cert-ttl", "6")  # renewal at ~4 s
