@@ -7,9 +7,9 @@ CPU per call per sidecar (µs, utime+stime from /proc) and req/s, medians over t
 and the B/A ratio. With ``--stream-mib N`` the rounds are instead one ClientStream of N x 1 MiB
 messages (grpcio) per tree: CPU per MiB per sidecar (ms) and MB/s. With ``--latency-rps R``
 they are fixed-rate runs of ``--latency-s`` seconds at R requests per second through direct
-(client → backend), A and B: p50 and p99 (ms) and what each tree adds to direct's, medians
-over the rounds. This machine's absolute
-figures move ±20% between runs; an interleaved ratio is what tells whether a change helped.
+(client → backend), A and B: p50 and p99 (ms), what each tree adds to direct's and its CPU per
+call per sidecar at that rate (µs), medians over the rounds. This machine's absolute figures
+move ±20% between runs; an interleaved ratio is what tells whether a change helped.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.latency_rps > 0:
             ports = {"direct": int(backend.ready["port"]),
                      **{label: port for label, (port, _) in meshes.items()}}
-            return _latency(ports, body, response_bytes, workdir, args)
+            pids = {"direct": [], **{label: p for label, (_, p) in meshes.items()}}
+            return _latency(ports, pids, body, response_bytes, workdir, args)
         cpu: dict[str, list[float]] = {k: [] for k in meshes}
         rps: dict[str, list[float]] = {k: [] for k in meshes}
         for _ in range(args.rounds):
@@ -124,21 +125,27 @@ def _streaming(meshes: dict[str, tuple[int, list[int]]], rounds: int, mib: int,
     return 0
 
 
-def _latency(ports: dict[str, int], body: Path, response_bytes: int, workdir: Path,
-             args: argparse.Namespace) -> int:
-    """Interleaved fixed-rate rounds (direct, A, B); prints p50/p99 and added vs direct."""
+def _latency(ports: dict[str, int], pids: dict[str, list[int]], body: Path, response_bytes: int,
+             workdir: Path, args: argparse.Namespace) -> int:
+    """Interleaved fixed-rate rounds (direct, A, B); prints p50/p99, added vs direct, and each
+    tree's CPU per call per sidecar at that rate (µs)."""
     rate = args.latency_rps
     clients = latency_clients(rate)
     requests = int(rate * args.latency_s)
     p50: dict[str, list[float]] = {k: [] for k in ports}
     p99: dict[str, list[float]] = {k: [] for k in ports}
+    cpu: dict[str, list[float]] = {k: [] for k in ports}
     for rnd in range(args.rounds):
         for label, port in ports.items():
+            before = sum(cpu_seconds(p) for p in pids[label])
             log_file = workdir / f"latency-{rnd}-{label}.log"
             what = f"{label}, {rate} rps"
             out = h2load.run(URL.format(port=port), body, requests=requests, clients=clients,
                              streams=8, authority="echo", rps_per_client=rate / clients,
                              log_file=log_file, timeout_s=args.latency_s * 3 + 30)
+            if pids[label]:
+                used = sum(cpu_seconds(p) for p in pids[label]) - before
+                cpu[label].append(used / requests / len(pids[label]) * 1e6)
             h2load.check_complete(out, requests, response_bytes, what)
             lat = h2load.latency_of(h2load.read_latency_log(log_file, requests, what))
             p50[label].append(lat.p50_ms)
@@ -146,8 +153,9 @@ def _latency(ports: dict[str, int], body: Path, response_bytes: int, workdir: Pa
     base50, base99 = statistics.median(p50["direct"]), statistics.median(p99["direct"])
     for label in ports:
         m50, m99 = statistics.median(p50[label]), statistics.median(p99[label])
+        used = f", CPU {statistics.median(cpu[label]):.0f} us/call/sidecar" if cpu[label] else ""
         print(f"{label:6s} p50 {m50:.3f} ms (+{m50 - base50:.3f}), p99 {m99:.3f} ms "
-              f"(+{m99 - base99:.3f}); rounds p50 {[round(x, 3) for x in p50[label]]}")
+              f"(+{m99 - base99:.3f}){used}; rounds p50 {[round(x, 3) for x in p50[label]]}")
     return 0
 
 
