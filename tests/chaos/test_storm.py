@@ -48,10 +48,13 @@ def test_sub_timeline_prefixes_steps_expectations_and_measurements() -> None:
 
 def test_storm_runs_the_drawn_scenarios_each_with_its_own_expectations(
         scenario: Callable[..., Report]) -> None:
-    report = scenario("storm", seed=1)
+    # Seed 3 draws two scenarios (cert-rotation, kill-replica): the mechanism is the same for
+    # every draw, and each scenario also has its own test; a three-scenario draw costs the
+    # default suite another 20-30 s.
+    report = scenario("storm", seed=3)
     ran = report["measurements"]["storm_scenarios"]
     assert 2 <= len(ran) <= 3, ran
-    assert ran == storm.draw(sorted(storm.available()), random.Random(1), short=True)[:len(ran)]
+    assert ran == storm.draw(sorted(storm.available()), random.Random(3), short=True)[:len(ran)]
     assert expectation(report, "storm ran at least two scenarios")
     for name in ran:
         assert expectation(report, f"{name}: ran to its end")
