@@ -39,6 +39,8 @@ REQUIRED_KEYS = (
     "added_p99_ms_at_200rps",
     "nginx_added_p50_ms_at_200rps",
     "added_p50_ms_at_1000rps",
+    "sidecar_cpu_us_per_call_at_200rps",
+    "nginx_cpu_us_per_call_at_200rps",
     "stream_mb_per_s_ratio_vs_direct",
     "throughput_ratio_vs_nginx_all_layers",
     "sidecar_cpu_us_per_call_all_layers",

@@ -7,7 +7,10 @@
   read idle (after verification, before any load) and at the end of the path's last run.
 * latency: fixed rate (requests per second across all clients) for a fixed count of requests
   (`latency_seconds` worth per path), split into `repeats` interleaved rounds; p50/p99 (ms)
-  over all of a path's requests, from h2load's per-request logs.
+  over all of a path's requests, from h2load's per-request logs; CPU per call (µs) of each
+  proxy process and of the backend over those requests, as for saturation. At a low rate a
+  process sleeps between calls and wakes with cold caches, so this is what the path's
+  latency is made of on a small machine, where the processes of a call mostly run in turn.
 * streaming: one ClientStream of 1 MiB messages per path, in `repeats` interleaved rounds;
   the figure is the median MB/s (10**6 bytes per second).
 
@@ -83,6 +86,10 @@ class PathFigures:
     rss_mb_idle: dict[str, float] = field(default_factory=dict)
     rss_mb_loaded: dict[str, float] = field(default_factory=dict)
     latency: dict[int, h2load.Latency] = field(default_factory=dict)  # rate (rps) -> percentiles
+    latency_cpu_ticks: dict[int, dict[str, int]] = field(default_factory=dict)
+    """Rate (rps) -> role -> CPU ticks over that rate's fixed-rate runs."""
+    latency_backend_cpu_ticks: dict[int, int] = field(default_factory=dict)
+    latency_requests: dict[int, int] = field(default_factory=dict)
     stream_mb_per_s_runs: list[float] = field(default_factory=list)
 
     @property
@@ -102,6 +109,15 @@ class PathFigures:
     def backend_cpu_us_per_call(self) -> float:
         """The backend's CPU time per request on this path, in µs."""
         return self.backend_cpu_ticks / CLK_TCK / self.measured_requests * 1e6
+
+    def latency_cpu_us_per_call(self, rate: int) -> dict[str, float]:
+        """Per proxy role, and "backend": CPU time per request over the runs at ``rate``, µs."""
+        n = self.latency_requests.get(rate, 0)
+        if not n:
+            return {}
+        ticks = {**self.latency_cpu_ticks.get(rate, {}),
+                 "backend": self.latency_backend_cpu_ticks.get(rate, 0)}
+        return {role: t / CLK_TCK / n * 1e6 for role, t in ticks.items()}
 
 
 class Runner:
@@ -178,6 +194,10 @@ class Runner:
                     self._log_seq += 1
                     log_file = self.workdir / f"latency-{self._log_seq}-{p.name}-{rate}rps.log"
                     what = f"{p.name} path, {rate} rps, round {rnd}/{rounds}"
+                    fig = self.figures[p.name]
+                    p.settled()
+                    before = {role: cpu_ticks(pid) for role, pid in p.proxies.items()}
+                    backend_before = cpu_ticks(self.backend_pid)
                     try:
                         result = h2load.run(p.url(h2load.UNARY_PATH), self.body, requests=requests,
                                             clients=clients, streams=8, authority=p.authority,
@@ -188,6 +208,13 @@ class Runner:
                         p.check_alive()
                     except BenchError as e:
                         raise p.explain(e)
+                    p.settled()
+                    used = fig.latency_cpu_ticks.setdefault(rate, {})
+                    for role, pid in p.proxies.items():
+                        used[role] = used.get(role, 0) + cpu_ticks(pid) - before[role]
+                    fig.latency_backend_cpu_ticks[rate] = (fig.latency_backend_cpu_ticks.get(rate, 0)
+                                                           + cpu_ticks(self.backend_pid) - backend_before)
+                    fig.latency_requests[rate] = fig.latency_requests.get(rate, 0) + requests
             for p in self.paths:
                 lat = h2load.latency_of(samples[p.name])
                 self.figures[p.name].latency[rate] = lat

@@ -55,12 +55,16 @@ def path_summary(fig: PathFigures, direct: PathFigures, nginx: PathFigures | Non
     }
     for rate, lat in sorted(fig.latency.items()):
         base = direct.latency[rate]
+        used = fig.latency_cpu_us_per_call(rate)
+        proxies = [v for role, v in used.items() if role != "backend"]
         out["latency_ms"][f"{rate}rps"] = {
             "requests": lat.count,
             "p50": lat.p50_ms,
             "p99": lat.p99_ms,
             "added_p50": lat.p50_ms - base.p50_ms,
             "added_p99": lat.p99_ms - base.p99_ms,
+            "cpu_us_per_call": used,
+            "cpu_us_per_call_mean": statistics.fmean(proxies) if proxies else None,
         }
     return out
 
@@ -92,6 +96,8 @@ def build(figures: dict[str, PathFigures], plan: Plan, *, quick: bool, duration_
         for q in ("p50", "p99"):
             doc[f"added_{q}_ms_at_{key}"] = m["latency_ms"][key][f"added_{q}"]
             doc[f"nginx_added_{q}_ms_at_{key}"] = n["latency_ms"][key][f"added_{q}"]
+        doc[f"sidecar_cpu_us_per_call_at_{key}"] = m["latency_ms"][key]["cpu_us_per_call_mean"]
+        doc[f"nginx_cpu_us_per_call_at_{key}"] = n["latency_ms"][key]["cpu_us_per_call_mean"]
     if ALL_LAYERS in paths:
         a = paths[ALL_LAYERS]
         doc["throughput_ratio_vs_nginx_all_layers"] = a["throughput_ratio_vs_nginx"]
@@ -171,14 +177,15 @@ def render(doc: dict[str, Any]) -> str:
     rates = [f"{r}rps" for r in plan["latency_rates"]]
     headers = ["path"]
     for r in rates:
-        headers += [f"p50@{r}", "added", f"p99@{r}", "added"]
+        headers += [f"p50@{r}", "added", f"p99@{r}", "added", "CPU us/call/hop"]
     rows = []
     for name, p in paths.items():
         row = [name]
         for r in rates:
             lat = p["latency_ms"][r]
             row += [_fmt(lat["p50"], ".3f"), _fmt(lat["added_p50"], "+.3f"),
-                    _fmt(lat["p99"], ".3f"), _fmt(lat["added_p99"], "+.3f")]
+                    _fmt(lat["p99"], ".3f"), _fmt(lat["added_p99"], "+.3f"),
+                    _fmt(lat.get("cpu_us_per_call_mean"), ".0f")]
         rows.append(row)
     out.append(_table(headers, rows))
     out.append("")
