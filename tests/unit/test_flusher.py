@@ -46,14 +46,11 @@ def test_reads_close_together_share_one_write_per_loop_pass() -> None:
     now = [100.0]
     flusher, loop = _flusher(now)
     a, b = FakeProto(), FakeProto()
-    flusher.begin_read()
     flusher.after_read()  # a read alone: nothing was queued
     now[0] += 0.0001
-    flusher.begin_read()
     flusher.want(a)  # type: ignore[arg-type]
     flusher.after_read()  # 0.1 ms after the previous read: wait for the loop pass
     now[0] += 0.0001
-    flusher.begin_read()
     flusher.want(b)  # type: ignore[arg-type]
     flusher.after_read()
     assert (a.flushes, b.flushes) == (0, 0)
@@ -66,37 +63,22 @@ def test_a_read_alone_writes_at_once() -> None:
     now = [100.0]
     flusher, loop = _flusher(now)
     a = FakeProto()
-    flusher.begin_read()
     flusher.want(a)  # type: ignore[arg-type]
     flusher.after_read()  # the first read: nobody read before it
     assert a.flushes == 1
     now[0] += 0.005  # 5 ms later: alone again
-    flusher.begin_read()
     flusher.want(a)  # type: ignore[arg-type]
     flusher.after_read()
     assert a.flushes == 2
-    assert loop.soon == []  # no loop pass was scheduled for what was written at once
-
-
-def test_output_queued_outside_a_read_gets_one_loop_pass() -> None:
-    now = [100.0]
-    flusher, loop = _flusher(now)
-    a, b = FakeProto(), FakeProto()
-    flusher.want(a)  # type: ignore[arg-type]  # e.g. a timer's PING
-    flusher.want(b)  # type: ignore[arg-type]
-    assert (a.flushes, b.flushes) == (0, 0)
-    assert len(loop.soon) == 1
-    loop.run_soon()
-    assert (a.flushes, b.flushes) == (1, 1)
+    loop.run_soon()  # the scheduled passes find nothing left to write
+    assert a.flushes == 2
 
 
 def test_a_read_that_queued_nothing_writes_nothing() -> None:
     now = [100.0]
     flusher, loop = _flusher(now)
-    flusher.begin_read()
     flusher.after_read()
     now[0] += 1.0
-    flusher.begin_read()
     flusher.after_read()
     assert flusher.pending == [] and loop.soon == []
 
@@ -104,7 +86,6 @@ def test_a_read_that_queued_nothing_writes_nothing() -> None:
 def test_the_default_clock_is_monotonic() -> None:
     flusher = Flusher(FakeLoop())  # type: ignore[arg-type]
     a: Any = FakeProto()
-    flusher.begin_read()
     flusher.want(a)
     flusher.after_read()
     assert a.flushes == 1
