@@ -4,7 +4,7 @@ down, forgotten with the instance; and the StateReport fields they come from."""
 
 from __future__ import annotations
 
-from control_plane.server import report_from_pb
+from control_plane.discovery_service import report_from_pb
 from control_plane.telemetry import EndpointBreaker, LimitUse, Report, Telemetry, UpstreamSample
 from protos.mesh.v1 import control_pb2 as pb
 
