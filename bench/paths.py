@@ -8,7 +8,8 @@ Paths (all entered over plaintext h2c on 127.0.0.1, all ending at the same backe
 * mesh-all: the same two hops with a control plane, dynamic sidecars and every default layer
   on (``bench.mesh_full``);
 * nginx: -> nginx A (h2c in) -> TLS with client certificate -> nginx B -> backend;
-* haproxy: the same two hops with haproxy, when it is installed.
+* haproxy: the same two hops with haproxy, when it is installed;
+* pipe (`bench.floor` only): the same two hops as byte pipes (`bench.pipe`), no HTTP/2 parsing.
 
 A path names the processes whose CPU and memory are measured (`proxies`: role -> PID): the
 sidecars, the nginx workers (not the masters), the haproxy processes.
@@ -190,3 +191,19 @@ def start_haproxy(group: ProcGroup, workdir: Path, pki: BenchPki, backend: Proc)
         proxies={"haproxy-a": a.pid, "haproxy-b": b.pid},
         procs=[backend, b, a],
     )
+
+
+def start_pipe(group: ProcGroup, pki: BenchPki, backend: Proc) -> BenchPath:
+    """Two byte pipes (``bench.pipe``) in the mesh's shape: h2c in -> TLS with a client
+    certificate -> TLS in -> h2c to the backend. Not a proxy anyone would run: the floor of
+    the sidecar's I/O stack, for ``bench.floor``."""
+    pipe = [sys.executable, "-m", "bench.pipe", "--listen", "0"]
+    b = group.start_ready_line("pipe-b", [*pipe, "--upstream", f"127.0.0.1:{backend.ready['port']}",
+                                          "--tls-in", str(pki.echo.cert), str(pki.echo.key), str(pki.ca)],
+                               env=_repo_env(), cwd=REPO_ROOT)
+    a = group.start_ready_line("pipe-a", [*pipe, "--upstream", f"127.0.0.1:{b.ready['port']}",
+                                          "--tls-out", str(pki.client.cert), str(pki.client.key),
+                                          str(pki.ca)],
+                               env=_repo_env(), cwd=REPO_ROOT)
+    return BenchPath(name="pipe", port=int(a.ready["port"]),
+                     proxies={"pipe-a": a.pid, "pipe-b": b.pid}, procs=[backend, b, a])
