@@ -44,7 +44,6 @@ Costs can come out negative: a layer cheaper than the noise of this shared machi
 from __future__ import annotations
 
 import gc
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -68,6 +67,7 @@ from bench.mesh_full import (
 from bench.paths import BenchPath
 from bench.procs import BenchError
 from bench.procstat import CLK_TCK, cpu_ticks
+from bench.stacks import sidecar_stacks
 
 RUNTIME = "runtime: config switched on the mesh-all sidecars"
 IN_PROCESS = "in-process: sidecar.stack with and without the layer, synthetic calls"
@@ -267,12 +267,11 @@ class _Harness:
         from sidecar.http2.headers import HeaderReader, encode_block
         from sidecar.http2.pool import Pool
         from sidecar.http2.relay import Call
-        from sidecar.layers.authorize import Authorize
-        from sidecar.layers.calllog import CallLog, Taps
+        from sidecar.layers.calllog import CallLog
         from sidecar.layers.metrics import Metrics
         from sidecar.layers.stats import Stats
         from sidecar.layers.trace import Trace
-        from sidecar.stack import Stack, inbound_stack, outbound_stack
+        from sidecar.stack import Stack
 
         self.Call, self.Stack, self.Pool = Call, Stack, Pool
         self.down = H2Connection(client=False, limits=Limits())
@@ -283,8 +282,6 @@ class _Harness:
         self.spans: list[Any] = []
         self.export = export
         self._limits, self._h2 = Limits, H2Connection
-        self._parts = (Authorize, CallLog, Taps, Metrics, Stats, Trace, inbound_stack,
-                       outbound_stack)
         self.kinds = {"stats": (Stats,), "metrics": (Metrics,), "calllog": (CallLog,),
                       "trace": (Trace, type(Trace(outbound=True, service="x").ending()))}
 
@@ -305,31 +302,18 @@ class _Harness:
         ``snapshot``, its terminal, the calls' peer); the trace layers' spans go to the real
         exporter when ``export`` (and there is one), else to an in-memory list."""
         sink = self.export.sink if export and self.export is not None else self._sink
-        Authorize, CallLog, Taps, Metrics, Stats, Trace, inbound_stack, outbound_stack = self._parts
-        snap = lambda: snapshot  # noqa: E731
         pools: dict[str, Any] = {}
 
-        def endpoint_pool(ep: Any, route: str) -> Any:
-            hit = pools.get(ep.address)
+        def pool(label: str) -> Any:
+            hit = pools.get(label)
             if hit is None:
-                hit = pools[ep.address] = self._pool(f"{ep.address} ({route})")
+                hit = pools[label] = self._pool(label)
             return hit
+        outbound, inbound = sidecar_stacks(snapshot, pool, sink)
+        app = pool("127.0.0.1:1 (local app of echo)")
 
-        out_stats = Stats(clock=time.monotonic)
-        outbound = outbound_stack(
-            snap, out_stats, endpoint_pool, random.Random(14),
-            metrics=Metrics("outbound", "client", snap, out_stats.clock),
-            calllog=CallLog("outbound", "client", Taps(), None, clock=out_stats.clock),
-            trace=Trace(outbound=True, service="client", sample_rate=0.1, sink=sink,
-                        rng=random.Random(1)))
-        in_stats = Stats(clock=time.monotonic)
-        app = self._pool("127.0.0.1:1 (local app of echo)")
-        inbound = inbound_stack(
-            in_stats, app, metrics=Metrics("inbound", "echo", snap, in_stats.clock),
-            calllog=CallLog("inbound", "echo", Taps(), None, clock=in_stats.clock),
-            trace=Trace(outbound=False, service="echo", sample_rate=0.1, sink=sink,
-                        rng=random.Random(2)),
-            authorize=Authorize(snap, "echo"))
+        def endpoint_pool(ep: Any, route: str) -> Any:
+            return pool(f"{ep.address} ({route})")
         return {"outbound": (outbound, lambda call: endpoint_pool(call.endpoint, call.route), None),
                 "inbound": (inbound, lambda call: app, CLIENT_ID)}
 
