@@ -58,7 +58,7 @@ from .events import (
     StreamEnded,
     StreamReset,
 )
-from .headers import HeaderListTooLarge, HeaderReader, HpackError
+from .headers import HeaderBlock, HeaderListTooLarge, HeaderReader, HpackError
 
 _FRAME_HEADER = struct.Struct(">HBBBL")
 
@@ -474,6 +474,111 @@ class H2Connection:
             self._inside = False
         events, self._events = self._events, []
         return events
+
+    def receive_request(self, data: bytes) -> tuple[int, HeaderBlock, bytes | memoryview] | None:
+        """Server role: when ``data`` is exactly one new request whose HEADERS (END_HEADERS
+        only, a block already in the scan cache) and DATA (END_STREAM only) both fit every
+        limit and window, take it in and return (stream id, header block, payload), with the
+        connection left exactly as ``receive`` would leave it; the caller then acts on what
+        would have been its HeadersReceived and DataReceived events. Otherwise return None
+        and change nothing: the caller hands ``data`` to ``receive``.
+
+        The one-read unary request is what a gRPC caller sends most, and ``receive`` would
+        build two events and walk the general frame dispatch for it; this path does only the
+        request's own accounting (a sidecar woken cold pays for every kind of work it does)."""
+        n = len(data)
+        if (n < 18 or self.client or self.closed or self._in or self._cont is not None
+                or self._events or not self.peer_settings_seen or self.goaway_sent):
+            return None
+        hi, lo, ftype, flags, sid = _FRAME_HEADER.unpack_from(data, 0)
+        end = 9 + ((hi << 8) | lo)
+        if (ftype != 1 or flags != 0x4 or end + 9 > n or end - 9 > self.max_frame
+                or not sid & 1 or sid <= self.last_peer_stream
+                or len(self.streams) >= self.limits.max_concurrent_streams):
+            return None
+        hi, lo, ftype, flags, sid2 = _FRAME_HEADER.unpack_from(data, end)
+        flow = (hi << 8) | lo
+        if (ftype != 0 or flags != 0x1 or sid2 != sid or end + 9 + flow != n
+                or flow > self.max_frame or flow > self.conn_recv_window
+                or flow > self.limits.stream_window_bytes):
+            return None
+        reader = self._reader
+        if reader.table_size != 0:
+            return None
+        hb = reader.cached(data[9:end])
+        if hb is None:
+            return None
+        # HEADERS: a new stream (as _headers_complete)
+        self.last_peer_stream = sid
+        st = Stream(sid, self.limits.stream_window_bytes, self.peer_initial_window)
+        self.streams[sid] = st
+        self.streams_opened += 1
+        st.headers_seen = True
+        # DATA with END_STREAM (as _parse and _on_data)
+        payload = memoryview(data)[end + 9:] if flow > COPY_MAX_BYTES else data[end + 9:]
+        self.conn_recv_window -= flow
+        if flow:
+            self.conn_owed += flow
+            if self.conn_owed >= self._conn_update_threshold:
+                self._credit_connection(0)
+        st.recv_window -= flow
+        st.recv_closed = True
+        return sid, hb, payload
+
+    def receive_response(self, data: bytes
+                         ) -> tuple[int, HeaderBlock, bytes | memoryview, HeaderBlock, bool] | None:
+        """Client role: when ``data`` is exactly a whole response on one open stream whose
+        request is sent, HEADERS (END_HEADERS only), one non-empty DATA (no flags) and
+        trailers (END_HEADERS and END_STREAM), both blocks in the scan cache and the DATA
+        within every limit and window, take it in and return (stream id, headers, payload,
+        trailers, whether the stream is now over and forgotten), with the connection left
+        exactly as ``receive`` would leave it; the caller then acts on what would have been
+        its events (HeadersReceived, DataReceived, HeadersReceived, and StreamEnded when
+        over). Otherwise return None and change nothing (see ``receive_request``)."""
+        n = len(data)
+        if (n < 27 or not self.client or self.closed or self._in or self._cont is not None
+                or self._events or not self.peer_settings_seen):
+            return None
+        unpack = _FRAME_HEADER.unpack_from
+        hi, lo, ftype, flags, sid = unpack(data, 0)
+        e1 = 9 + ((hi << 8) | lo)
+        if ftype != 1 or flags != 0x4 or e1 + 18 > n or e1 - 9 > self.max_frame:
+            return None
+        st = self.streams.get(sid)
+        if st is None or st.headers_seen or st.recv_closed or not st.send_closed:
+            return None
+        hi, lo, ftype, flags, sid2 = unpack(data, e1)
+        flow = (hi << 8) | lo
+        e2 = e1 + 9 + flow
+        if (ftype != 0 or flags != 0 or sid2 != sid or not flow or e2 + 9 > n
+                or flow > self.max_frame or flow > self.conn_recv_window
+                or flow > st.recv_window):
+            return None
+        hi, lo, ftype, flags, sid3 = unpack(data, e2)
+        if (ftype != 1 or flags != 0x5 or sid3 != sid or e2 + 9 + ((hi << 8) | lo) != n
+                or n - e2 - 9 > self.max_frame):
+            return None
+        reader = self._reader
+        if reader.table_size != 0:
+            return None
+        headers = reader.cached(data[9:e1])
+        trailers = reader.cached(data[e2 + 9:])
+        if headers is None or trailers is None:
+            return None
+        st.headers_seen = True
+        payload = memoryview(data)[e1 + 9:e2] if flow > COPY_MAX_BYTES else data[e1 + 9:e2]
+        self.conn_recv_window -= flow
+        self.conn_owed += flow
+        if self.conn_owed >= self._conn_update_threshold:
+            self._credit_connection(0)
+        st.recv_window -= flow
+        st.recv_closed = True
+        over = not st.outbox
+        if over:  # as _maybe_forget, with the StreamEnded event left to the caller
+            del self.streams[sid]
+            if self._blocked:
+                self._blocked.pop(sid, None)
+        return sid, headers, payload, trailers, over
 
     def _fail(self, code: int, reason: str, kind: str = "protocol_error") -> None:
         self.error_kind = kind

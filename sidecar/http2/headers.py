@@ -312,6 +312,14 @@ class HeaderReader:
             _remember(block, self.max_list_bytes, hb)
         return hb
 
+    def cached(self, block: bytes) -> HeaderBlock | None:
+        """What ``read`` returns for ``block`` when its scan is in the cache (a peer that
+        uses no dynamic table sends it again byte for byte), else None; nothing changes."""
+        hit = _SCANNED.get(block)
+        if hit is not None and hit[0] == self.max_list_bytes:
+            return hit[1]
+        return None
+
     def _with_our_traceparent(self, block: bytes) -> HeaderBlock | None:
         """What ``_scan`` gives for ``block`` when it ends with the literal a sidecar appends
         (``traceparent``, a 55-character value, no Huffman): the rest is a block requests

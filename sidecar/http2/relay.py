@@ -230,6 +230,11 @@ class Relay:
         self.active = 0
         self._dirty: list[H2Connection] = []
         self._pumping = False
+        self.fast_path = True
+        """Take a read that is exactly one whole unary request (downstream) or one whole
+        response (upstream) through the core's ``receive_request`` / ``receive_response``,
+        which leave the connection as ``receive`` would and build no events; False: every
+        read goes through ``receive`` (the tests run both and compare every byte)."""
 
     # ================================================================ entry points (I/O side)
     def adopt(self, conn: H2Connection) -> None:
@@ -237,11 +242,38 @@ class Relay:
         conn.on_event = self._dirty.append
 
     def down_received(self, conn: H2Connection, data: bytes) -> None:
-        self.down_events(conn, conn.receive(data))
+        request = conn.receive_request(data) if self.fast_path else None
+        if request is None:
+            self.down_events(conn, conn.receive(data))
+        else:  # one whole unary request: its two events, without building them
+            sid, headers, payload = request
+            self._new_call(conn, sid, headers, False)
+            call = conn.calls.get(sid)
+            if call is None:
+                conn.ack_data(sid, len(payload))
+            else:
+                self._request_data(call, payload, True)  # type: ignore[arg-type]
         self._pump()
 
     def up_received(self, conn: H2Connection, data: bytes) -> None:
-        self.up_events(conn, conn.receive(data))
+        response = conn.receive_response(data) if self.fast_path else None
+        if response is None:
+            self.up_events(conn, conn.receive(data))
+        else:  # one whole response: its events, without building them
+            sid, headers, payload, trailers, over = response
+            call = conn.calls.get(sid)
+            if call is not None:
+                self._response_headers(call, headers, True, False)
+            call = conn.calls.get(sid)
+            if call is None:
+                conn.ack_data(sid, len(payload))
+            else:
+                self._response_data(call, payload, False)  # type: ignore[arg-type]
+            call = conn.calls.get(sid)
+            if call is not None:
+                self._response_headers(call, trailers, False, True)
+            if over:
+                self._stream_ended(conn, sid)
         self._pump()
 
     def set_paused(self, conn: H2Connection, paused: bool) -> None:
@@ -318,7 +350,7 @@ class Relay:
                     self._request_data(call, ev.data, ev.end_stream)
             elif t is HeadersReceived:
                 if ev.first:
-                    self._new_call(conn, ev)
+                    self._new_call(conn, ev.stream_id, ev.headers, ev.end_stream)
                 else:
                     call = conn.calls.get(ev.stream_id)
                     if call is not None:
@@ -364,16 +396,16 @@ class Relay:
             self._abandon_upstream(call)
             self._maybe_end(call)
 
-    def _new_call(self, conn: H2Connection, ev: HeadersReceived) -> None:
+    def _new_call(self, conn: H2Connection, sid: int, headers: HeaderBlock,
+                  end_stream: bool) -> None:
         peer = getattr(conn.owner, "peer_id", None)
-        call = Call(conn, ev.stream_id, ev.headers, peer, self.clock(),
-                    self.limits.max_message_bytes)
-        conn.calls[ev.stream_id] = call
+        call = Call(conn, sid, headers, peer, self.clock(), self.limits.max_message_bytes)
+        conn.calls[sid] = call
         self.active += 1
         self.stats["calls_total"] += 1
-        if ev.end_stream:
+        if end_stream:
             call.request_ended = True
-        fields = ev.headers.fields
+        fields = headers.fields
         timeout = fields.get("grpc-timeout")
         if timeout is not None:
             seconds = G.parse_timeout(timeout)
@@ -654,13 +686,9 @@ class Relay:
             elif t is HeadersReceived:
                 call = conn.calls.get(ev.stream_id)
                 if call is not None:
-                    self._response_headers(call, ev)
+                    self._response_headers(call, ev.headers, ev.first, ev.end_stream)
             elif t is StreamEnded:
-                call = conn.calls.pop(ev.stream_id, None)
-                if call is not None and call.up is conn:
-                    call.up = None
-                    self._maybe_end(call)
-                self._capacity(conn)
+                self._stream_ended(conn, ev.stream_id)
             elif t is StreamReset:
                 call = conn.calls.pop(ev.stream_id, None)
                 if call is not None and call.up is conn:
@@ -687,6 +715,14 @@ class Relay:
                     self._capacity(conn)
             elif t is ConnectionTerminated:
                 self.up_lost(conn, f"connection error: {ev.reason}")
+
+    def _stream_ended(self, conn: H2Connection, sid: int) -> None:
+        """An upstream stream is over both ways."""
+        call = conn.calls.pop(sid, None)
+        if call is not None and call.up is conn:
+            call.up = None
+            self._maybe_end(call)
+        self._capacity(conn)
 
     def _capacity(self, conn: H2Connection) -> None:
         """A stream on ``conn`` ended or its limits moved: bind waiting calls, and close the
@@ -750,16 +786,15 @@ class Relay:
             call.down_open = False
         self._maybe_end(call)
 
-    def _response_headers(self, call: Call, ev: HeadersReceived) -> None:
+    def _response_headers(self, call: Call, hb: HeaderBlock, first: bool, end_stream: bool) -> None:
         if call.finished:
             return
-        hb = ev.headers
         status = hb.fields.get("grpc-status")
         if status is not None:
             call.grpc_status = int(status) if status.isascii() and status.isdigit() else G.UNKNOWN
             call.grpc_message = hb.fields.get("grpc-message") or ""
-        if ev.first:
-            if ev.end_stream and call.grpc_status and call.retry is not None and \
+        if first:
+            if end_stream and call.grpc_status and call.retry is not None and \
                     self._try_again(call, "status", call.grpc_status, hb):
                 return  # trailers-only with a status to retry: the caller never sees it
             call.committed = True
@@ -768,10 +803,10 @@ class Relay:
                 call.try_timer.cancel()
                 call.try_timer = None
             call.resp_conn = call.up
-            call.response_started = not ev.end_stream
+            call.response_started = not end_stream
             self.hooks.on_response(call)
-            call.down.send_headers(call.down_sid, hb.forwardable(), ev.end_stream)
-            if ev.end_stream:
+            call.down.send_headers(call.down_sid, hb.forwardable(), end_stream)
+            if end_stream:
                 call.response_started = True
                 self._response_done(call)
         else:
