@@ -66,6 +66,10 @@ COPY_MAX_BYTES = 1024
 """DATA payloads up to this size are joined to their frame header at once; larger ones are
 queued as they are, so the single join in ``data_to_send`` is their only copy."""
 
+Response = tuple[int, HeaderBlock, bytes | memoryview, HeaderBlock, bool]
+"""A whole response taken in at once (``receive_responses``): stream id, headers, the DATA
+payload, trailers, whether the stream is over (and forgotten)."""
+
 WINDOW_UPDATES_PER_FRAME = 10
 """WINDOW_UPDATE frames a peer may send per DATA frame we sent or stream it opened (in one
 budget window) before they count against ``max_control_frames_per_s``."""
@@ -525,46 +529,59 @@ class H2Connection:
         st.recv_closed = True
         return sid, hb, payload
 
-    def receive_response(self, data: bytes
-                         ) -> tuple[int, HeaderBlock, bytes | memoryview, HeaderBlock, bool] | None:
-        """Client role: when ``data`` is exactly a whole response on one open stream whose
-        request is sent, HEADERS (END_HEADERS only), one non-empty DATA (no flags) and
-        trailers (END_HEADERS and END_STREAM), both blocks in the scan cache and the DATA
-        within every limit and window, take it in and return (stream id, headers, payload,
-        trailers, whether the stream is now over and forgotten), with the connection left
-        exactly as ``receive`` would leave it; the caller then acts on what would have been
-        its events (HeadersReceived, DataReceived, HeadersReceived, and StreamEnded when
-        over). Otherwise return None and change nothing (see ``receive_request``)."""
+    def receive_responses(self, data: bytes) -> tuple[list[Response], list[Event]] | None:
+        """Client role: when ``data`` begins with one or more whole responses, each on an
+        open stream whose request is sent, HEADERS (END_HEADERS only), one non-empty DATA
+        (no flags) and trailers (END_HEADERS and END_STREAM), both blocks in the scan cache
+        and the DATA within every limit and window, take them in, hand the rest of ``data``
+        to ``receive``, and return (the responses, the rest's events). Each response is
+        (stream id, headers, payload, trailers, whether the stream is now over and
+        forgotten); the caller acts on what would have been its events (HeadersReceived,
+        DataReceived, HeadersReceived, and StreamEnded when over), then on the rest's. The
+        connection is left exactly as ``receive(data)`` would leave it. When ``data`` does
+        not begin so, return None and change nothing (see ``receive_request``)."""
         n = len(data)
         if (n < 27 or not self.client or self.closed or self._in or self._cont is not None
-                or self._events or not self.peer_settings_seen):
+                or self._events or not self.peer_settings_seen or self._reader.table_size != 0):
             return None
+        taken: list[Response] = []
+        pos = 0
+        while n - pos >= 27:
+            end = self._take_response(data, pos, n, taken)
+            if not end:
+                break
+            pos = end
+        if not taken:
+            return None
+        return taken, (self.receive(data[pos:]) if pos < n else [])
+
+    def _take_response(self, data: bytes, pos: int, n: int, taken: list[Response]) -> int:
+        """Take in the response at ``data[pos:]`` (see ``receive_responses``) and append it
+        to ``taken``; return where it ends, or 0 (nothing changed) when there is none."""
         unpack = _FRAME_HEADER.unpack_from
-        hi, lo, ftype, flags, sid = unpack(data, 0)
-        e1 = 9 + ((hi << 8) | lo)
-        if ftype != 1 or flags != 0x4 or e1 + 18 > n or e1 - 9 > self.max_frame:
-            return None
+        hi, lo, ftype, flags, sid = unpack(data, pos)
+        e1 = pos + 9 + ((hi << 8) | lo)
+        if ftype != 1 or flags != 0x4 or e1 + 18 > n or e1 - pos - 9 > self.max_frame:
+            return 0
         st = self.streams.get(sid)
         if st is None or st.headers_seen or st.recv_closed or not st.send_closed:
-            return None
+            return 0
         hi, lo, ftype, flags, sid2 = unpack(data, e1)
         flow = (hi << 8) | lo
         e2 = e1 + 9 + flow
         if (ftype != 0 or flags != 0 or sid2 != sid or not flow or e2 + 9 > n
                 or flow > self.max_frame or flow > self.conn_recv_window
                 or flow > st.recv_window):
-            return None
+            return 0
         hi, lo, ftype, flags, sid3 = unpack(data, e2)
-        if (ftype != 1 or flags != 0x5 or sid3 != sid or e2 + 9 + ((hi << 8) | lo) != n
-                or n - e2 - 9 > self.max_frame):
-            return None
+        e3 = e2 + 9 + ((hi << 8) | lo)
+        if ftype != 1 or flags != 0x5 or sid3 != sid or e3 > n or e3 - e2 - 9 > self.max_frame:
+            return 0
         reader = self._reader
-        if reader.table_size != 0:
-            return None
-        headers = reader.cached(data[9:e1])
-        trailers = reader.cached(data[e2 + 9:])
+        headers = reader.cached(data[pos + 9:e1])
+        trailers = reader.cached(data[e2 + 9:e3])
         if headers is None or trailers is None:
-            return None
+            return 0
         st.headers_seen = True
         payload = memoryview(data)[e1 + 9:e2] if flow > COPY_MAX_BYTES else data[e1 + 9:e2]
         self.conn_recv_window -= flow
@@ -578,7 +595,8 @@ class H2Connection:
             del self.streams[sid]
             if self._blocked:
                 self._blocked.pop(sid, None)
-        return sid, headers, payload, trailers, over
+        taken.append((sid, headers, payload, trailers, over))
+        return e3
 
     def _fail(self, code: int, reason: str, kind: str = "protocol_error") -> None:
         self.error_kind = kind

@@ -231,10 +231,11 @@ class Relay:
         self._dirty: list[H2Connection] = []
         self._pumping = False
         self.fast_path = True
-        """Take a read that is exactly one whole unary request (downstream) or one whole
-        response (upstream) through the core's ``receive_request`` / ``receive_response``,
-        which leave the connection as ``receive`` would and build no events; False: every
-        read goes through ``receive`` (the tests run both and compare every byte)."""
+        """Take a read that is exactly one whole unary request (downstream) or that begins
+        with whole responses (upstream) through the core's ``receive_request`` /
+        ``receive_responses``, which leave the connection as ``receive`` would and build no
+        events for them; False: every read goes through ``receive`` (the tests run both and
+        compare every byte)."""
 
     # ================================================================ entry points (I/O side)
     def adopt(self, conn: H2Connection) -> None:
@@ -256,25 +257,34 @@ class Relay:
         self._pump()
 
     def up_received(self, conn: H2Connection, data: bytes) -> None:
-        response = conn.receive_response(data) if self.fast_path else None
-        if response is None:
+        got = conn.receive_responses(data) if self.fast_path else None
+        if got is None:
             self.up_events(conn, conn.receive(data))
-        else:  # one whole response: its events, without building them
-            sid, headers, payload, trailers, over = response
-            call = conn.calls.get(sid)
-            if call is not None:
-                self._response_headers(call, headers, True, False)
-            call = conn.calls.get(sid)
-            if call is None:
-                conn.ack_data(sid, len(payload))
-            else:
-                self._response_data(call, payload, False)  # type: ignore[arg-type]
-            call = conn.calls.get(sid)
-            if call is not None:
-                self._response_headers(call, trailers, False, True)
-            if over:
-                self._stream_ended(conn, sid)
+        else:  # whole responses first, without building their events; then the rest
+            responses, events = got
+            for sid, headers, payload, trailers, over in responses:
+                self._whole_response(conn, sid, headers, payload, trailers, over)
+            if events:
+                self.up_events(conn, events)
         self._pump()
+
+    def _whole_response(self, conn: H2Connection, sid: int, headers: HeaderBlock,
+                        payload: bytes | memoryview, trailers: HeaderBlock, over: bool) -> None:
+        """What ``up_events`` does for a response's HeadersReceived, DataReceived,
+        HeadersReceived (trailers) and, when ``over``, StreamEnded."""
+        call = conn.calls.get(sid)
+        if call is not None:
+            self._response_headers(call, headers, True, False)
+        call = conn.calls.get(sid)
+        if call is None:
+            conn.ack_data(sid, len(payload))
+        else:
+            self._response_data(call, payload, False)  # type: ignore[arg-type]
+        call = conn.calls.get(sid)
+        if call is not None:
+            self._response_headers(call, trailers, False, True)
+        if over:
+            self._stream_ended(conn, sid)
 
     def set_paused(self, conn: H2Connection, paused: bool) -> None:
         """The connection's transport crossed its high-water mark (or drained below it)."""

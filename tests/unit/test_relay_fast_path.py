@@ -1,9 +1,10 @@
-"""The relay's one-read fast paths (``H2Connection.receive_request`` / ``receive_response``,
-taken by ``Relay.down_received`` / ``up_received``) change nothing anyone can see: the same
+"""The relay's fast paths (``H2Connection.receive_request`` / ``receive_responses``, taken by
+``Relay.down_received`` / ``up_received``) change nothing anyone can see: the same
 calls through two in-memory meshes (``test_relay``'s), one with ``relay.fast_path`` off, put
 the same bytes on every connection in the same order, end with the same statistics, and
-leave the same connection state. A sequence of plain unary calls does take the fast paths
-(so the comparison compares something), and a read that is anything else is left alone."""
+leave the same connection state. Plain unary calls do take the fast paths, one call or
+several per read, with a WINDOW_UPDATE or a partial frame after them (so the comparison
+compares something), and a read that begins with anything else is left alone."""
 
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ def recording() -> Iterator[tuple[list[bytes], dict[str, int]]]:
     """Every byte any H2Connection hands out (in order), and how often each fast path took
     a read, while the block runs."""
     wire: list[bytes] = []
-    taken = {"request": 0, "response": 0}
+    taken = {"request": 0, "response": 0, "response_rest": 0, "largest_read": 0}
     to_send = H2Connection.data_to_send
-    take_request, take_response = H2Connection.receive_request, H2Connection.receive_response
+    take_request, take_responses = H2Connection.receive_request, H2Connection.receive_responses
 
     def data_to_send(self: H2Connection) -> bytes:
         out = to_send(self)
@@ -62,15 +63,18 @@ def recording() -> Iterator[tuple[list[bytes], dict[str, int]]]:
         taken["request"] += got is not None
         return got
 
-    def receive_response(self: H2Connection, data: bytes) -> Any:
-        got = take_response(self, data)
-        taken["response"] += got is not None
+    def receive_responses(self: H2Connection, data: bytes) -> Any:
+        got = take_responses(self, data)
+        if got is not None:
+            taken["response"] += len(got[0])
+            taken["largest_read"] = max(taken["largest_read"], len(got[0]))
+            taken["response_rest"] += bool(got[1]) or bool(self._in)
         return got
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(harness, "Backend", SizeZeroBackend)
         mp.setattr(H2Connection, "data_to_send", data_to_send)
         mp.setattr(H2Connection, "receive_request", receive_request)
-        mp.setattr(H2Connection, "receive_response", receive_response)
+        mp.setattr(H2Connection, "receive_responses", receive_responses)
         yield wire, taken
 
 
@@ -135,7 +139,7 @@ steps = st.lists(st.tuples(st.sampled_from(PATHS),
 def test_the_fast_paths_change_no_byte_and_no_state(calls: list[Step]) -> None:
     wire_fast, _, state_fast = run(calls, fast=True)
     wire_slow, taken_slow, state_slow = run(calls, fast=False)
-    assert taken_slow == {"request": 0, "response": 0}
+    assert taken_slow == {"request": 0, "response": 0, "response_rest": 0, "largest_read": 0}
     assert state_fast == state_slow
     assert wire_fast == wire_slow
 
@@ -145,7 +149,7 @@ def test_plain_unary_calls_take_both_fast_paths() -> None:
     wire_fast, taken, state = run(calls, fast=True)
     # The first call's blocks take the tables to size 0; every later one is read from the
     # scan cache, both ways.
-    assert taken == {"request": 5, "response": 5}
+    assert taken == {"request": 5, "response": 5, "response_rest": 0, "largest_read": 1}
     assert all(status == ("0", "") for status in state["statuses"].values())
     assert len(state["statuses"]) == 6
     assert wire_fast == run(calls, fast=False)[0]
@@ -162,6 +166,42 @@ def connected_pair() -> tuple[H2Connection, H2Connection]:
     client.receive(server.data_to_send())
     server.receive(client.data_to_send())
     return client, server
+
+
+def test_several_responses_in_one_read_are_taken_and_the_rest_goes_to_receive() -> None:
+    # Four calls sent before the harness pumps (after a first that takes the tables to size
+    # 0): one read carries four requests (left to receive), and the backend's answer to
+    # them is one read of four whole responses.
+    calls: list[Step] = [("/echo.Echo/Say", 64, None, True)] + [("/echo.Echo/Say", 64, None,
+                                                                 False)] * 4
+    wire_fast, taken, state = run(calls, fast=True)
+    assert taken["response"] == 4 and taken["largest_read"] == 4 and taken["request"] == 0
+    assert all(status == ("0", "") for status in state["statuses"].values())
+    assert wire_fast == run(calls, fast=False)[0]
+
+
+def test_a_response_followed_by_other_frames_hands_them_to_receive() -> None:
+    client, server = connected_pair()
+    client.data_to_send()
+    trailers = encode_block([("grpc-status", "0")])
+    head = encode_block([(":status", "200")])
+    sids = []
+    for _ in range(2):
+        sid = client.open_stream().id
+        client.send_headers(sid, request_block(), True)
+        sids.append(sid)
+    client.receive(_frame(1, 0x4, sids[0], TABLE_SIZE_0 + head) + _frame(0, 0, sids[0], b"x")
+                   + _frame(1, 0x5, sids[0], trailers))  # table size 0, blocks cached
+    read = (_frame(1, 0x4, sids[1], head) + _frame(0, 0, sids[1], b"yy")
+            + _frame(1, 0x5, sids[1], trailers) + _frame(8, 0, 0, struct.pack(">L", 100))
+            + _frame(6, 0, 0, b"12345678")[:12])  # a WINDOW_UPDATE, then part of a PING
+    window = client.conn_send_window
+    got = client.receive_responses(read)
+    assert got is not None
+    (response,), events = got
+    assert response[0] == sids[1] and bytes(response[2]) == b"yy" and response[4]
+    assert events == [] and client.conn_send_window == window + 100
+    assert bytes(client._in) == _frame(6, 0, 0, b"12345678")[:12]
 
 
 def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
@@ -214,7 +254,7 @@ def test_a_response_on_a_stream_whose_request_is_still_open_is_left_to_receive()
     read = (_frame(1, 0x4, sid, encode_block([(":status", "200")])) + _frame(0, 0, sid, b"x")
             + _frame(1, 0x5, sid, trailers))
     before = _core_state(client)
-    assert client.receive_response(read) is None
+    assert client.receive_responses(read) is None
     assert _core_state(client) == before
     client.send_data(sid, b"", True)  # now the request is over: the same read is taken
-    assert client.receive_response(read) is not None
+    assert client.receive_responses(read) is not None
