@@ -288,9 +288,9 @@ class HeaderReader:
         when the list is over the limit (stream error; the HPACK state stays right).
         """
         if self.table_size == 0:
-            hit = _SCANNED.get(block)
-            if hit is not None and hit[0] == self.max_list_bytes:
-                return hit[1]
+            hb = self.cached(block)
+            if hb is not None:
+                return hb
             if len(block) > _OUR_TRACEPARENT_BYTES:
                 hb = self._with_our_traceparent(block)
                 if hb is not None:
@@ -390,9 +390,9 @@ class HeaderReader:
     def _scan_cached(self, head: bytes) -> HeaderBlock | None:
         """The scan of ``head`` (the part of a block that requests repeat byte for byte),
         from the scan cache or made and kept there; None when it does not scan on its own."""
-        hit = _SCANNED.get(head)
-        if hit is not None and hit[0] == self.max_list_bytes:
-            return hit[1]
+        base = self.cached(head)
+        if base is not None:
+            return base
         try:
             base = self._scan(head)
         except (_NeedsDecoder, HpackError, HeaderListTooLarge):
