@@ -152,6 +152,14 @@ QUIET_READ_S = 0.0003
 once (``Flusher.after_read``)."""
 
 
+DRAIN_PING = b"mesh-gw\x00"
+"""The opaque data of the PING sent after a draining GOAWAY."""
+
+DRAIN_ACK_WAIT_S = 1.0
+"""A draining connection whose peer does not ack the PING after its GOAWAY closes this long
+(s) after the GOAWAY, once its streams are done."""
+
+
 class Flusher:
     """Collects connections with queued output and writes each once per loop iteration.
 
@@ -227,6 +235,11 @@ class H2Protocol(asyncio.Protocol):
         self.stall_since_s: float | None = None
         """Since when DATA has waited for this peer's windows with none opened (loop time)."""
         self.stall_mark = 0
+        self.drain_pings: int | None = None
+        """``conn.pings_sent`` as of the PING ``_drain`` sent after its GOAWAY (None: no such
+        PING; the connection closes as soon as its streams are done)."""
+        self.drain_since_s = 0.0
+        """When ``_drain`` sent its GOAWAY (loop time, s)."""
         """``conn.window_opened`` when ``stall_since_s`` was set."""
         self.stall_timeout_s = 0.0 if conn.client else limits.stall_timeout_s
         """The stall check's span (0 = off). Downstream connections only: an upstream that
@@ -358,17 +371,36 @@ class H2Protocol(asyncio.Protocol):
             elif now - self.last_rx_s >= lim.keepalive_interval_s:
                 self.ping_sent_s = now
                 conn.ping(b"mesh-ka\x00")
-        if lim.idle_timeout_s > 0 and not conn.active_streams and now - self.idle_since_s >= lim.idle_timeout_s:
-            conn.goaway(F.NO_ERROR, b"idle timeout")
-            self.close()
-            return
+        if (lim.idle_timeout_s > 0 and not conn.active_streams and not conn.goaway_sent
+                and now - self.idle_since_s >= lim.idle_timeout_s):
+            self._drain(now, b"idle timeout")
         if (lim.max_connection_age_s > 0 and not conn.client and not conn.goaway_sent
                 and now - self.opened_s >= lim.max_connection_age_s):
-            conn.goaway(F.NO_ERROR, b"max connection age")
-        if conn.goaway_sent and not conn.active_streams:
+            self._drain(now, b"max connection age")
+        if conn.goaway_sent and not conn.active_streams and self._drained(now):
             self.close()
             return
         self._schedule_tick()
+
+    def _drain(self, now: float, why: bytes) -> None:
+        """GOAWAY; on a downstream connection, then a PING. Closing while the peer may still
+        be sending a request would reset the connection under it (unread bytes make the
+        close a reset) and the request would be lost, not refused; once the PING is acked the
+        peer has read the GOAWAY, and every stream it opened before then has arrived (and
+        been refused, which a gRPC client retries on a new connection)."""
+        conn = self.conn
+        conn.goaway(F.NO_ERROR, why)
+        if not conn.client:
+            conn.ping(DRAIN_PING)
+            self.drain_pings = conn.pings_sent
+            self.drain_since_s = now
+
+    def _drained(self, now: float) -> bool:
+        """May a connection that sent GOAWAY close once its streams are done: True unless
+        ``_drain``'s PING is neither acked nor ``DRAIN_ACK_WAIT_S`` old."""
+        mark = self.drain_pings
+        return (mark is None or self.conn.pings_acked >= mark
+                or now - self.drain_since_s >= DRAIN_ACK_WAIT_S)
 
     def _stalled(self, now: float) -> bool:
         """True when DATA has waited for the peer's flow-control windows, with no window

@@ -160,6 +160,12 @@ class H2Connection:
         self._opened_base = 0  # streams_opened as of the window's start
         self._ping_mark = 0  # _data_sent when the peer's last PING came
         self._pings_out = 0  # our PINGs not yet acknowledged
+        self.pings_sent = 0
+        """PINGs we sent, ever. A peer acks PINGs in the order they come, so once
+        ``pings_acked`` reaches this count as of a PING, the peer has read every frame we
+        wrote before it."""
+        self.pings_acked = 0
+        """Acks of our PINGs received, ever."""
         self._settings_out = 0  # our SETTINGS not yet acknowledged
         self._settings_acked = False
         self._cont_frames = 0  # CONTINUATION frames in the header block being assembled
@@ -436,6 +442,7 @@ class H2Connection:
     def ping(self, opaque: bytes) -> None:
         if not self.closed:
             self._pings_out += 1
+            self.pings_sent += 1
             self._write(F.ping_frame(opaque))
 
     def goaway(self, code: int = F.NO_ERROR, debug: bytes = b"") -> None:
@@ -1035,6 +1042,7 @@ class H2Connection:
         if flags & F.FLAG_ACK:
             if self._pings_out:
                 self._pings_out -= 1
+                self.pings_acked += 1
             else:
                 self._control_frame()  # an ACK of nothing
             self._events.append(PingAcked(payload))

@@ -99,3 +99,59 @@ def test_max_connection_age_drains_without_losing_a_call(sidecar, pki, echo_serv
     assert outbound["calls"]["by_status"].get("OK") == calls, outbound
     # Each GOAWAY made the channel reconnect: the listener accepted several connections.
     assert outbound["accepted_connections"] >= 3, outbound
+
+
+def _frames(sock: socket.socket, until: float, want: int) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream id, payload) of frames read until a frame of type ``want``
+    arrives or ``until`` (monotonic s) passes; EOF ends it too."""
+    buf = b""
+    out: list[tuple[int, int, int, bytes]] = []
+    sock.settimeout(0.1)
+    while time.monotonic() < until:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        buf += chunk
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            n = int.from_bytes(buf[:3], "big")
+            out.append((buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF,
+                        buf[9:9 + n]))
+            buf = buf[9 + n:]
+        if any(f[0] == want for f in out):
+            break
+    return out
+
+
+def test_a_drained_connection_waits_for_the_peer_to_read_its_goaway_before_closing(
+        sidecar, pki) -> None:
+    """Max connection age: the sidecar sends GOAWAY, then a PING, and keeps the connection
+    open until the PING is acked (a request the peer sent before reading the GOAWAY is
+    refused, which a client retries, rather than lost to a reset); the ack lets it close."""
+    proc = sidecar(service="client", tls=pki.issue_workload("client"),
+                   limits={"keepalive_interval_s": 0, "idle_timeout_s": 0,
+                           "max_connection_age_s": 0.2})
+    sock = _raw_h2c(proc.ready["outbound"])
+    try:
+        frames = _frames(sock, time.monotonic() + 5, PING)
+        told = time.monotonic()
+        kinds = [f[0] for f in frames]
+        assert GOAWAY in kinds and PING in kinds and kinds.index(GOAWAY) < kinds.index(PING), kinds
+        ping = next(f for f in frames if f[0] == PING)
+        # Still open a while later (past several of its 50 ms ticks): the PING is not acked.
+        _, closed = _frames_until_closed(sock, told + 0.2)
+        assert not closed, "the sidecar closed before its PING after the GOAWAY was acked"
+        request = bytes([0x83, 0x86, 0x84, 0x41, 0x04]) + b"echo"  # POST http / echo
+        sock.sendall(struct.pack(">HBBBL", 0, len(request), 0x1, 0x5, 1) + request)
+        refused = _frames(sock, time.monotonic() + 5, 0x3)  # RST_STREAM
+        assert (0x3, 0, 1) in [(f[0], f[1], f[2]) for f in refused], refused
+        rst = next(f for f in refused if f[0] == 0x3)
+        assert int.from_bytes(rst[3], "big") == 0x7  # REFUSED_STREAM: safe to retry
+        sock.sendall(struct.pack(">HBBBL", 0, 8, PING, 0x1, 0) + ping[3])  # the ack
+        # Closed on the ack, before the 1 s a peer that never acks is given.
+        _, closed = _frames_until_closed(sock, told + 0.9)
+        assert closed, "the sidecar kept a drained connection open after the PING was acked"
+    finally:
+        sock.close()
