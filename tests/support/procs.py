@@ -3,14 +3,17 @@
 Protocol: a process under test prints one JSON line `{"ready": {...}}` on stdout as soon as it
 serves. `start` waits for that line (never a fixed sleep), keeps draining stdout afterwards so
 the child can never block on a full pipe, and sends stderr to a log file whose tail is put
-into every error message.
+into every error message. Logs go to ``log_dir`` when given, else to one directory per test
+session that is removed when the session ends (``MESH_KEEP_TEST_LOGS=1`` keeps it).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -24,6 +27,18 @@ from demo_services.launcher.procs import free_ports
 
 _LIVE: dict[int, Proc] = {}
 _LIVE_LOCK = threading.Lock()
+_SESSION_LOGS: Path | None = None
+
+
+def _session_log_dir() -> Path:
+    """The directory for the logs of processes started without a ``log_dir`` (made once)."""
+    global _SESSION_LOGS
+    with _LIVE_LOCK:
+        if _SESSION_LOGS is None:
+            _SESSION_LOGS = Path(tempfile.mkdtemp(prefix="mesh-test-logs-"))
+            if os.environ.get("MESH_KEEP_TEST_LOGS") != "1":
+                atexit.register(shutil.rmtree, _SESSION_LOGS, True)
+        return _SESSION_LOGS
 
 
 class ProcError(RuntimeError):
@@ -217,7 +232,7 @@ def start(
     if env:
         full_env.update(env)
     fd, log_name = tempfile.mkstemp(
-        prefix=f"{Path(cmd[0]).name}-", suffix=".log", dir=str(log_dir) if log_dir else None
+        prefix=f"{Path(cmd[0]).name}-", suffix=".log", dir=str(log_dir or _session_log_dir())
     )
     with os.fdopen(fd, "wb") as log:
         popen = subprocess.Popen(
