@@ -265,17 +265,22 @@ class H2Protocol(asyncio.Protocol):
             self.window_s = now
             self.conn.new_window()
         self.ping_sent_s = None
+        relay = self.relay
+        relay.holding_ends = True  # the calls this read ends are recorded after its writes
         try:
             if self.conn.client:
-                self.relay.up_received(self.conn, data)
+                relay.up_received(self.conn, data)
             else:
-                self.relay.down_received(self.conn, data)
+                relay.down_received(self.conn, data)
         except Exception:  # a bug must cost this connection, never the process
             log.exception("internal error relaying on a %s connection; closing it",
                           "upstream" if self.conn.client else "downstream")
             self.conn.terminate(F.INTERNAL_ERROR, "internal error")
             self.flush()
+        finally:
+            relay.holding_ends = False
         self.flusher.after_read()
+        relay.run_ends()
 
     def eof_received(self) -> bool:
         return False

@@ -10,7 +10,10 @@ mesh's policy only at stream events through ``Hooks``:
   ``LocalReply`` (the call is answered here: unknown route, denied, fast-failed, an injected
   abort), or ``Delayed`` (either of those after a pause: an injected delay);
 * response headers and trailers: ``hooks.on_response(call)``;
-* stream end: ``hooks.on_end(call)`` with the outcome in the call.
+* stream end: ``hooks.on_end(call)`` with the outcome in the call. It runs when the entry
+  point that ended the call returns, except while ``holding_ends``: the I/O driver holds them
+  over a read and runs them (``run_ends``) once the read's writes are out, so what the layers
+  record at a call's end (counts, latency estimates, logs) is off the caller's path.
 
 gRPC rules it enforces: ``grpc-timeout`` and a layer's ``call.route_timeout_s`` counted from
 dispatch, whichever ends first (DEADLINE_EXCEEDED at expiry, the upstream stream reset, the
@@ -230,6 +233,11 @@ class Relay:
         self.active = 0
         self._dirty: list[H2Connection] = []
         self._pumping = False
+        self._ended: list[Call] = []
+        """Calls over whose ``hooks.on_end`` has not run yet (see ``run_ends``)."""
+        self.holding_ends = False
+        """While True, ended calls wait in ``_ended`` for ``run_ends`` (the I/O driver sets
+        it over a read, and runs them once the read's writes are out)."""
         self.fast_path = True
         """Take a read that is exactly one whole unary request (downstream) or that begins
         with whole responses (upstream) through the core's ``receive_request`` /
@@ -332,7 +340,8 @@ class Relay:
         self._pump()
 
     def _pump(self) -> None:
-        """Handle events that sends and resets queued on connections outside ``receive``."""
+        """Handle events that sends and resets queued on connections outside ``receive``;
+        then, unless ``holding_ends``, run the end hooks of the calls that ended."""
         if self._pumping:
             return
         self._pumping = True
@@ -347,6 +356,19 @@ class Relay:
                         self.down_events(conn, events)
         finally:
             self._pumping = False
+        if self._ended and not self.holding_ends:
+            self.run_ends()
+
+    def run_ends(self) -> None:
+        """Run ``hooks.on_end`` for every call that ended and has not had it yet, in the
+        order they ended. A hook that raises is logged; the other calls' hooks still run."""
+        while self._ended:
+            ended, self._ended = self._ended, []
+            for call in ended:
+                try:
+                    self.hooks.on_end(call)
+                except Exception:  # a faulty layer costs its own record, not the relay
+                    log.exception("layer error at the end of %s", call.path)
 
     # ================================================================ downstream side
     def down_events(self, conn: H2Connection, events: list) -> None:
@@ -945,7 +967,7 @@ class Relay:
         if call.resp_received > call.resp_credited:
             self._settle_response(call)
         self.active -= 1
-        self.hooks.on_end(call)
+        self._ended.append(call)
 
 
 def _after(call: Call) -> str:

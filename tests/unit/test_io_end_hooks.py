@@ -1,0 +1,124 @@
+"""``sidecar.io.H2Protocol``: the end hooks of the calls a read ends run once that read's
+writes are out, so what the layers record at a call's end is off the caller's path."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from mesh_common.limits import Limits
+from sidecar.http2 import grpc as G
+from sidecar.http2.connection import H2Connection
+from sidecar.http2.events import HeadersReceived
+from sidecar.http2.headers import encode_block
+from sidecar.http2.relay import Call, LocalReply, Relay
+from sidecar.io import Flusher, H2Protocol
+
+pytestmark = pytest.mark.timeout(10)
+
+REQUEST = encode_block([(":method", "POST"), (":scheme", "http"), (":path", "/pkg.Svc/M"),
+                        (":authority", "svc"), ("content-type", "application/grpc"),
+                        ("te", "trailers")])
+
+
+class RecordingTransport:
+    """What an asyncio transport is to H2Protocol, recording every write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        return None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def close(self) -> None:
+        return None
+
+
+class Refuse:
+    """Answers every call here; at each call's end, notes how many writes had gone out."""
+
+    def __init__(self, transport: RecordingTransport) -> None:
+        self.transport = transport
+        self.writes_at_end: list[int] = []
+        self.fail_at_end = False
+
+    def on_request(self, call: Call) -> LocalReply:
+        return LocalReply(G.UNAVAILABLE, "no route")
+
+    def on_response(self, call: Call) -> None:
+        return None
+
+    def on_end(self, call: Call) -> None:
+        self.writes_at_end.append(len(self.transport.writes))
+        if self.fail_at_end:
+            raise RuntimeError("a faulty layer")
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> tuple[H2Protocol, Refuse, RecordingTransport]:
+    limits = Limits()
+    transport = RecordingTransport()
+    hooks = Refuse(transport)
+    relay = Relay(hooks, limits, time.monotonic, loop.call_later, lambda conn: None)
+    proto = H2Protocol(relay, H2Connection(client=False, limits=limits), Flusher(loop), limits)
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    return proto, hooks, transport
+
+
+def _caller_calls(n: int) -> tuple[H2Connection, bytes]:
+    """A client's preface, SETTINGS and ``n`` unary requests, as one read."""
+    caller = H2Connection(client=True, limits=Limits())
+    caller.initiate()
+    for _ in range(n):
+        sid = caller.open_stream().id
+        caller.send_headers(sid, REQUEST, False)
+        caller.send_data(sid, b"\0\0\0\0\x02hi", True)
+    return caller, caller.data_to_send()
+
+
+def _statuses(caller: H2Connection, transport: RecordingTransport) -> list[str]:
+    events = caller.receive(b"".join(transport.writes))
+    return [ev.headers.fields.get("grpc-status") for ev in events
+            if type(ev) is HeadersReceived]
+
+
+def test_the_calls_a_read_ends_are_recorded_after_the_reads_writes(
+        loop: asyncio.AbstractEventLoop) -> None:
+    proto, hooks, transport = _serve(loop)
+    caller, read = _caller_calls(2)
+    proto.data_received(read)
+    # Both answers left in the read's write; only then did the layers see the calls end.
+    assert len(transport.writes) == 1
+    assert hooks.writes_at_end == [1, 1]
+    assert _statuses(caller, transport) == [str(G.UNAVAILABLE)] * 2
+    assert proto.relay.active == 0
+
+
+def test_a_layer_that_fails_at_a_calls_end_costs_nothing_else(
+        loop: asyncio.AbstractEventLoop) -> None:
+    proto, hooks, transport = _serve(loop)
+    hooks.fail_at_end = True
+    caller, read = _caller_calls(2)
+    proto.data_received(read)
+    assert hooks.writes_at_end == [1, 1]  # the second call's hooks ran after the first's failed
+    assert not proto.conn.closed
+    assert _statuses(caller, transport) == [str(G.UNAVAILABLE)] * 2
