@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ from mesh_common.limits import Limits
 from mesh_common.snapshot import Snapshot
 from mesh_common.spiffe import SpiffeError, SpiffeId
 
+from .layers.balance import DECAY_S
 from .malloc import tune_malloc
 from .process import Sidecar, TracingOptions
 
@@ -98,9 +100,9 @@ def dynamic_bootstrap(service: str, trust_domain: str, app: str | None,
 
 async def _serve(boot: Bootstrap, ports: dict[str, int | None], drain_timeout_s: float,
                  cert_poll_s: float, *, access_log: str | None = None,
-                 tracing: TracingOptions | None = None) -> int:
+                 tracing: TracingOptions | None = None, ewma_decay_s: float = DECAY_S) -> int:
     sidecar = Sidecar(boot, drain_timeout_s=drain_timeout_s, cert_poll_s=cert_poll_s,
-                      access_log=access_log, tracing=tracing)
+                      access_log=access_log, tracing=tracing, ewma_decay_s=ewma_decay_s)
     bound = await sidecar.start(inbound_port=ports["inbound"], outbound_port=ports["outbound"],
                                 admin_port=ports["admin"])
     sys.stdout.write(json.dumps({"ready": bound}) + "\n")
@@ -172,6 +174,14 @@ def check_instance_id(value: str) -> str:
     return value
 
 
+def check_ewma_decay_s(value: float) -> float:
+    """``--ewma-decay-s``: a finite number of seconds above 0; raises UsageError."""
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"--ewma-decay-s: expected a finite number of seconds above 0, "
+                         f"got {value!r}")
+    return value
+
+
 def check_writable(path: str, flag: str) -> None:
     """``path`` can be opened for appending (it is created when missing); raises UsageError
     naming ``flag`` and the reason."""
@@ -201,7 +211,8 @@ class JoinFailed(Exception):
 async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str, int | None],
                          drain_timeout_s: float, cert_poll_s: float, *,
                          access_log: str | None = None,
-                         tracing: TracingOptions | None = None) -> int:
+                         tracing: TracingOptions | None = None,
+                         ewma_decay_s: float = DECAY_S) -> int:
     from .discovery import for_dynamic_sidecar
     from .dynamic import DynamicIdentity, JoinRefused
     from .health import AppHealth
@@ -236,7 +247,7 @@ async def _serve_dynamic(boot: Bootstrap, opts: DynamicOptions, ports: dict[str,
         # In-memory files never change under us: no file poll in dynamic mode.
         tracing = _dynamic_tracing(tracing or TracingOptions(), identity)
         sidecar = Sidecar(boot, drain_timeout_s=drain_timeout_s, cert_poll_s=0, tls=tls,
-                          access_log=access_log, tracing=tracing)
+                          access_log=access_log, tracing=tracing, ewma_decay_s=ewma_decay_s)
         sidecar.ready_checks.append(identity.not_ready_reason)
         sidecar.stats_sections["identity"] = identity.stats
         bound = await sidecar.start(inbound_port=ports["inbound"],
@@ -331,6 +342,10 @@ def check_otlp_endpoint(value: str) -> str:
               help="Override the admin HTTP port; 0 = any free port.")
 @click.option("--drain-timeout-s", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
               help="On SIGTERM, how long calls in flight may take to finish.")
+@click.option("--ewma-decay-s", type=float, default=DECAY_S, show_default=True,
+              metavar="SECONDS",
+              help="Time constant of the peak-EWMA balancer's latency estimate: how fast an "
+                   "endpoint's estimate decays between answers (seconds, > 0).")
 @click.option("--cert-poll-s", type=click.FloatRange(0, 3600), default=2.0, show_default=True,
               help="How often to look for new certificate files (0 = only on SIGHUP).")
 @click.option("--access-log", default=None, type=click.Path(dir_okay=False), metavar="PATH",
@@ -354,7 +369,8 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
         instance_id: str | None, labels: tuple[str, ...], report_interval_s: float | None,
         max_backoff_s: float | None, inbound_port: int | None, outbound_port: int | None,
         admin_port: int | None,
-        drain_timeout_s: float, cert_poll_s: float, access_log: str | None,
+        drain_timeout_s: float, ewma_decay_s: float, cert_poll_s: float,
+        access_log: str | None,
         trace_sample_rate: float, otlp_endpoint: str | None, trace_export_delay_ms: float,
         log_level: str) -> int:
     """Run a mesh sidecar: an HTTP/2 frame relay with mutual TLS."""
@@ -377,6 +393,7 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ports = {"inbound": inbound_port, "outbound": outbound_port, "admin": admin_port}
+    check_ewma_decay_s(ewma_decay_s)
     if access_log is not None:
         check_writable(access_log, "--access-log")
     if otlp_endpoint is not None:
@@ -389,7 +406,8 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
         tune_malloc()
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_serve(boot, ports, drain_timeout_s, cert_poll_s,
-                                     access_log=access_log, tracing=tracing))
+                                     access_log=access_log, tracing=tracing,
+                                     ewma_decay_s=ewma_decay_s))
 
     from mesh_common.jointoken import TokenError, parse_token
 
@@ -421,7 +439,8 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
                              max_backoff_s=max_backoff_s or 5.0)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve_dynamic(boot, options, ports, drain_timeout_s, cert_poll_s,
-                                         access_log=access_log, tracing=tracing))
+                                         access_log=access_log, tracing=tracing,
+                                         ewma_decay_s=ewma_decay_s))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,7 @@ from .io import (
     tls_failure_reason,
 )
 from .layers.authorize import Authorize
+from .layers.balance import DECAY_S
 from .layers.calllog import AccessLog, CallLog, Taps
 from .layers.limits import UpstreamLimits
 from .layers.metrics import Metrics
@@ -419,16 +420,20 @@ class TracingOptions:
 
 
 class Sidecar:
-    """Everything one ``mesh-sidecar`` process runs."""
+    """Everything one ``mesh-sidecar`` process runs. ``ewma_decay_s`` is the time constant
+    (seconds, > 0) of the outbound balancer's peak-EWMA latency estimates
+    (``--ewma-decay-s``)."""
 
     def __init__(self, boot: Bootstrap, *, drain_timeout_s: float = 10.0,
                  cert_poll_s: float = 2.0, tls: TlsState | None = None,
-                 access_log: str | None = None, tracing: TracingOptions | None = None) -> None:
+                 access_log: str | None = None, tracing: TracingOptions | None = None,
+                 ewma_decay_s: float = DECAY_S) -> None:
         self.boot = boot
         self.limits = boot.limits
         self.snapshot: Snapshot = boot.snapshot
         self.drain_timeout_s = drain_timeout_s
         self.cert_poll_s = cert_poll_s
+        self.ewma_decay_s = ewma_decay_s
         # Standalone: the config's files. Dynamic: a TlsState over in-memory files whose
         # owner swaps in each renewed identity (``TlsState.swap``).
         self.tls = tls if tls is not None else TlsState(
@@ -520,7 +525,8 @@ class Sidecar:
                 return outbound_stack(lambda: self.snapshot, stats, endpoint_pool,
                                       metrics=self._metrics("outbound", stats),
                                       calllog=self._calllog("outbound", stats),
-                                      trace=self._trace("outbound"))
+                                      trace=self._trace("outbound"),
+                                      ewma_decay_s=self.ewma_decay_s)
 
             relay = self._relay("outbound", outbound_hooks, loop, flusher)
             self.outbound = Listener("outbound", relay, flusher, self.limits, None, None)

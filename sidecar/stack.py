@@ -36,7 +36,7 @@ from mesh_common.snapshot import Endpoint, Snapshot
 from .http2.pool import Pool
 from .http2.relay import Call
 from .layers.authorize import Authorize
-from .layers.balance import Balance
+from .layers.balance import DECAY_S, Balance
 from .layers.base import Decision, Layer
 from .layers.calllog import CallLog
 from .layers.fault import Fault
@@ -104,13 +104,15 @@ def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
                    rng: random.Random | None = None, *,
                    clock: Callable[[], float] | None = None,
                    upstreams: Upstreams | None = None, metrics: Metrics | None = None,
-                   calllog: CallLog | None = None, trace: Trace | None = None) -> Stack:
+                   calllog: CallLog | None = None, trace: Trace | None = None,
+                   ewma_decay_s: float = DECAY_S) -> Stack:
     """The outbound path; ``snapshot`` returns the snapshot in force (read once per call by
     each layer that needs it), ``rng`` drives the weighted splits and fault rolls (the
     balancers draw from a generator seeded from it, so a seeded stack is reproducible),
     ``clock`` is the relay's (default: the stats layer's), ``upstreams`` the shared
     per-endpoint and per-upstream state (default: a new one); ``metrics``/``calllog``/
-    ``trace`` the process's layers for this direction (None: left out)."""
+    ``trace`` the process's layers for this direction (None: left out); ``ewma_decay_s`` the
+    time constant (seconds, > 0) of the balancer's peak-EWMA latency estimates."""
     pools: dict[int, tuple[Endpoint, Pool]] = {}
 
     def endpoint(call: Call) -> Decision:
@@ -136,7 +138,8 @@ def outbound_stack(snapshot: Callable[[], Snapshot], stats: Stats,
                   UpstreamLimits(snapshot, upstreams),
                   Retry(snapshot, random.Random(hash(rng.getstate()) ^ 1), clock),
                   Timeout(snapshot),
-                  Balance(snapshot, upstreams, clock, balance_rng, on_outcome=outlier.observe),
+                  Balance(snapshot, upstreams, clock, balance_rng, on_outcome=outlier.observe,
+                          decay_s=ewma_decay_s),
                   outlier,
                   *_present(calllog, trace.ending() if trace is not None else None)],
                  endpoint)

@@ -74,8 +74,9 @@ SNAPSHOT_BOUND_S = 15.0
 REJOIN_BOUND_S = 30.0
 TRAFFIC_BOUND_S = 60.0
 """The restarted replica takes calls again within this. Not at once: its new endpoint starts
-with peak-EWMA's default estimate, which must decay below the other replica's (a 10 s time
-constant) before the callers' balancers prefer it."""
+with peak-EWMA's default estimate, which must decay below the other replica's (over the
+sidecars' ``--ewma-decay-s``: 10 s by default, which this bound allows for; 2 s in the chaos
+tests' demo) before the callers' balancers prefer it."""
 INFRA_CANCEL_MARK = "did not complete within"
 """An order cancelled because a step kept failing (not for a business reason) has a reason
 like ``charge did not complete within 10 s (UNAVAILABLE: ...)``."""

@@ -69,8 +69,9 @@ TRAFFIC_BOUND_S = 90.0
 """The restarted replica takes orders again within this. Not at once: the callers'
 peak-EWMA estimate of its endpoint (same address, kept across the crash) still holds the
 sick answers it gave as it died, each fed as twice the estimate before it (capped at 10 s),
-and only decays with a 10 s time constant until it is cheaper than the other replica's
-(~30 ms): typically 5-40 s, at worst 10·ln(10 s / 30 ms) ≈ 58 s."""
+and only decays (over the sidecars' ``--ewma-decay-s``, 10 s by default) until it is cheaper
+than the other replica's (~30 ms): with the default, typically 5-40 s, at worst
+10·ln(10 s / 30 ms) ≈ 58 s (the chaos tests' demo decays over 2 s: a fifth of that)."""
 
 
 def sagas(mesh: Mesh, instance: str) -> dict[str, Any]:

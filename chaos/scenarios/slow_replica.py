@@ -38,9 +38,11 @@ MIN_CALLS = 5
 """Calls a window must hold for its figures to say anything."""
 LATENCIES_MS = (1000, 1200)
 """Added to each call of the slow replica. Peak-EWMA tries an avoided replica again once
-its estimate has decayed (10 s time constant) under the other's cost (latency × calls in
-flight + 1), which a busy host inflates: a slowdown of a second keeps that far enough off
-for the windows measured (and stays under the order saga's 2 s per call)."""
+its estimate has decayed (over the sidecars' ``--ewma-decay-s``: 10 s by default, 2 s in the
+chaos tests' demo) under the other's cost (latency × calls in flight + 1), which a busy host
+inflates: a slowdown of a second keeps that far enough off for the windows measured (at
+2 s, decay_s·ln(1 s / 10-40 ms) ≈ 6-9 s after the first slow answers, past the short run's
+3 + 4 s) and stays under the order saga's 2 s per call."""
 
 
 @dataclass

@@ -3,6 +3,7 @@ dir). Every value has a default that makes ``meshctl`` work with no flags."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class Settings:
     ready_timeout_s: float      # MESH_DEMO_READY_TIMEOUT_S: all ready and synced within
     stop_timeout_s: float       # MESH_DEMO_STOP_TIMEOUT_S: SIGTERM, then SIGKILL after this
     drain_timeout_s: float      # MESH_DEMO_DRAIN_TIMEOUT_S: sidecars' --drain-timeout-s
+    ewma_decay_s: float         # MESH_DEMO_EWMA_DECAY_S: sidecars' --ewma-decay-s (> 0)
     gateway: str = "127.0.0.1:8080"   # MESH_DEMO_GATEWAY: the API gateway's HTTP listener
     via_gateway: bool = False   # MESH_DEMO_VIA_GATEWAY=1: the load generator goes through it
 
@@ -86,6 +88,14 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
         raise SettingsError(f"{name}: not a number: {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name}: at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    """A finite number above 0."""
+    value = _number(env, name, default, 0.0)
+    if not 0 < value < math.inf:  # NaN fails too
+        raise SettingsError(f"{name}: a finite number above 0, got {env.get(name)!r}")
     return value
 
 
@@ -139,6 +149,7 @@ def from_env(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> S
         ready_timeout_s=_number(env, "MESH_DEMO_READY_TIMEOUT_S", 60.0, 1.0),
         stop_timeout_s=_number(env, "MESH_DEMO_STOP_TIMEOUT_S", 10.0, 0.1),
         drain_timeout_s=_number(env, "MESH_DEMO_DRAIN_TIMEOUT_S", 5.0, 0.0),
+        ewma_decay_s=_positive(env, "MESH_DEMO_EWMA_DECAY_S", 10.0),
         gateway=_hostport(env, "MESH_DEMO_GATEWAY", "127.0.0.1:8080"),
         via_gateway=_flag(env, "MESH_DEMO_VIA_GATEWAY"),
     )

@@ -216,6 +216,7 @@ class _Launch:
                   # snapshot goes out without it): reconnect backoff at most half the grace.
                   "--max-backoff-s", f"{max(0.05, min(5.0, self.s.grace_period_s / 2)):g}",
                   "--drain-timeout-s", f"{self.s.drain_timeout_s:g}",
+                  "--ewma-decay-s", f"{self.s.ewma_decay_s:g}",
                   "--trace-sample-rate", f"{self.s.trace_sample_rate:g}",
                   "--trace-export-delay-ms", str(TRACE_EXPORT_DELAY_MS),
                   "--access-log", str(self.s.logs_dir / f"{instance}.access.jsonl"))

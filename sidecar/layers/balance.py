@@ -11,11 +11,11 @@ free probe slot), preferring endpoints an earlier attempt of the call did not go
 * ``least_request``: the fewer calls in flight of two drawn at random (power of two choices);
 * ``peak_ewma`` (Linkerd's, after Finagle): the cheaper of two drawn at random, where cost =
   latency estimate × (calls in flight + 1). The estimate is an exponentially weighted moving
-  average of response latencies over ``decay_s`` (10 s) that jumps straight up to a slower
-  answer (peak sensitivity) and, between answers, decays towards zero so an endpoint left
-  alone gets tried again. A sick answer (one of the service's outlier ``error_codes``)
-  is fed as at least twice the current estimate, so failing fast never makes an endpoint
-  look fast.
+  average of response latencies over ``decay_s`` (default ``DECAY_S``, 10 s; the sidecar's
+  ``--ewma-decay-s``) that jumps straight up to a slower answer (peak sensitivity) and,
+  between answers, decays towards zero so an endpoint left alone gets tried again. A sick
+  answer (one of the service's outlier ``error_codes``) is fed as at least twice the
+  current estimate, so failing fast never makes an endpoint look fast.
 
 A HALF_OPEN endpoint with a free probe slot is picked first (its probe is how it comes back).
 
@@ -188,7 +188,8 @@ class Balance(Layer):
     """Sets ``call.endpoint`` for each attempt (see the module's docstring). No candidate:
     a ``LocalReply`` UNAVAILABLE naming the service (no endpoints, no healthy endpoint, or
     every candidate held out by outlier detection). ``clock`` is the relay's (seconds);
-    ``rng`` draws for random, least_request and peak_ewma. Never raises."""
+    ``rng`` draws for random, least_request and peak_ewma; ``decay_s`` is peak-EWMA's time
+    constant (seconds, > 0). Never raises."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], upstreams: Upstreams,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,

@@ -23,7 +23,12 @@ Report = dict[str, Any]
 @pytest.fixture(scope="package")
 def chaos_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     base = tmp_path_factory.mktemp("chaos")
+    # Peak-EWMA decays over 2 s, not 10: a restarted replica's new endpoint (30 ms to start
+    # with) gets calls again within seconds. Not 1 s: slow-replica's windows (3 s + 4 s)
+    # must end before a caller tries the slow replica again, its first slow answers (~1-2 s)
+    # plus decay_s·ln(1 s / the fast replica's 10-40 ms): 8-11 s at 2 s, 4-7 s at 1 s.
     env = {**demo_env(base, rps=10, lease_s=1.5), "MESH_DEMO_GRACE_PERIOD_S": "3",
+           "MESH_DEMO_EWMA_DECAY_S": "2",
            "MESH_DEMO_REPORT_INTERVAL_S": "0.5", "MESH_DEMO_REPORT_WINDOW_S": "10"}
     with running_demo(base, env) as d:
         yield d

@@ -41,6 +41,14 @@ def test_settings_move_by_environment_and_refuse_bad_values(tmp_path: Path) -> N
         from_env({"MESH_DEMO_ADMIN_HTTP": "dashboard"})
 
 
+def test_the_sidecars_peak_ewma_decay_is_a_setting_above_zero(tmp_path: Path) -> None:
+    assert from_env({}, cwd=tmp_path).ewma_decay_s == 10.0
+    assert from_env({"MESH_DEMO_EWMA_DECAY_S": "2"}).ewma_decay_s == 2.0
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SettingsError, match="MESH_DEMO_EWMA_DECAY_S: "):
+            from_env({"MESH_DEMO_EWMA_DECAY_S": bad})
+
+
 def test_the_demo_observes_everything_by_default(tmp_path: Path) -> None:
     s = from_env({}, cwd=tmp_path)
     assert (s.admin_http, s.otlp, s.trace_sample_rate) == ("127.0.0.1:15014",

@@ -1,5 +1,6 @@
 """The sidecar's side of discovery without a control plane: the Stats layer's latency
-histogram and report deltas, the ``--label``/``--control-plane`` flags, what the sidecar
+histogram and report deltas, the ``--label``/``--control-plane``/``--ewma-decay-s`` flags
+(the last one to the outbound balancer of a sidecar run in-process), what the sidecar
 answers to each control message (``DiscoveryState.handle``), the messages it builds, its
 backoff, and one stream session against an in-process fake control plane on loopback."""
 
@@ -15,7 +16,9 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 
+from mesh_common.jointoken import new_token
 from mesh_common.snapshot import (
     Cluster,
     Endpoint,
@@ -36,9 +39,13 @@ from sidecar.discovery import (
     register_message,
     report_message,
 )
+from sidecar.layers.balance import Balance
 from sidecar.layers.stats import LATENCY_BOUNDS_MS, Stats, StatsReport, latency_bucket
 from sidecar.main import UsageError, main, parse_control_planes, parse_labels
+from sidecar.process import Sidecar
 from sidecar.rpc import Channel
+from tests.support.pki import CA
+from tests.support.sidecar import sidecar_config
 
 TD = "mesh.local"
 
@@ -146,14 +153,53 @@ def test_control_plane_accepts_a_comma_separated_list() -> None:
     (["--config", "any.yaml", "--label", "version=v1"], "--label only with --token"),
     (["--service", "web", "--token", "x", "--control-plane", "a:1,,b:2"], "--control-plane"),
     (["--service", "web", "--token", "x", "--instance-id", "a b"], "--instance-id"),
+    *((["--config", "any.yaml", "--ewma-decay-s", bad], "--ewma-decay-s")
+      for bad in ("0", "-1", "abc", "nan", "inf")),
 ])
-def test_bad_dynamic_flags_exit_2_with_one_line(capsys: pytest.CaptureFixture[str],
-                                                args: list[str], words: str) -> None:
+def test_bad_flags_exit_2_with_one_line(capsys: pytest.CaptureFixture[str],
+                                        args: list[str], words: str) -> None:
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args, decay_s", [([], 10.0), (["--ewma-decay-s", "2.5"], 2.5)])
+def test_ewma_decay_s_is_the_outbound_balancers_time_constant(
+        pki: CA, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, args: list[str],
+        decay_s: float) -> None:
+    """Standalone: ``main`` runs the sidecar in-process; once it serves, its outbound stack's
+    Balance is read and the sidecar stops (drains) as on SIGTERM."""
+    config = tmp_path / "web.yaml"
+    config.write_text(yaml.safe_dump(sidecar_config(service="web",
+                                                    tls=pki.issue_workload("web"))))
+    seen: list[float] = []
+    serve = Sidecar.wait_stopped
+
+    async def read_then_stop(self: Sidecar) -> None:
+        balance = self.stacks["outbound"].layer(Balance)
+        assert balance is not None
+        seen.append(balance.decay_s)
+        self._stop.set()
+        await serve(self)
+    monkeypatch.setattr(Sidecar, "wait_stopped", read_then_stop)
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(config), *args])
+    assert exc.value.code == 0 and seen == [decay_s]
+
+
+def test_ewma_decay_s_reaches_the_dynamic_sidecar(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    async def serve_dynamic(*args: Any, **kwargs: Any) -> int:
+        seen.update(kwargs)
+        return 0
+    monkeypatch.setattr("sidecar.main._serve_dynamic", serve_dynamic)
+    token = new_token("0" * 64, "127.0.0.1:1", "127.0.0.1:2").encode()
+    with pytest.raises(SystemExit) as exc:
+        main(["--service", "web", "--token", token, "--ewma-decay-s", "0.5"])
+    assert exc.value.code == 0 and seen["ewma_decay_s"] == 0.5
 
 
 # ---------------------------------------------------------------------- handling control messages
