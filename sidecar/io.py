@@ -266,21 +266,21 @@ class H2Protocol(asyncio.Protocol):
             self.conn.new_window()
         self.ping_sent_s = None
         relay = self.relay
-        relay.holding_ends = True  # the calls this read ends are recorded after its writes
+        relay.holding = True  # what follows the read's sends runs once they are written
         try:
-            if self.conn.client:
-                relay.up_received(self.conn, data)
-            else:
-                relay.down_received(self.conn, data)
-        except Exception:  # a bug must cost this connection, never the process
-            log.exception("internal error relaying on a %s connection; closing it",
-                          "upstream" if self.conn.client else "downstream")
-            self.conn.terminate(F.INTERNAL_ERROR, "internal error")
-            self.flush()
+            try:
+                if self.conn.client:
+                    relay.up_received(self.conn, data)
+                else:
+                    relay.down_received(self.conn, data)
+            except Exception:  # a bug must cost this connection, never the process
+                log.exception("internal error relaying on a %s connection; closing it",
+                              "upstream" if self.conn.client else "downstream")
+                self.conn.terminate(F.INTERNAL_ERROR, "internal error")
+                self.flush()
+            self.flusher.after_read()
         finally:
-            relay.holding_ends = False
-        self.flusher.after_read()
-        relay.run_ends()
+            relay.release()
 
     def eof_received(self) -> bool:
         return False

@@ -10,10 +10,13 @@ mesh's policy only at stream events through ``Hooks``:
   ``LocalReply`` (the call is answered here: unknown route, denied, fast-failed, an injected
   abort), or ``Delayed`` (either of those after a pause: an injected delay);
 * response headers and trailers: ``hooks.on_response(call)``;
-* stream end: ``hooks.on_end(call)`` with the outcome in the call. It runs when the entry
-  point that ended the call returns, except while ``holding_ends``: the I/O driver holds them
-  over a read and runs them (``run_ends``) once the read's writes are out, so what the layers
-  record at a call's end (counts, latency estimates, logs) is off the caller's path.
+* stream end: ``hooks.on_end(call)`` with the outcome in the call.
+
+The bookkeeping that follows a send (the events sends queue on a connection, such as a
+stream's end) and the end hooks run when the entry point returns, except while ``holding``:
+the I/O driver holds them over a read and releases them (``release``) once the read's writes
+are out, so what the relay and the layers record at a call's end (counts, latency estimates,
+logs) is off the caller's path.
 
 gRPC rules it enforces: ``grpc-timeout`` and a layer's ``call.route_timeout_s`` counted from
 dispatch, whichever ends first (DEADLINE_EXCEEDED at expiry, the upstream stream reset, the
@@ -234,10 +237,10 @@ class Relay:
         self._dirty: list[H2Connection] = []
         self._pumping = False
         self._ended: list[Call] = []
-        """Calls over whose ``hooks.on_end`` has not run yet (see ``run_ends``)."""
-        self.holding_ends = False
-        """While True, ended calls wait in ``_ended`` for ``run_ends`` (the I/O driver sets
-        it over a read, and runs them once the read's writes are out)."""
+        """Calls over whose ``hooks.on_end`` has not run yet."""
+        self.holding = False
+        """While True, the events sends queue and the end hooks wait for ``release`` (the
+        I/O driver sets it over a read and releases once the read's writes are out)."""
         self.fast_path = True
         """Take a read that is exactly one whole unary request (downstream) or that begins
         with whole responses (upstream) through the core's ``receive_request`` /
@@ -339,10 +342,15 @@ class Relay:
                                 f"{_after(call)}")
         self._pump()
 
+    def release(self) -> None:
+        """Stop holding (see ``holding``): handle what waited."""
+        self.holding = False
+        self._pump()
+
     def _pump(self) -> None:
-        """Handle events that sends and resets queued on connections outside ``receive``;
-        then, unless ``holding_ends``, run the end hooks of the calls that ended."""
-        if self._pumping:
+        """Handle events that sends and resets queued on connections outside ``receive``,
+        then run the end hooks of the calls that ended; nothing while ``holding``."""
+        if self._pumping or self.holding:
             return
         self._pumping = True
         try:
@@ -356,10 +364,10 @@ class Relay:
                         self.down_events(conn, events)
         finally:
             self._pumping = False
-        if self._ended and not self.holding_ends:
-            self.run_ends()
+        if self._ended:
+            self._run_ends()
 
-    def run_ends(self) -> None:
+    def _run_ends(self) -> None:
         """Run ``hooks.on_end`` for every call that ended and has not had it yet, in the
         order they ended. A hook that raises is logged; the other calls' hooks still run."""
         while self._ended:

@@ -1,11 +1,12 @@
-"""``sidecar.io.H2Protocol``: the end hooks of the calls a read ends run once that read's
-writes are out, so what the layers record at a call's end is off the caller's path."""
+"""``sidecar.io.H2Protocol``: what follows the sends of a read (the relay's bookkeeping of
+the streams and calls that ended, the layers' end hooks) runs once that read's writes are
+out, so it is off the caller's path."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -30,9 +31,11 @@ class RecordingTransport:
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.on_write: Callable[[], None] = lambda: None
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
+        self.on_write()
 
     def is_closing(self) -> bool:
         return False
@@ -104,10 +107,14 @@ def _statuses(caller: H2Connection, transport: RecordingTransport) -> list[str]:
 def test_the_calls_a_read_ends_are_recorded_after_the_reads_writes(
         loop: asyncio.AbstractEventLoop) -> None:
     proto, hooks, transport = _serve(loop)
+    active_at_write: list[int] = []
+    transport.on_write = lambda: active_at_write.append(proto.relay.active)
     caller, read = _caller_calls(2)
     proto.data_received(read)
-    # Both answers left in the read's write; only then did the layers see the calls end.
+    # Both answers left in the read's write, while the relay still counted both calls; only
+    # then did it see their streams end and the layers see the calls end.
     assert len(transport.writes) == 1
+    assert active_at_write == [2]
     assert hooks.writes_at_end == [1, 1]
     assert _statuses(caller, transport) == [str(G.UNAVAILABLE)] * 2
     assert proto.relay.active == 0
