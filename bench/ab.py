@@ -1,4 +1,4 @@
-"""``python -m bench.ab TREE_A TREE_B [--rounds N] [--requests N] [--clients C --streams M] [--stream-mib N] [--latency-rps R]``
+"""``python -m bench.ab TREE_A TREE_B [--rounds N] [--requests N] [--clients C --streams M] [--stream-mib N] [--latency-rps R [--split]]``
 
 Compare the sidecar of two source trees (e.g. ``git worktree add /tmp/base HEAD~1`` against
 the working tree) in one run: one backend, two meshes (client sidecar → mTLS → echo sidecar),
@@ -8,16 +8,20 @@ and the B/A ratio. With ``--stream-mib N`` the rounds are instead one ClientStre
 messages (grpcio) per tree: CPU per MiB per sidecar (ms) and MB/s. With ``--latency-rps R``
 they are fixed-rate runs of ``--latency-s`` seconds at R requests per second through direct
 (client → backend), A and B: p50 and p99 (ms), what each tree adds to direct's and its CPU per
-call per sidecar at that rate (µs), medians over the rounds. This machine's absolute figures
+call per sidecar at that rate (µs), medians over the rounds; ``--split`` also times every read
+inside the sidecars (``bench/traversal_timer.py``) and prints where a call's time in them goes,
+far steadier than the end-to-end figures. This machine's absolute figures
 move ±20% between runs; an interleaved ratio is what tells whether a change helped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -33,10 +37,20 @@ from tests.support.sidecar import sidecar_config
 URL = "http://127.0.0.1:{port}/meshtest.Echo/Unary"
 
 
-def _sidecar(group: ProcGroup, workdir: Path, name: str, tree: str, cfg: dict) -> Proc:
+TIMER = Path(__file__).with_name("traversal_timer.py")
+SIDES = ("request", "response")
+"""A sidecar's two traversals of a call: the request's read (downstream) and the response's
+(upstream)."""
+
+
+def _sidecar(group: ProcGroup, workdir: Path, name: str, tree: str, cfg: dict,
+             timed: bool = False) -> Proc:
+    """Start a standalone sidecar of ``tree``; ``timed``: under ``traversal_timer.py``, its
+    samples to ``workdir/<name>.reads.jsonl`` when it stops."""
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "sidecar.main", "--config", str(path), "--log-level", "warning"]
+    run = [str(TIMER), str(workdir / f"{name}.reads.jsonl")] if timed else ["-m", "sidecar.main"]
+    cmd = [sys.executable, *run, "--config", str(path), "--log-level", "warning"]
     return group.start_ready_line(name, cmd, env={"PYTHONPATH": tree}, cwd=tree)
 
 
@@ -54,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure latency at R requests per second instead (with direct)")
     ap.add_argument("--latency-s", type=float, default=5.0,
                     help="seconds per fixed-rate run (default 5)")
+    ap.add_argument("--split", action="store_true",
+                    help="with --latency-rps: also time each read inside the sidecars "
+                         "(bench/traversal_timer.py) and print, per tree, sidecar and "
+                         "traversal, the relay's processing, the write and read-to-write (p50)")
     args = ap.parse_args(argv)
+    if args.split and args.latency_rps <= 0:
+        print("bench.ab: error: --split needs --latency-rps", file=sys.stderr)
+        return 2
     for tree in (args.tree_a, args.tree_b):
         if not (Path(tree) / "sidecar" / "main.py").is_file():
             print(f"bench.ab: error: {tree} has no sidecar/main.py", file=sys.stderr)
@@ -67,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         body = workdir / "body"
         response_bytes = h2load.write_unary_body(body)
         meshes: dict[str, tuple[int, list[int]]] = {}
+        sidecars: list[tuple[str, Proc]] = []
         for label, tree in (("A", args.tree_a), ("B", args.tree_b)):
             echo = _sidecar(group, workdir, f"echo-{label}", tree, sidecar_config(
-                service="echo", tls=pki.echo, app_port=int(backend.ready["port"])))
+                service="echo", tls=pki.echo, app_port=int(backend.ready["port"])), args.split)
             client = _sidecar(group, workdir, f"client-{label}", tree, sidecar_config(
-                service="client", tls=pki.client, clusters={"echo": [(echo.ready["inbound"], None)]}))
+                service="client", tls=pki.client, clusters={"echo": [(echo.ready["inbound"], None)]}),
+                args.split)
+            sidecars += [(f"client-{label}", client), (f"echo-{label}", echo)]
             port = int(client.ready["outbound"].rpartition(":")[2])
             meshes[label] = (port, [client.pid, echo.pid])
             h2load.run(URL.format(port=port), body, requests=2000, clients=args.clients,
@@ -82,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             ports = {"direct": int(backend.ready["port"]),
                      **{label: port for label, (port, _) in meshes.items()}}
             pids = {"direct": [], **{label: p for label, (_, p) in meshes.items()}}
-            return _latency(ports, pids, body, response_bytes, workdir, args)
+            window = time.monotonic()
+            rc = _latency(ports, pids, body, response_bytes, workdir, args)
+            if args.split:
+                window_end = time.monotonic()
+                for _, proc in sidecars:
+                    proc.stop(10.0)  # the timer writes its samples as the sidecar exits
+                _print_split(workdir, sidecars, window, window_end)
+            return rc
         cpu: dict[str, list[float]] = {k: [] for k in meshes}
         rps: dict[str, list[float]] = {k: [] for k in meshes}
         for _ in range(args.rounds):
@@ -157,6 +188,34 @@ def _latency(ports: dict[str, int], pids: dict[str, list[int]], body: Path, resp
         print(f"{label:6s} p50 {m50:.3f} ms (+{m50 - base50:.3f}), p99 {m99:.3f} ms "
               f"(+{m99 - base99:.3f}){used}; rounds p50 {[round(x, 3) for x in p50[label]]}")
     return 0
+
+
+def _print_split(workdir: Path, sidecars: list[tuple[str, Proc]], start: float,
+                 end: float) -> None:
+    """Per sidecar and traversal, over the reads of the fixed-rate rounds (``start``..``end``,
+    monotonic s): p50 of the relay's processing, the write, read-to-write and the work after
+    the write (µs), and the share of reads whose write waited for a later loop pass; per
+    tree, the sum of the four read-to-write p50s (a call's time inside its two sidecars)."""
+    print("sidecar   traversal  reads  process  write  read->write  after  written later")
+    totals: dict[str, float] = {}
+    for name, _ in sidecars:
+        path = workdir / f"{name}.reads.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        rows = [r for r in rows if start <= r["t"] <= end]
+        for side in SIDES:
+            got = [r for r in rows if r["side"] == side]
+            wrote = [r for r in got if r["write"] >= 0]
+            if not wrote:
+                print(f"{name:9s} {side:9s}  {len(got):5d}  (no read wrote before returning)")
+                continue
+            med = {k: statistics.median(r[k] for r in wrote) for k in ("process", "write",
+                                                                          "to_write", "after")}
+            totals[name[-1]] = totals.get(name[-1], 0.0) + med["to_write"]
+            print(f"{name:9s} {side:9s}  {len(got):5d}  {med['process']:7.0f}  {med['write']:5.0f}"
+                  f"  {med['to_write']:11.0f}  {med['after']:5.0f}  "
+                  f"{100 * (len(got) - len(wrote)) / len(got):12.0f}%")
+    for label, total in sorted(totals.items()):
+        print(f"{label}: read-to-write p50s summed over a call's four traversals: {total:.0f} us")
 
 
 if __name__ == "__main__":
