@@ -326,7 +326,7 @@ class _Harness:
 
     def check(self, stack: Any, peer: str | None, what: str) -> None:
         """BenchError unless a call through ``stack`` is sent to a pool (not answered)."""
-        call = self.Call(self.down, 1, self.headers, peer, time.monotonic(), 1 << 20)
+        call = self.Call(self.down, 1, self.headers, peer, time.monotonic())
         decision = stack.on_request(call)
         if type(decision) is not self.Pool:
             raise BenchError(f"in-process layer costs: the {what} stack answered "
@@ -342,7 +342,7 @@ class _Harness:
         export = self.export if flush else None
         Call, down, headers = self.Call, self.down, self.headers
         now = time.monotonic()
-        calls = [Call(down, 2 * i + 1, headers, peer, now, 1 << 20) for i in range(n)]
+        calls = [Call(down, 2 * i + 1, headers, peer, now) for i in range(n)]
         on_request, on_response, on_end = stack.on_request, stack.on_response, stack.on_end
         if export is not None:
             export.flush()  # nothing of an earlier loop left to send

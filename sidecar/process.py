@@ -704,7 +704,7 @@ class Sidecar:
             connector = self.connectors[name]
             body[name] = {
                 "active_calls": relay.active,
-                "counters": dict(relay.stats),
+                "counters": relay.counters(),
                 "calls": self.stats[name].snapshot(),
                 "downstream_connections": len(listener.protocols) if listener else 0,
                 "accepted_connections": listener.accepted if listener else 0,

@@ -110,14 +110,15 @@ class Call:
         "replay_bytes", "flushed", "credited", "req_received", "resp_conn", "resp_received",
         "resp_credited", "request_ended", "request_trailers",
         "committed", "response_started", "grpc_status", "grpc_message", "finished",
-        "down_open", "ended", "req_meter", "resp_meter", "local_reply", "route", "endpoint",
+        "down_open", "ended", "req_meter", "resp_meter", "req_messages", "resp_messages",
+        "local_reply", "route", "endpoint",
         "upstream_label", "cluster", "route_timeout_s", "rule", "subset", "notes",
         "upstream", "retry", "tried", "fast_fail", "try_timer", "trace_id", "span",
         "traceparent_out", "queued",
     )
 
     def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
-                 now_s: float, max_message_bytes: int) -> None:
+                 now_s: float) -> None:
         self.down = down
         self.down_sid = sid
         self.headers = headers
@@ -152,8 +153,12 @@ class Call:
         self.finished = False
         self.down_open = True
         self.ended = False
-        self.req_meter = G.MessageMeter(max_message_bytes)
-        self.resp_meter = G.MessageMeter(max_message_bytes)
+        self.req_meter: G.MessageMeter | None = None
+        """Made for the first request DATA frame that is not one whole message."""
+        self.resp_meter: G.MessageMeter | None = None
+        self.req_messages = 0
+        """Request messages whose length prefix has arrived, so far."""
+        self.resp_messages = 0
         self.local_reply: LocalReply | None = None
         self.route: str = ""
         """The upstream service (cluster) the call was routed to, when routed."""
@@ -229,6 +234,9 @@ class Relay:
         self.call_later = call_later
         self.close_connection = close_connection
         self.stats: Counter[str] = Counter()
+        """Counts of what the relay met, by name (see ``counters``)."""
+        self.calls_total = 0
+        """Calls (downstream streams) the relay took, ever."""
         self.refused_calls: Counter[str] = Counter()
         """Calls refused by a limit, by reason (see the module's docstring)."""
         self.waiting = 0
@@ -247,6 +255,13 @@ class Relay:
         ``receive_responses``, which leave the connection as ``receive`` would and build no
         events for them; False: every read goes through ``receive`` (the tests run both and
         compare every byte)."""
+
+    def counters(self) -> dict[str, int]:
+        """``stats`` with ``calls_total``, for ``/stats``."""
+        out = dict(self.stats)
+        if self.calls_total:
+            out["calls_total"] = self.calls_total
+        return out
 
     # ================================================================ entry points (I/O side)
     def adopt(self, conn: H2Connection) -> None:
@@ -439,10 +454,10 @@ class Relay:
     def _new_call(self, conn: H2Connection, sid: int, headers: HeaderBlock,
                   end_stream: bool) -> None:
         peer = getattr(conn.owner, "peer_id", None)
-        call = Call(conn, sid, headers, peer, self.clock(), self.limits.max_message_bytes)
+        call = Call(conn, sid, headers, peer, self.clock())
         conn.calls[sid] = call
         self.active += 1
-        self.stats["calls_total"] += 1
+        self.calls_total += 1
         if end_stream:
             call.request_ended = True
         fields = headers.fields
@@ -568,7 +583,7 @@ class Relay:
             self._settle_request(call)
             return
         if data:
-            too_big = call.req_meter.feed(data)
+            too_big = self._measure(call, data, False)
             if too_big >= 0:
                 self.stats["messages_too_large"] += 1
                 self.refused_calls["message_too_large"] += 1
@@ -591,6 +606,32 @@ class Relay:
                 call.pending.append(data)
             return
         self._credit(call, call.up.send_data(call.up_sid, data, end))
+
+    def _measure(self, call: Call, data: bytes, response: bool) -> int:
+        """Count the gRPC messages of one DATA frame of the call (``response``: of its
+        response) and return the announced length of the first over the size limit, or -1.
+        A frame that is one whole message, the common case, needs no meter."""
+        limit = self.limits.max_message_bytes
+        meter = call.resp_meter if response else call.req_meter
+        n = len(data)
+        if meter is None and n >= 5 and n == 5 + int.from_bytes(data[1:5], "big"):
+            counted = 1
+            too_big = n - 5 if n - 5 > limit else -1
+        else:
+            if meter is None:
+                meter = G.MessageMeter(limit)
+                if response:
+                    call.resp_meter = meter
+                else:
+                    call.req_meter = meter
+            before = meter.messages
+            too_big = meter.feed(data)
+            counted = meter.messages - before
+        if response:
+            call.resp_messages += counted
+        else:
+            call.req_messages += counted
+        return too_big
 
     def _request_trailers(self, call: Call, block: bytes) -> None:
         call.request_ended = True
@@ -885,7 +926,7 @@ class Relay:
             self._settle_response(call)
             return
         if data:
-            too_big = call.resp_meter.feed(data)
+            too_big = self._measure(call, data, True)
             if too_big >= 0:
                 self.stats["messages_too_large"] += 1
                 self.refused_calls["message_too_large"] += 1

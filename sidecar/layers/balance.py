@@ -341,7 +341,7 @@ class Balance(Layer):
         else:
             sick = status in self._services.get(call.route, self._default)[2]
             if (sick or not retried) and not call.fast_fail and call.pool is not None \
-                    and call.resp_meter.messages <= 1 and call.req_meter.messages <= 1:
+                    and call.resp_messages <= 1 and call.req_messages <= 1:
                 sample = now_s - call.started_s
                 ewma = st.ewma_s
                 if sick:

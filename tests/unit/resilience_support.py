@@ -114,7 +114,7 @@ class Mesh:
                 [(":method", "POST"), (":scheme", "http"), (":path", SAY),
                  (":authority", authority), ("content-type", "application/grpc"),
                  ("te", "trailers")]))
-        call = Call(_DOWN, 1, block, None, self.clock.now, 1 << 20)
+        call = Call(_DOWN, 1, block, None, self.clock.now)
         call.tried = tried
         decision = self.stack.on_request(call)
         if isinstance(decision, LocalReply):

@@ -182,7 +182,7 @@ def make_call(peer: str | None, path: str = CHARGE) -> Call:
     block = encode_block([(":method", "POST"), (":scheme", "https"), (":path", path),
                           (":authority", "payment"), ("content-type", "application/grpc"),
                           ("te", "trailers")])
-    return Call(_DOWN, 1, HeaderReader(1 << 16).read(block), peer, 0.0, 1 << 20)
+    return Call(_DOWN, 1, HeaderReader(1 << 16).read(block), peer, 0.0)
 
 
 class Span:

@@ -108,7 +108,7 @@ def test_a_slow_endpoint_that_heals_wins_its_share_back() -> None:
 def test_a_stream_does_not_feed_the_latency_estimate() -> None:
     m = Mesh(snapshot((A,), outlier=NO_EJECTIONS))
     call, _ = m.start()
-    call.resp_meter.messages = 40  # a server stream: its length is not the endpoint's speed
+    call.resp_messages = 40  # a server stream: its length is not the endpoint's speed
     m.clock.now += 60.0
     m.end(call)
     assert m.state(A).ewma_s == DEFAULT_RTT_S and m.state(A).in_flight == 0

@@ -420,7 +420,7 @@ class Mesh:
 
     def assert_quiet_and_done(self) -> None:
         assert self.relay.active == 0
-        assert len(self.hooks.ended) == self.relay.stats["calls_total"]  # on_end once per call
+        assert len(self.hooks.ended) == self.relay.calls_total  # on_end once per call
         assert set(map(id, self.hooks.calls)) <= set(map(id, self.hooks.ended))
         assert not self.timers.live
         for link in self.links:

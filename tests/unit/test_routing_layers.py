@@ -98,7 +98,7 @@ def make_call(path: str = SAY, authority: str = "echo",
     block = encode_block([(":method", "POST"), (":scheme", "http"), (":path", path),
                           (":authority", authority), ("content-type", "application/grpc"),
                           ("te", "trailers"), *headers])
-    return Call(_DOWN, 1, HeaderReader(1 << 16).read(block), None, 0.0, 1 << 20)
+    return Call(_DOWN, 1, HeaderReader(1 << 16).read(block), None, 0.0)
 
 
 class Harness:
