@@ -629,6 +629,28 @@ def test_request_message_over_the_limit_fails_only_that_stream() -> None:
     mesh.assert_quiet_and_done()
 
 
+def test_a_whole_message_in_one_frame_is_measured_like_a_split_one() -> None:
+    mesh = Mesh(limits=Limits(max_message_bytes=1024))
+    caller = mesh.caller()
+    big = caller.start()
+    split = caller.start()
+    mesh.pump()
+    caller.send(big, grpc_message(b"a" * 1025), end=True)  # one frame: no meter needed
+    message = grpc_message(b"b" * 1024) + grpc_message(b"c")
+    caller.send(split, message[:3])  # a prefix cut in two...
+    caller.send(split, message[3:700])
+    caller.send(split, message[700:], end=True)  # ...and two messages in the last frame
+    mesh.pump()
+    status, text = caller.status(big)
+    assert status == str(G.RESOURCE_EXHAUSTED) and "1025" in text and "1024" in text
+    assert caller.status(split) == ("0", "")
+    by_sid = {c.down_sid: c for c in mesh.hooks.calls}
+    assert by_sid[big].req_meter is None and by_sid[big].req_messages == 1
+    assert by_sid[split].req_meter is not None and by_sid[split].req_messages == 2
+    assert by_sid[split].resp_messages == 2  # the backend echoes both messages back
+    mesh.assert_quiet_and_done()
+
+
 def test_response_message_over_the_limit_gives_resource_exhausted_after_headers() -> None:
     mesh = Mesh(limits=Limits(max_message_bytes=1024))
     caller = mesh.caller()
