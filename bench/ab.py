@@ -195,7 +195,9 @@ def _print_split(workdir: Path, sidecars: list[tuple[str, Proc]], start: float,
     """Per sidecar and traversal, over the reads of the fixed-rate rounds (``start``..``end``,
     monotonic s): p50 of the relay's processing, the write, read-to-write and the work after
     the write (µs), and the share of reads whose write waited for a later loop pass; per
-    tree, the sum of the four read-to-write p50s (a call's time inside its two sidecars)."""
+    tree, the sum of the four processing p50s (the relay's own work on a call's path). The
+    write is not summed: a sidecar woken by another's write on the same core runs inside
+    that write."""
     print("sidecar   traversal  reads  process  write  read->write  after  written later")
     totals: dict[str, float] = {}
     for name, _ in sidecars:
@@ -210,12 +212,13 @@ def _print_split(workdir: Path, sidecars: list[tuple[str, Proc]], start: float,
                 continue
             med = {k: statistics.median(r[k] for r in wrote) for k in ("process", "write",
                                                                           "to_write", "after")}
-            totals[name[-1]] = totals.get(name[-1], 0.0) + med["to_write"]
+            totals[name[-1]] = totals.get(name[-1], 0.0) + med["process"]
             print(f"{name:9s} {side:9s}  {len(got):5d}  {med['process']:7.0f}  {med['write']:5.0f}"
                   f"  {med['to_write']:11.0f}  {med['after']:5.0f}  "
                   f"{100 * (len(got) - len(wrote)) / len(got):12.0f}%")
     for label, total in sorted(totals.items()):
-        print(f"{label}: read-to-write p50s summed over a call's four traversals: {total:.0f} us")
+        print(f"{label}: the relay's processing on a call's path (p50s of its four traversals "
+              f"summed): {total:.0f} us")
 
 
 if __name__ == "__main__":
