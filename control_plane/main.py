@@ -44,6 +44,7 @@ from control_plane.server import (
 )
 from control_plane.store import Store
 from control_plane.traces import TRACES_FILE, TraceStore
+from mesh_common.numbers import FiniteFloatRange
 from mesh_common.spiffe import SpiffeError, SpiffeId
 
 PROG = "mesh-control-plane"
@@ -196,7 +197,7 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
               help="The embedded OTLP/gRPC trace receiver (mTLS like the API; sidecars send "
                    "their spans there by default). Port 0 = any free port; \"\" = none. When "
                    "the default is taken the control plane runs without it (a warning).")
-@click.option("--trace-retention-s", type=click.FloatRange(1, 30 * 24 * 3600), default=3600.0,
+@click.option("--trace-retention-s", type=FiniteFloatRange(1, 30 * 24 * 3600), default=3600.0,
               show_default=True, help="Traces older than this (by their last span received) "
                                       "are dropped.")
 @click.option("--trace-max-spans", type=click.IntRange(1, 100_000_000), default=100_000,
@@ -214,7 +215,7 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
                    "the OTLP receiver's traces in their own file (traces.sqlite).")
 @click.option("--cert-ttl", type=click.IntRange(5, 30 * 24 * 3600), default=3600,
               show_default=True, help="Lifetime of workload certificates, in seconds.")
-@click.option("--grace-period-s", type=click.FloatRange(0, 24 * 3600), default=10.0,
+@click.option("--grace-period-s", type=FiniteFloatRange(0, 24 * 3600), default=10.0,
               show_default=True,
               help="An instance whose stream is down this long leaves the registry (after a "
                    "restart, counted from the restart).")
@@ -222,26 +223,26 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
               show_default=True,
               help="A change is pushed at once; changes within this window after a push are "
                    "coalesced into one push at its end.")
-@click.option("--report-window-s", type=click.FloatRange(1, 3600), default=60.0,
+@click.option("--report-window-s", type=FiniteFloatRange(1, 3600), default=60.0,
               show_default=True, help="How long sidecars' state reports are kept (topology).")
-@click.option("--stale-after-s", type=click.FloatRange(0.1, 3600), default=10.0,
+@click.option("--stale-after-s", type=FiniteFloatRange(0.1, 3600), default=10.0,
               show_default=True,
               help="A sidecar that has not ACKed the version sent this long is STALE.")
-@click.option("--ca-rotation-phase-timeout-s", type=click.FloatRange(1, 7 * 24 * 3600),
+@click.option("--ca-rotation-phase-timeout-s", type=FiniteFloatRange(1, 7 * 24 * 3600),
               default=600.0, show_default=True,
               help="A CA rotation's phase not done by then is reported stuck (meshctl ca "
                    "status names the sidecars behind); the rotation keeps waiting.")
-@click.option("--ca-rotation-min-phase-s", type=click.FloatRange(0, 24 * 3600), default=5.0,
+@click.option("--ca-rotation-min-phase-s", type=FiniteFloatRange(0, 24 * 3600), default=5.0,
               show_default=True, help="Each phase of a CA rotation lasts at least this long.")
-@click.option("--ca-rotation-retell-s", type=click.FloatRange(0.1, 3600), default=10.0,
+@click.option("--ca-rotation-retell-s", type=FiniteFloatRange(0.1, 3600), default=10.0,
               show_default=True,
               help="During a CA rotation, a sidecar still behind is told to renew again this "
                    "often.")
-@click.option("--handshake-timeout-s", type=click.FloatRange(0.1, 600),
+@click.option("--handshake-timeout-s", type=FiniteFloatRange(0.1, 600),
               default=DEFAULT_HANDSHAKE_TIMEOUT_S, show_default=True,
               help="A new connection to the API or join listener must finish its TLS handshake "
                    "and send its HTTP/2 preface within this, else it is closed.")
-@click.option("--stream-stall-timeout-s", type=click.FloatRange(0.1, 24 * 3600),
+@click.option("--stream-stall-timeout-s", type=FiniteFloatRange(0.1, 24 * 3600),
               default=DEFAULT_STREAM_STALL_TIMEOUT_S, show_default=True,
               help="A discovery stream whose sidecar stops reading (a message waits this long "
                    "to be written) is ended and counted.")
@@ -261,13 +262,13 @@ async def _serve(cp: ControlPlane, listen: str, bootstrap_listen: str, *,
                    "tokens, join answers and the leader election name it, and the serving "
                    "certificate covers it (default: each listener's own host; give it when "
                    "listening on 0.0.0.0).")
-@click.option("--leader-ttl-s", type=click.FloatRange(MIN_SESSION_TTL_S, MAX_SESSION_TTL_S),
+@click.option("--leader-ttl-s", type=FiniteFloatRange(MIN_SESSION_TTL_S, MAX_SESSION_TTL_S),
               default=DEFAULT_SESSION_TTL_S, show_default=True,
               help="With --registry consul://: the TTL of this replica's Consul session "
                    "behind the leader lock (renewed every third of it). A leader that cannot "
                    "renew for this long stops signing; one that dies is replaced after it "
                    "(Consul may take up to twice it) plus the lock-delay.")
-@click.option("--leader-lock-delay-s", type=click.FloatRange(0, MAX_LOCK_DELAY_S),
+@click.option("--leader-lock-delay-s", type=FiniteFloatRange(0, MAX_LOCK_DELAY_S),
               default=DEFAULT_LOCK_DELAY_S, show_default=True,
               help="With --registry consul://: the session's lock-delay, how long the leader "
                    "lock stays free after Consul invalidated its holder's session (a clean "

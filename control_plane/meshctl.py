@@ -56,6 +56,7 @@ from control_plane.cli_common import emit as _emit
 from control_plane.cli_common import iso as _iso
 from control_plane.cli_common import output_option as _output
 from mesh_common.config import UNCHANGED, ConfigError, check_name, kind_of, to_yaml
+from mesh_common.numbers import FiniteFloatRange
 from protos.mesh.v1 import control_pb2 as pb
 
 __all__ = ["PROG", "RPC_TIMEOUT_S", "Client", "MeshctlError", "RpcFailed", "cli",
@@ -520,11 +521,11 @@ def _number(value: float) -> int | float:
               help="Abort with this gRPC status (name like UNAVAILABLE, or number).")
 @click.option("--delay", "delay_ms", type=click.IntRange(1, 600_000), default=None,
               metavar="MS", help="Delay calls by this many milliseconds.")
-@click.option("--percent", type=click.FloatRange(0, 100), default=None, metavar="P",
+@click.option("--percent", type=FiniteFloatRange(0, 100), default=None, metavar="P",
               help="Share of calls (percent) for the abort and the delay.")
-@click.option("--abort-percent", type=click.FloatRange(0, 100), default=None, metavar="P",
+@click.option("--abort-percent", type=FiniteFloatRange(0, 100), default=None, metavar="P",
               help="Share of calls for the abort (instead of --percent).")
-@click.option("--delay-percent", type=click.FloatRange(0, 100), default=None, metavar="P",
+@click.option("--delay-percent", type=FiniteFloatRange(0, 100), default=None, metavar="P",
               help="Share of calls for the delay (instead of --percent).")
 @click.pass_context
 def fault_inject(ctx: click.Context, service: str, method: str | None, abort_code: str | None,

@@ -31,6 +31,7 @@ from control_plane.cli_common import (
     emit,
     output_option,
 )
+from mesh_common.numbers import FiniteFloatRange
 from protos.mesh.v1 import control_pb2 as pb
 
 TAP_MARGIN_S = 10.0          # the Tap RPC's deadline is the tap's duration plus this
@@ -168,7 +169,7 @@ def top_view(doc: dict[str, Any], at_unix: float) -> Any:
 
 
 @click.command("top")
-@click.option("--interval", "interval_s", type=click.FloatRange(min=0.1, max=3600),
+@click.option("--interval", "interval_s", type=FiniteFloatRange(min=0.1, max=3600),
               default=TOP_DEFAULT_INTERVAL_S, show_default=True, metavar="S",
               help="Seconds between refreshes.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, metavar="N",

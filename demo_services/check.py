@@ -36,6 +36,7 @@ from demo_services.audit import (
 from demo_services.launcher import procs
 from demo_services.launcher.settings import SettingsError, from_env
 from demo_services.launcher.state import DemoState, StateError, load
+from mesh_common.numbers import finite_arg
 from protos.inventory import inventory_pb2, inventory_pb2_grpc
 from protos.order import order_pb2, order_pb2_grpc
 from protos.payment import payment_pb2, payment_pb2_grpc
@@ -221,9 +222,11 @@ def run(wait_s: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo_services.check",
                                 description="Audit the running demo's invariants.")
-    p.add_argument("--wait", type=float, default=30.0,
+    p.add_argument("--wait", type=finite_arg, default=30.0,
                    help="seconds to wait for no order in flight (default 30)")
     args = p.parse_args(argv)
+    if args.wait < 0:
+        p.error("--wait must be >= 0")
     return run(args.wait)
 
 

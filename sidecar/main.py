@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -26,6 +25,7 @@ import yaml
 
 from mesh_common.bootstrap import Bootstrap, ConfigError, HostPort, parse_bootstrap, parse_hostport
 from mesh_common.limits import Limits
+from mesh_common.numbers import FiniteFloatRange
 from mesh_common.snapshot import Snapshot
 from mesh_common.spiffe import SpiffeError, SpiffeId
 
@@ -174,14 +174,6 @@ def check_instance_id(value: str) -> str:
     return value
 
 
-def check_ewma_decay_s(value: float) -> float:
-    """``--ewma-decay-s``: a finite number of seconds above 0; raises UsageError."""
-    if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"--ewma-decay-s: expected a finite number of seconds above 0, "
-                         f"got {value!r}")
-    return value
-
-
 def check_writable(path: str, flag: str) -> None:
     """``path`` can be opened for appending (it is created when missing); raises UsageError
     naming ``flag`` and the reason."""
@@ -321,17 +313,17 @@ def check_otlp_endpoint(value: str) -> str:
 @click.option("--health-check", type=click.Choice(["grpc", "tcp", "none"]), default=None,
               help="Dynamic mode: how to check the local app (default grpc; an app without "
                    "grpc.health.v1 is checked by TCP connect).")
-@click.option("--health-interval-s", type=click.FloatRange(0.1, 3600), default=None,
+@click.option("--health-interval-s", type=FiniteFloatRange(0.1, 3600), default=None,
               help="Dynamic mode: seconds between health checks of the local app (default 5).")
 @click.option("--instance-id", default=None,
               help="Dynamic mode: this replica's name in the registry (default "
                    "SERVICE-HOSTNAME-PID).")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Dynamic mode: a label of this instance, e.g. version=v2 (repeatable).")
-@click.option("--report-interval-s", type=click.FloatRange(0.05, 3600), default=None,
+@click.option("--report-interval-s", type=FiniteFloatRange(0.05, 3600), default=None,
               help="Dynamic mode: seconds between state reports to the control plane "
                    "(default 5).")
-@click.option("--max-backoff-s", type=click.FloatRange(0.05, 3600), default=None,
+@click.option("--max-backoff-s", type=FiniteFloatRange(0.05, 3600), default=None,
               help="Dynamic mode: the longest wait between attempts to reach the control "
                    "plane: discovery stream, renewals, joining (default 5).")
 @click.option("--inbound-port", type=click.IntRange(0, 65535), default=None,
@@ -340,17 +332,17 @@ def check_otlp_endpoint(value: str) -> str:
               help="Override the outbound (h2c, loopback) port; 0 = any free port.")
 @click.option("--admin-port", type=click.IntRange(0, 65535), default=None,
               help="Override the admin HTTP port; 0 = any free port.")
-@click.option("--drain-timeout-s", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
+@click.option("--drain-timeout-s", type=FiniteFloatRange(0, 3600), default=10.0, show_default=True,
               help="On SIGTERM, how long calls in flight may take to finish.")
-@click.option("--ewma-decay-s", type=float, default=DECAY_S, show_default=True,
-              metavar="SECONDS",
+@click.option("--ewma-decay-s", type=FiniteFloatRange(min=0, min_open=True),
+              default=DECAY_S, show_default=True, metavar="SECONDS",
               help="Time constant of the peak-EWMA balancer's latency estimate: how fast an "
                    "endpoint's estimate decays between answers (seconds, > 0).")
-@click.option("--cert-poll-s", type=click.FloatRange(0, 3600), default=2.0, show_default=True,
+@click.option("--cert-poll-s", type=FiniteFloatRange(0, 3600), default=2.0, show_default=True,
               help="How often to look for new certificate files (0 = only on SIGHUP).")
 @click.option("--access-log", default=None, type=click.Path(dir_okay=False), metavar="PATH",
               help="Append one JSON line per ended call to PATH (default: no access log).")
-@click.option("--trace-sample-rate", type=click.FloatRange(0, 1), default=0.1,
+@click.option("--trace-sample-rate", type=FiniteFloatRange(0, 1), default=0.1,
               show_default=True,
               help="Share of new traces (calls that bring no valid traceparent) that get "
                    "spans; a caller's traceparent decides for its own calls.")
@@ -358,7 +350,7 @@ def check_otlp_endpoint(value: str) -> str:
               help="Export spans over OTLP/gRPC: HOST:PORT with mTLS (the sidecar's "
                    "certificate), http://HOST:PORT in plaintext (Jaeger, Tempo). Default: "
                    "dynamic mode, the control plane's receiver; standalone, none (no spans).")
-@click.option("--trace-export-delay-ms", type=click.FloatRange(1, 60000), default=1000.0,
+@click.option("--trace-export-delay-ms", type=FiniteFloatRange(1, 60000), default=1000.0,
               show_default=True,
               help="The longest a finished span waits before its batch is exported (ms).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -393,7 +385,6 @@ def cli(config_path: str | None, service: str | None, app: str | None, token: st
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ports = {"inbound": inbound_port, "outbound": outbound_port, "admin": admin_port}
-    check_ewma_decay_s(ewma_decay_s)
     if access_log is not None:
         check_writable(access_log, "--access-log")
     if otlp_endpoint is not None:

@@ -21,6 +21,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "gateway.yaml"
 
 
 def parse_serve(argv: list[str]) -> argparse.Namespace:
+    from mesh_common.numbers import finite_arg
+
     from .server import DEFAULT_LISTEN, LISTEN_ENV
 
     p = argparse.ArgumentParser(prog="python -m demo_services.gateway serve",
@@ -34,7 +36,7 @@ def parse_serve(argv: list[str]) -> argparse.Namespace:
                    help="the gateway's sidecar's outbound listener (HOST:PORT)")
     p.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS: certificate PEM")
     p.add_argument("--tls-key", type=Path, default=None, help="serve HTTPS: private key PEM")
-    p.add_argument("--reload-interval-s", type=float, default=1.0,
+    p.add_argument("--reload-interval-s", type=finite_arg, default=1.0,
                    help="how often the config file is looked at (seconds)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)

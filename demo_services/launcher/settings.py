@@ -3,11 +3,12 @@ dir). Every value has a default that makes ``meshctl`` work with no flags."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from mesh_common.numbers import finite_float
 
 SERVICES = ("inventory", "payment", "order")   # started in this order, apps then sidecars
 REPLICAS = 2
@@ -79,13 +80,15 @@ class Settings:
 
 
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    """A finite number at least ``minimum`` (``default`` when unset or blank); raises
+    SettingsError naming ``name`` (nan and inf too)."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: not a number: {raw!r}") from None
+        value = finite_float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
     if value < minimum:
         raise SettingsError(f"{name}: at least {minimum:g}, got {raw!r}")
     return value
@@ -94,7 +97,7 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
 def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     """A finite number above 0."""
     value = _number(env, name, default, 0.0)
-    if not 0 < value < math.inf:  # NaN fails too
+    if not value > 0:
         raise SettingsError(f"{name}: a finite number above 0, got {env.get(name)!r}")
     return value
 

@@ -26,6 +26,7 @@ from typing import Any
 from demo_services.common.control import ControlServer
 from demo_services.common.mesh import outbound_channel
 from demo_services.common.server import basic_logging, split_hostport
+from mesh_common.numbers import finite_arg
 
 from .mix import Mix
 from .runner import LoadGenerator
@@ -37,8 +38,8 @@ SERVICE = "loadgen"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m demo_services.loadgen",
                                 description="Create orders through the mesh, open loop.")
-    p.add_argument("--rps", type=float, required=True, help="orders per second (0: none)")
-    p.add_argument("--duration", type=float, default=None,
+    p.add_argument("--rps", type=finite_arg, required=True, help="orders per second (0: none)")
+    p.add_argument("--duration", type=finite_arg, default=None,
                    help="seconds to run (default: until SIGTERM)")
     p.add_argument("--outbound", default="127.0.0.1:15001",
                    help="the sidecar's outbound listener (HOST:PORT)")
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--control-listen", default="127.0.0.1:0",
                    help="the HTTP control endpoint (HOST:PORT; port 0 = a free one)")
     p.add_argument("--paused", action="store_true", help="start paused (POST /resume)")
-    p.add_argument("--deadline-s", type=float, default=5.0, help="CreateOrder's deadline")
+    p.add_argument("--deadline-s", type=finite_arg, default=5.0, help="CreateOrder's deadline")
     p.add_argument("--max-in-flight", type=int, default=64,
                    help="calls in flight at most; a send over it is dropped and counted")
     p.add_argument("--seed", type=int, default=None, help="seed of the mix (default: random)")
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rps < 0 or (args.duration is not None and args.duration <= 0):
         p.error("--rps must be >= 0 and --duration > 0")
+    if args.deadline_s <= 0:
+        p.error("--deadline-s must be > 0")
     if args.via_gateway is not None and not args.via_gateway.startswith(("http://",
                                                                          "https://")):
         p.error("--via-gateway: expected http://HOST:PORT or https://HOST:PORT")

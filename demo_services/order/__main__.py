@@ -24,12 +24,13 @@ from demo_services.common.cli import address as _address
 from demo_services.common.cli import non_empty as _non_empty
 from demo_services.common.cli import run
 from demo_services.common.server import basic_logging, serve
+from mesh_common.numbers import FiniteFloatRange
 
 from .events import rebuild_check
 from .service import OrderSettings, build_spec
 
 PROG = "python -m demo_services.order"
-_POSITIVE = click.FloatRange(min=0, min_open=True, max=3600)
+_POSITIVE = FiniteFloatRange(min=0, min_open=True, max=3600)
 PARTICIPANTS = ("inventory", "payment")
 
 

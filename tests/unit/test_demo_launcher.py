@@ -41,6 +41,17 @@ def test_settings_move_by_environment_and_refuse_bad_values(tmp_path: Path) -> N
         from_env({"MESH_DEMO_ADMIN_HTTP": "dashboard"})
 
 
+@pytest.mark.parametrize("name", ["MESH_DEMO_RPS", "MESH_DEMO_LEASE_S", "MESH_DEMO_REPORT_INTERVAL_S",
+                                  "MESH_DEMO_HEALTH_INTERVAL_S", "MESH_DEMO_GRACE_PERIOD_S",
+                                  "MESH_DEMO_REPORT_WINDOW_S", "MESH_DEMO_READY_TIMEOUT_S",
+                                  "MESH_DEMO_STOP_TIMEOUT_S", "MESH_DEMO_DRAIN_TIMEOUT_S",
+                                  "MESH_DEMO_TRACE_SAMPLE_RATE", "MESH_DEMO_EWMA_DECAY_S"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", " NaN "])
+def test_numeric_settings_refuse_nan_and_inf(name: str, bad: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{name}: not a finite number: '{bad.strip()}'$"):
+        from_env({name: bad})
+
+
 def test_the_sidecars_peak_ewma_decay_is_a_setting_above_zero(tmp_path: Path) -> None:
     assert from_env({}, cwd=tmp_path).ewma_decay_s == 10.0
     assert from_env({"MESH_DEMO_EWMA_DECAY_S": "2"}).ewma_decay_s == 2.0

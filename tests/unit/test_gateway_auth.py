@@ -546,6 +546,11 @@ def test_token_command_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     assert token_main(["dave", "--ttl", "-5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("token: ttl: expected seconds")
+    for bad in ("nan", "inf"):
+        assert token_main(["dave", "--ttl", bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("token: ttl: expected seconds") \
+            and err[0].endswith(f"got {bad}"), err
 
 
 def test_public_interface() -> None:
