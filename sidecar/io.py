@@ -280,7 +280,10 @@ class H2Protocol(asyncio.Protocol):
                 self.flush()
             self.flusher.after_read()
         finally:
-            relay.release()
+            try:
+                relay.release()
+            except Exception:  # a bug in the bookkeeping after a read: log it, keep serving
+                log.exception("internal error in the relay's bookkeeping after a read")
 
     def eof_received(self) -> bool:
         return False
