@@ -13,7 +13,6 @@ at the end, also on failure; the working directory is removed unless ``--keep-di
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from bench import cp_scale, h2load, layer_cost, mesh_full, paths, report, saga
 from bench.certs import make_pki
 from bench.measure import Plan, Runner
 from bench.procs import BenchError, ProcGroup
+from mesh_common.cli_args import OneLineArgumentParser
 
 REQUIRED_KEYS = (
     "throughput_ratio_vs_nginx",
@@ -162,7 +162,7 @@ def run(quick: bool, workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests and repetitions (< 1 minute)")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON to FILE")
     ap.add_argument("--keep-dir", action="store_true",

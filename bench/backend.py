@@ -9,7 +9,6 @@ with the total payload size in bytes (decimal ASCII in ``payload``); Bidi echoes
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import signal
@@ -19,6 +18,7 @@ from collections.abc import AsyncIterator
 import grpc
 import uvloop
 
+from mesh_common.cli_args import OneLineArgumentParser
 from protos.meshtest import echo_pb2, echo_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -71,7 +71,9 @@ async def serve(port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="meshtest.Echo backend for the benchmark (grpc.aio, uvloop)")
+    ap = OneLineArgumentParser(
+        prog="python -m bench.backend",
+        description="meshtest.Echo backend for the benchmark (grpc.aio, uvloop)")
     ap.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any free port)")
     args = ap.parse_args(argv)
     try:

@@ -16,7 +16,6 @@ machine's cold cost (what one cold ``hash()`` or one new object costs).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import struct
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.stacks import sidecar_stacks
+from mesh_common.cli_args import OneLineArgumentParser
 from mesh_common.limits import Limits
 from mesh_common.snapshot import Cluster, Endpoint, Snapshot
 from sidecar.http2.connection import H2Connection
@@ -312,7 +312,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cold", description=__doc__.split("\n\n")[1])
+    ap = OneLineArgumentParser(prog="python -m bench.cold", description=__doc__.split("\n\n")[1])
     ap.add_argument("--calls", type=int, default=300, help="calls timed cold, then warm (300)")
     ap.add_argument("--evict-mib", type=int, default=64,
                     help="MiB copied to evict the caches before each cold traversal (64)")

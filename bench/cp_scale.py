@@ -40,7 +40,6 @@ simulated sidecars reconnect like real ones, and the failures are logged). The k
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -58,6 +57,7 @@ import grpc
 from bench import procstat
 from bench.h2load import percentile
 from bench.procs import BenchError, Proc, ProcGroup
+from mesh_common.cli_args import OneLineArgumentParser
 from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 from tests.support.sidecar import REPO_ROOT
@@ -364,8 +364,8 @@ def run(workdir: Path, group: ProcGroup, *, sidecars: int = 1000, changes: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cp_scale",
-                                 description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(prog="python -m bench.cp_scale",
+                               description=__doc__.splitlines()[0])
     ap.add_argument("--sidecars", type=int, default=1000)
     ap.add_argument("--changes", type=int, default=5)
     ap.add_argument("--keep-dir", action="store_true")

@@ -45,7 +45,6 @@ first (one TLS connection per simulated sidecar).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -59,6 +58,7 @@ from typing import Any
 
 import grpc
 
+from mesh_common.cli_args import OneLineArgumentParser
 from mesh_common.jointoken import parse_token
 from protos.mesh.v1 import control_pb2 as pb
 from sidecar import identity as sidecar_identity
@@ -367,7 +367,7 @@ async def amain() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cp_sim", description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(prog="python -m bench.cp_sim", description=__doc__.splitlines()[0])
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,

@@ -27,6 +27,8 @@ from bench.paths import BenchPath, direct_path, start_backend, start_mesh, start
 from bench.procs import BenchError, ProcGroup
 from bench.procstat import CLK_TCK, cpu_ticks
 from bench.report import _table
+from mesh_common.cli_args import OneLineArgumentParser
+from mesh_common.numbers import finite_arg
 
 
 def _cpu_us_per_call(path: BenchPath, before: dict[str, int], requests: int) -> float:
@@ -78,10 +80,11 @@ def run(paths: list[BenchPath], body: Path, response_bytes: int, workdir: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[1])
+    ap = OneLineArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[1])
     ap.add_argument("--rate", type=int, default=200, help="requests per second (default 200)")
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=4.0, help="per path and round (default 4)")
+    ap.add_argument("--seconds", type=finite_arg, default=4.0,
+                    help="per path and round (default 4)")
     ap.add_argument("--saturation-requests", type=int, default=10_000)
     args = ap.parse_args(argv)
     if args.rate <= 0 or args.rounds <= 0 or args.seconds <= 0 or args.saturation_requests <= 0:

@@ -11,7 +11,6 @@ until killed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import ssl
@@ -19,6 +18,7 @@ import ssl
 import uvloop
 
 from bench.certs import SERVER_NAME
+from mesh_common.cli_args import OneLineArgumentParser
 
 
 class Pipe(asyncio.Protocol):
@@ -86,7 +86,7 @@ async def serve(port: int, upstream: tuple[str, int], tls_in: ssl.SSLContext | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.pipe")
+    ap = OneLineArgumentParser(prog="python -m bench.pipe")
     ap.add_argument("--listen", type=int, required=True)
     ap.add_argument("--upstream", required=True, help="HOST:PORT")
     ap.add_argument("--tls-in", nargs=3, metavar=("CERT", "KEY", "CA"))

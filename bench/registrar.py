@@ -17,7 +17,6 @@ SIGINT. Exit 1 with one line on stderr when a join or a stream fails.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import signal
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from mesh_common.cli_args import OneLineArgumentParser
 from mesh_common.jointoken import (
     ANSWER_MAC_METADATA,
     bundle_matches,
@@ -38,6 +38,7 @@ from mesh_common.jointoken import (
     join_proof,
     parse_token,
 )
+from mesh_common.numbers import finite_arg
 from protos.mesh.v1 import control_pb2 as pb
 from protos.mesh.v1 import control_pb2_grpc as pb_grpc
 
@@ -183,12 +184,12 @@ async def serve(tokens: dict[str, str], per_service: int, trust_domain: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.registrar", description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(prog="python -m bench.registrar", description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=Path, required=True,
                     help="JSON file {service: join token}")
     ap.add_argument("--per-service", type=int, required=True, help="instances per service")
     ap.add_argument("--trust-domain", default="mesh.local")
-    ap.add_argument("--ready-timeout-s", type=float, default=30.0)
+    ap.add_argument("--ready-timeout-s", type=finite_arg, default=30.0)
     args = ap.parse_args(argv)
     tokens = json.loads(args.tokens.read_text())
     try:

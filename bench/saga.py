@@ -36,7 +36,6 @@ an audit that does not see every order sent, fails the run with one BenchError.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -64,6 +63,7 @@ from demo_services.launcher.state import DemoState, ProcessRecord
 from demo_services.launcher.up import bring_down, bring_up
 from demo_services.loadgen.mix import Mix, Planned
 from demo_services.loadgen.tally import TERMINAL, Tally
+from mesh_common.cli_args import OneLineArgumentParser
 from protos.order import order_pb2, order_pb2_grpc
 from tests.support.sidecar import REPO_ROOT
 
@@ -516,8 +516,8 @@ def run(workdir: Path, group: ProcGroup, *, orders: int = 2000, in_flight: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.saga",
-                                 description="The order saga: demo mesh vs direct wiring.")
+    ap = OneLineArgumentParser(prog="python -m bench.saga",
+                               description="The order saga: demo mesh vs direct wiring.")
     ap.add_argument("--orders", type=int, default=2000, help="measured calls per wiring")
     ap.add_argument("--in-flight", type=int, default=16, help="closed-loop workers")
     ap.add_argument("--keep-dir", action="store_true", help="keep the working directory")

@@ -11,7 +11,6 @@ resumes the load, prints each invariant (``demo_services.audit``) with its count
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from demo_services.audit import (
 from demo_services.launcher import procs
 from demo_services.launcher.settings import SettingsError, from_env
 from demo_services.launcher.state import DemoState, StateError, load
+from mesh_common.cli_args import OneLineArgumentParser
 from mesh_common.numbers import finite_arg
 from protos.inventory import inventory_pb2, inventory_pb2_grpc
 from protos.order import order_pb2, order_pb2_grpc
@@ -220,8 +220,8 @@ def run(wait_s: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m demo_services.check",
-                                description="Audit the running demo's invariants.")
+    p = OneLineArgumentParser(prog="python -m demo_services.check",
+                              description="Audit the running demo's invariants.")
     p.add_argument("--wait", type=finite_arg, default=30.0,
                    help="seconds to wait for no order in flight (default 30)")
     args = p.parse_args(argv)

@@ -21,12 +21,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "gateway.yaml"
 
 
 def parse_serve(argv: list[str]) -> argparse.Namespace:
+    from mesh_common.cli_args import OneLineArgumentParser
     from mesh_common.numbers import finite_arg
 
     from .server import DEFAULT_LISTEN, LISTEN_ENV
 
-    p = argparse.ArgumentParser(prog="python -m demo_services.gateway serve",
-                                description="Run the API gateway.")
+    p = OneLineArgumentParser(prog="python -m demo_services.gateway serve",
+                              description="Run the API gateway.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help=f"the YAML config, polled for changes (default {DEFAULT_CONFIG})")
     p.add_argument("--listen", default=os.environ.get(LISTEN_ENV, "").strip() or DEFAULT_LISTEN,

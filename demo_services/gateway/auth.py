@@ -23,7 +23,6 @@ directly; ``python -m demo_services.gateway token SUBJECT [--ttl S]`` ends in :f
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import secrets
@@ -49,6 +48,8 @@ from demo_services.gateway.keys import (
     load_key_file,
     load_private_key,
 )
+from mesh_common.cli_args import OneLineArgumentParser
+from mesh_common.numbers import finite_arg
 
 __all__ = [
     "ALGORITHMS", "DEMO_AUDIENCE", "DEMO_ISSUER", "AuthError", "Authenticator", "IssuerConfig",
@@ -408,12 +409,12 @@ def token_main(argv: Sequence[str]) -> int:
     args = list(argv)
     if len(args) > 1 and args[0] == "token":
         args = args[1:]
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m demo_services.gateway token",
         description="Mint a bearer JWT for the demo gateway, signed with the demo's key "
                     "($MESH_DEMO_DIR/gateway, default .mesh/gateway).")
     parser.add_argument("subject", help="the token's sub (who the requests are from)")
-    parser.add_argument("--ttl", type=float, default=DEFAULT_TOKEN_TTL_S, metavar="S",
+    parser.add_argument("--ttl", type=finite_arg, default=DEFAULT_TOKEN_TTL_S, metavar="S",
                         help=f"lifetime in seconds (default {DEFAULT_TOKEN_TTL_S:g})")
     try:
         ns = parser.parse_args(args)

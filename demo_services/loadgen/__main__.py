@@ -26,6 +26,7 @@ from typing import Any
 from demo_services.common.control import ControlServer
 from demo_services.common.mesh import outbound_channel
 from demo_services.common.server import basic_logging, split_hostport
+from mesh_common.cli_args import OneLineArgumentParser
 from mesh_common.numbers import finite_arg
 
 from .mix import Mix
@@ -36,8 +37,8 @@ SERVICE = "loadgen"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m demo_services.loadgen",
-                                description="Create orders through the mesh, open loop.")
+    p = OneLineArgumentParser(prog="python -m demo_services.loadgen",
+                              description="Create orders through the mesh, open loop.")
     p.add_argument("--rps", type=finite_arg, required=True, help="orders per second (0: none)")
     p.add_argument("--duration", type=finite_arg, default=None,
                    help="seconds to run (default: until SIGTERM)")

@@ -115,6 +115,8 @@ from typing import Any
 
 from aiohttp import web
 
+from mesh_common.cli_args import OneLineArgumentParser
+
 log = logging.getLogger("consul_standin")
 
 DATACENTER = "dc1"
@@ -1734,7 +1736,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m tests.support.consul_standin",
         description="Consul stand-in (a test double for the HTTP API subset the mesh uses).",
     )

@@ -46,7 +46,6 @@ Behaviour, all driven by the request (see protos/meshtest/echo.proto):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import signal
@@ -61,6 +60,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mesh_common.cli_args import OneLineArgumentParser
+from mesh_common.numbers import finite_arg
 from protos.meshtest import echo_pb2, echo_pb2_grpc
 
 FAIL_DETAIL_BIN = b"\x00\x01\xfe\xff"
@@ -340,12 +341,13 @@ def serve_control(sickness: Sickness) -> ThreadingHTTPServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(prog="python -m tests.support.echo_server",
+                               description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--server-id", required=True)
     ap.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    ap.add_argument("--fail-rate", type=float, default=0.0,
+    ap.add_argument("--fail-rate", type=finite_arg, default=0.0,
                     help="Share of Echo calls to fail, 0..1, evenly (default 0).")
     ap.add_argument("--fail-code", type=int, default=14,
                     help="gRPC status of the calls failed by --fail-rate (default 14).")

@@ -1,6 +1,6 @@
 """Float flags and numeric settings refuse nan and ±inf: every console script's and ``python -m``
-entry point's float option, one line naming the flag and exit 2 (argparse ones: its usage and
-one error line naming the flag, exit 2)."""
+entry point's float option, one line naming the flag and exit 2 (argparse ones too, through
+``mesh_common.cli_args.OneLineArgumentParser``)."""
 
 from __future__ import annotations
 
@@ -96,8 +96,8 @@ def _argparse_error(capsys: pytest.CaptureFixture[str], call: Callable[[], Any])
     with pytest.raises(SystemExit) as exc:
         call()
     assert exc.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
-    assert len(errors) == 1, errors
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and ": error: " in errors[0], errors
     return errors[0]
 
 
