@@ -32,6 +32,8 @@ from bench.measure import latency_clients
 from bench.paths import BenchPath, start_backend
 from bench.procs import BenchError, Proc, ProcGroup
 from bench.procstat import cpu_seconds
+from mesh_common.cli_args import OneLineArgumentParser
+from mesh_common.numbers import finite_arg
 from tests.support.sidecar import sidecar_config
 
 URL = "http://127.0.0.1:{port}/meshtest.Echo/Unary"
@@ -55,7 +57,7 @@ def _sidecar(group: ProcGroup, workdir: Path, name: str, tree: str, cfg: dict,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[1])
+    ap = OneLineArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[1])
     ap.add_argument("tree_a")
     ap.add_argument("tree_b")
     ap.add_argument("--rounds", type=int, default=5)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure streaming (N x 1 MiB per round) instead of unary calls")
     ap.add_argument("--latency-rps", type=int, default=0, metavar="R",
                     help="measure latency at R requests per second instead (with direct)")
-    ap.add_argument("--latency-s", type=float, default=5.0,
+    ap.add_argument("--latency-s", type=finite_arg, default=5.0,
                     help="seconds per fixed-rate run (default 5)")
     ap.add_argument("--split", action="store_true",
                     help="with --latency-rps: also time each read inside the sidecars "
