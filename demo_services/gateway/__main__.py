@@ -72,9 +72,12 @@ def serve_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
+    if args and args[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if args else 2
+        return 0
+    if not args:
+        print("gateway: a command is needed (serve, token; --help for more)", file=sys.stderr)
+        return 2
     command, rest = args[0], args[1:]
     if command == "serve":
         return serve_main(rest)

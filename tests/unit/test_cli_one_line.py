@@ -185,3 +185,15 @@ def test_help_is_argparses(capsys: pytest.CaptureFixture[str], argv: list[str]) 
         assert exc.value.code == 0
         outputs.append(capsys.readouterr())
     assert outputs[0] == outputs[1] and "usage: tool" in outputs[1].out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "gateway: a command is needed (serve, token; --help for more)"),
+    (["bogus"], "gateway: unknown command 'bogus' (serve, token)"),
+])
+def test_the_gateway_without_a_known_command_says_so_in_one_line(
+        capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
+    from demo_services.gateway.__main__ import main
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == expected + "\n"
