@@ -358,10 +358,10 @@ class Balance(Layer):
 
     # ------------------------------------------------------------ reporting
     def counters(self) -> dict[str, Any]:
-        """``{"balancers": {"services": {service: balancer}, "endpoints": {address:
-        {"in_flight", "ewma_ms", "cost_ms"}}}}``: the balancer of each service of the
-        snapshot in force (those without a route use the default) and the live state of
-        each endpoint address."""
+        """``{"balancers": {"services": {service: balancer}, "ewma_decay_s": s, "endpoints":
+        {address: {"in_flight", "ewma_ms", "cost_ms"}}}}``: the balancer of each service of
+        the snapshot in force (those without a route use the default), peak-EWMA's time
+        constant in force (``--ewma-decay-s``) and the live state of each endpoint address."""
         now = self.clock()
         snap = self.snapshot()
         routes = {r.service: r.load_balancer for r in snap.routes}
@@ -369,6 +369,7 @@ class Balance(Layer):
         services.update(routes)
         return {"balancers": {
             "services": services,
+            "ewma_decay_s": self.decay_s,
             "endpoints": {a: {"in_flight": st.in_flight, "ewma_ms": round(st.ewma_s * 1e3, 3),
                               "cost_ms": round(ewma_cost(st, now, self.decay_s) * 1e3, 3)}
                           for a, st in sorted(self.upstreams.endpoints.items())}}}

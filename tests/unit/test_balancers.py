@@ -280,6 +280,7 @@ def test_the_balancers_counters_show_each_endpoint() -> None:
     assert section["services"] == {"echo": "least_request"}
     assert section["endpoints"][held.endpoint.address]["in_flight"] == 1
     assert set(section["endpoints"][A.address]) == {"in_flight", "ewma_ms", "cost_ms"}
+    assert section["ewma_decay_s"] == m.balance.decay_s == 10.0
 
 
 # ====================================================================== property
