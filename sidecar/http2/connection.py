@@ -104,7 +104,8 @@ class Stream:
         self.send_window = send_window
         self.recv_closed = False
         self.send_closed = False
-        self.outbox: deque[bytes | memoryview] = deque()
+        self.outbox: deque[bytes | memoryview] | None = None
+        """DATA queued for the windows (made by the first chunk that has to wait)."""
         self.outbox_bytes = 0
         self.outbox_end = False
         self.outbox_trailers: bytes | None = None
@@ -329,6 +330,8 @@ class H2Connection:
                     self._maybe_forget(st)
             return n
         if data:
+            if st.outbox is None:
+                st.outbox = deque()
             st.outbox.append(data)
             st.outbox_bytes += len(data)
         if end_stream:
