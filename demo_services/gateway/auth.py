@@ -385,7 +385,8 @@ def mint_token(subject: str, ttl_s: float, key_file: Path, issuer: str, audience
             or _SUBJECT.fullmatch(subject) is None:
         raise ValueError("subject: expected printable ASCII of 1..256 characters")
     if not math.isfinite(ttl_s) or not 0 < ttl_s <= MAX_TOKEN_TTL_S:
-        raise ValueError(f"ttl: expected seconds in (0, {MAX_TOKEN_TTL_S:g}], got {ttl_s!r}")
+        raise ValueError(f"ttl: expected seconds in (0, {MAX_TOKEN_TTL_S:.0f}] (30 days), "
+                         f"got {ttl_s!r}")
     key = load_private_key(key_file)
     algorithm = algorithm_for(key)
     now = int(time.time())

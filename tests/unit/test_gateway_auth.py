@@ -552,7 +552,7 @@ def test_token_command_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     assert not (tmp_path / "demo").exists()
     assert token_main(["dave", "--ttl", "-5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("token: ttl: expected seconds")
+    assert err[-1] == "token: ttl: expected seconds in (0, 2592000] (30 days), got -5.0", err
 
 
 def test_public_interface() -> None:
