@@ -8,8 +8,10 @@ the dynamic table, typically sent before the peer saw our SETTINGS) is decoded w
 ``hpack`` library, which keeps that connection's table right, and re-encoded as literals, so
 what we forward never depends on a dynamic table. ``forwardable`` splices in a new
 ``grpc-timeout`` and ``traceparent``. A block that ends with the ``traceparent`` a sidecar
-appends (new on every call) is read as the cached scan of the rest plus that field, so
-per-call trace ids do not cost a full scan at the next hop. Pure code, no I/O.
+appends, or that carries a caller's ``traceparent`` or ``grpc-timeout`` (new on every call,
+found by a light walk that decodes nothing), is read as the cached scan of the rest plus
+those fields (``HeaderReader.known``), so per-call trace ids and deadlines cost no full scan.
+Pure code, no I/O.
 """
 
 from __future__ import annotations
@@ -288,17 +290,9 @@ class HeaderReader:
         when the list is over the limit (stream error; the HPACK state stays right).
         """
         if self.table_size == 0:
-            hb = self.cached(block)
+            hb = self.known(block)
             if hb is not None:
                 return hb
-            if len(block) > _OUR_TRACEPARENT_BYTES:
-                hb = self._with_our_traceparent(block)
-                if hb is not None:
-                    return hb
-            if len(block) <= _CACHE_MAX_BLOCK_BYTES + _MAX_PER_CALL_BYTES:
-                hb = self._with_per_call_fields(block)
-                if hb is not None:
-                    return hb
             cacheable = len(block) <= _CACHE_MAX_BLOCK_BYTES
         else:
             cacheable = False
@@ -318,6 +312,26 @@ class HeaderReader:
         hit = _SCANNED.get(block)
         if hit is not None and hit[0] == self.max_list_bytes:
             return hit[1]
+        return None
+
+    def known(self, block: bytes) -> HeaderBlock | None:
+        """What ``read`` returns for ``block`` when it is known by its bytes, under an empty
+        table: in the scan cache, or a cached block plus the per-call ``traceparent`` and
+        ``grpc-timeout`` (``_with_our_traceparent``, ``_with_per_call_fields``); else None,
+        and then only the full scan can tell. Raises nothing; the reader's state is as
+        ``read`` would leave it (the scan cache may gain the block's repeating part)."""
+        hit = _SCANNED.get(block)
+        if hit is not None and hit[0] == self.max_list_bytes:
+            return hit[1]
+        if self.table_size != 0:
+            return None
+        n = len(block)
+        if n > _OUR_TRACEPARENT_BYTES:
+            hb = self._with_our_traceparent(block)
+            if hb is not None:
+                return hb
+        if n <= _CACHE_MAX_BLOCK_BYTES + _MAX_PER_CALL_BYTES:
+            return self._with_per_call_fields(block)
         return None
 
     def _with_our_traceparent(self, block: bytes) -> HeaderBlock | None:
@@ -577,43 +591,61 @@ def _per_call_spans(buf: bytes) -> list[PerCallSpan] | None:
     """The ``traceparent`` and ``grpc-timeout`` literals of a block that references only the
     static table, in block order, found without decoding anything; None when there are
     none, two of a name, or anything else this light walk does not follow (a table size
-    update, an index past the static table, a multi-byte integer, a malformed
-    representation). Single-byte integers are read inline: this runs on every call."""
+    update, an index past the static table, a malformed representation). One-byte integers
+    (indexes below 15 or 63, strings under 127 bytes) are read inline, longer ones with
+    ``_int``: this runs on every call."""
     found: list[PerCallSpan] = []
     pos, n = 0, len(buf)
     names = _PER_CALL_NAMES
-    while pos < n:
-        start = pos
-        b = buf[pos]
-        if b & 0x80:  # indexed field: a static entry
-            if not 0 < b & 0x7F <= 61:
+    try:
+        while pos < n:
+            start = pos
+            b = buf[pos]
+            if b & 0x80:  # indexed field: a static entry
+                if b == 0xFF:
+                    idx, pos = _int(buf, pos, 7)
+                else:
+                    idx = b & 0x7F
+                    pos += 1
+                if not 0 < idx <= 61:
+                    return None
+                continue
+            if b & 0xE0 == 0x20:  # table size update
                 return None
-            pos += 1
-            continue
-        if b & 0xE0 == 0x20:  # table size update
-            return None
-        idx = b & (0x3F if b & 0xC0 == 0x40 else 0x0F)
-        if idx > 61 or idx == (0x3F if b & 0xC0 == 0x40 else 0x0F):
-            return None
-        pos += 1
-        name = None
-        if not idx:  # a literal name
-            if pos >= n or buf[pos] & 0x7F == 0x7F:
+            mask = 0x3F if b & 0xC0 == 0x40 else 0x0F
+            if b & mask == mask:
+                idx, pos = _int(buf, pos, 6 if mask == 0x3F else 4)
+            else:
+                idx = b & mask
+                pos += 1
+            if idx > 61:
                 return None
-            ne = pos + 1 + (buf[pos] & 0x7F)
-            name = names.get(buf[pos + 1:ne])
-            pos = ne
-        if pos >= n or buf[pos] & 0x7F == 0x7F:
-            return None
-        vh = bool(buf[pos] & 0x80)
-        vs = pos + 1
-        pos = vs + (buf[pos] & 0x7F)
-        if pos > n:
-            return None
-        if name is not None:
-            if any(f[0] == name for f in found):
+            name = None
+            if not idx:  # a literal name
+                if pos >= n:
+                    return None
+                if buf[pos] & 0x7F == 0x7F:
+                    nlen, ns = _int(buf, pos, 7)
+                else:
+                    nlen, ns = buf[pos] & 0x7F, pos + 1
+                pos = ns + nlen
+                name = names.get(buf[ns:pos])
+            if pos >= n:
                 return None
-            found.append((name, start, pos, vs, pos, vh))
+            vh = bool(buf[pos] & 0x80)
+            if buf[pos] & 0x7F == 0x7F:
+                vlen, vs = _int(buf, pos, 7)
+            else:
+                vlen, vs = buf[pos] & 0x7F, pos + 1
+            pos = vs + vlen
+            if pos > n:
+                return None
+            if name is not None:
+                if any(f[0] == name for f in found):
+                    return None
+                found.append((name, start, pos, vs, pos, vh))
+    except HpackError:  # a truncated or oversized integer
+        return None
     return found or None
 
 

@@ -527,6 +527,35 @@ def test_blocks_with_a_traceparent_or_a_deadline_read_as_the_full_scan_does(case
     _check_block(hb, pairs, Decoder().decode(block, raw=True), huffman)
 
 
+@FAST
+@given(case=per_call_lists, long_value=st.integers(0, 300))
+def test_literal_blocks_take_the_light_walk_past_one_byte_integers(case, long_value) -> None:
+    """Blocks of literals without indexing, as the sidecars and many callers encode them:
+    static name indexes of 15 and more (``content-type``, ``user-agent``) and values of 127
+    bytes or more (a bearer token) take multi-byte integers, and the light walk still finds
+    the per-call fields, so such a block is known without the full scan, and reads as it."""
+    pairs, traceparent, timeout, at_t, at_d, _huffman = case
+    pairs = [("content-type", "application/grpc"), ("user-agent", "grpc-python/1.6"),
+             *pairs, ("authorization", "Bearer " + "t" * long_value)]
+    if timeout is not None:
+        pairs.insert(at_d % (len(pairs) + 1), ("grpc-timeout", timeout))
+    if traceparent is not None:
+        pairs.insert(at_t % (len(pairs) + 1), ("traceparent", traceparent))
+    block = encode_block(pairs)
+    reader = HeaderReader(BIG)
+    reader.table_size = 0
+    whole = reader._scan(block)
+    hb = reader.known(block)
+    if (traceparent is not None or timeout is not None) and len(block) <= 1280:
+        assert hb is not None
+    if hb is not None:
+        assert hb.fields == whole.fields
+        assert (hb.list_bytes, hb.timeout_span, hb.trace_spans, hb.strip_spans) == \
+            (whole.list_bytes, whole.timeout_span, whole.trace_spans, whole.strip_spans)
+        assert hb.forwardable("9S", "00-" + "ef" * 16 + "-" + "12" * 8 + "-00") == \
+            whole.forwardable("9S", "00-" + "ef" * 16 + "-" + "12" * 8 + "-00")
+
+
 def test_two_traceparents_take_the_full_scan() -> None:
     pairs = [(":path", "/a.B/C"), ("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01"),
              ("x-a", "b"), ("traceparent", "00-" + "3" * 32 + "-" + "4" * 16 + "-00")]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from mesh_common.limits import Limits
 from sidecar.http2.connection import H2Connection
-from sidecar.http2.headers import encode_block
+from sidecar.http2.headers import _HUFFMAN_ENCODER, encode_block, encode_int, encode_literal
 from tests.unit import test_relay as harness
 from tests.unit.test_relay import Mesh, grpc_message, request_block
 
@@ -78,9 +78,11 @@ def recording() -> Iterator[tuple[list[bytes], dict[str, int]]]:
         yield wire, taken
 
 
-Step = tuple[str, int, str | None, bool]
+Step = tuple[str, int, str | None, bool] | tuple[str, int, str | None, bool, bool]
 """One call: path, message bytes (-1: no DATA, END_STREAM on the headers), grpc-timeout,
-and whether the harness pumps before the next call is sent (False: reads carry several)."""
+whether the harness pumps before the next call is sent (False: reads carry several), and
+(optional, default False) whether the caller sends a ``traceparent`` of its own, new on
+every call (Huffman-coded when the call's index is odd)."""
 
 
 def run(steps: list[Step], fast: bool) -> tuple[list[bytes], dict[str, int], dict[str, Any]]:
@@ -89,8 +91,10 @@ def run(steps: list[Step], fast: bool) -> tuple[list[bytes], dict[str, int], dic
         mesh.relay.fast_path = fast
         caller = mesh.caller()
         first = True
-        for path, size, timeout, pump in steps:
+        for i, (path, size, timeout, pump, *traced) in enumerate(steps):
             block = request_block(path, timeout)
+            if traced and traced[0]:
+                block += _caller_traceparent(i)
             if first:
                 block, first = TABLE_SIZE_0 + block, False
             sid = caller.start(block, end=size < 0)
@@ -131,7 +135,17 @@ PATHS = ["/echo.Echo/Say", "/echo.Echo/Say", "/test/Early", "/test/Big", "/test/
 steps = st.lists(st.tuples(st.sampled_from(PATHS),
                            st.sampled_from([-1, 0, 1, 64, 1500, 20_000, 70_000]),
                            st.sampled_from([None, None, "1S"]),
-                           st.booleans()), min_size=1, max_size=8)
+                           st.booleans(), st.booleans()), min_size=1, max_size=8)
+
+
+def _caller_traceparent(i: int) -> bytes:
+    """A caller's own ``traceparent`` literal (not the sidecar's: it varies in length and
+    coding), new for call ``i``."""
+    value = f"00-{i + 1:032x}-{i + 7:016x}-{i % 2:02x}".encode()
+    if i % 2:
+        coded = _HUFFMAN_ENCODER.encode(value)
+        return b"\x00" + encode_int(11, 7, 0) + b"traceparent" + encode_int(len(coded), 7, 0x80) + coded
+    return encode_literal(b"traceparent", value)
 
 
 @settings(deadline=None, max_examples=60)
@@ -150,6 +164,17 @@ def test_plain_unary_calls_take_both_fast_paths() -> None:
     # The first call's blocks take the tables to size 0; every later one is read from the
     # scan cache, both ways.
     assert taken == {"request": 5, "response": 5, "response_rest": 0, "largest_read": 1}
+    assert all(status == ("0", "") for status in state["statuses"].values())
+    assert len(state["statuses"]) == 6
+    assert wire_fast == run(calls, fast=False)[0]
+
+
+def test_calls_carrying_a_callers_traceparent_and_deadline_take_the_request_fast_path() -> None:
+    """A traced caller's block (its own traceparent, new on every call, and a deadline) is
+    read as the cached rest plus those two values, so the request still takes the fast path."""
+    calls: list[Step] = [("/echo.Echo/Say", 64, "1S", True, True)] * 6
+    wire_fast, taken, state = run(calls, fast=True)
+    assert taken["request"] == 5 and taken["response"] == 5
     assert all(status == ("0", "") for status in state["statuses"].values())
     assert len(state["statuses"]) == 6
     assert wire_fast == run(calls, fast=False)[0]
