@@ -8,9 +8,10 @@ the dynamic table, typically sent before the peer saw our SETTINGS) is decoded w
 ``hpack`` library, which keeps that connection's table right, and re-encoded as literals, so
 what we forward never depends on a dynamic table. ``forwardable`` splices in a new
 ``grpc-timeout`` and ``traceparent``. A block that ends with the ``traceparent`` a sidecar
-appends, or that carries a caller's ``traceparent`` or ``grpc-timeout`` (new on every call,
-found by a light walk that decodes nothing), is read as the cached scan of the rest plus
-those fields (``HeaderReader.known``), so per-call trace ids and deadlines cost no full scan.
+appends, or that carries fields new on every call (``PER_CALL_FIELDS``: a caller's
+``traceparent``, ``grpc-timeout``, request id, B3 ids; found by a light walk that decodes
+nothing), is read as the cached scan of the rest plus those fields (``HeaderReader.known``),
+so per-call ids and deadlines cost no full scan.
 Pure code, no I/O.
 """
 
@@ -316,8 +317,9 @@ class HeaderReader:
 
     def known(self, block: bytes) -> HeaderBlock | None:
         """What ``read`` returns for ``block`` when it is known by its bytes, under an empty
-        table: in the scan cache, or a cached block plus the per-call ``traceparent`` and
-        ``grpc-timeout`` (``_with_our_traceparent``, ``_with_per_call_fields``); else None,
+        table: in the scan cache, or a cached block plus per-call fields (the sidecar's
+        ``traceparent``, ``PER_CALL_FIELDS``: ``_with_our_traceparent``,
+        ``_with_per_call_fields``); else None,
         and then only the full scan can tell. Raises nothing; the reader's state is as
         ``read`` would leave it (the scan cache may gain the block's repeating part)."""
         hit = _SCANNED.get(block)
@@ -358,12 +360,12 @@ class HeaderReader:
                            base.timeout_span, base.strip_spans, False, ((cut, n),))
 
     def _with_per_call_fields(self, block: bytes) -> HeaderBlock | None:
-        """What ``_scan`` gives for ``block`` when it carries a ``traceparent`` or a
-        ``grpc-timeout`` (one of each at most), the fields that differ on every call: the
-        rest of the block, with those two cut out, is one requests repeat byte for byte,
-        found in (or added to) the scan cache; only the two values are read per call. None
-        when the block has neither, or anything the light walk (``_per_call_spans``) does not
-        follow: then the full scan judges it."""
+        """What ``_scan`` gives for ``block`` when it carries fields that differ on every
+        call (``PER_CALL_FIELDS``: a ``traceparent``, a ``grpc-timeout``, a request id, B3
+        ids; one of each at most): the rest of the block, with those cut out, is one requests
+        repeat byte for byte, found in (or added to) the scan cache; only those values are
+        read per call. None when the block has none, or anything the light walk
+        (``_per_call_spans``) does not follow: then the full scan judges it."""
         spans = _per_call_spans(block)
         if not spans:
             return None
@@ -380,22 +382,27 @@ class HeaderReader:
         list_bytes = base.list_bytes
         timeout_span: tuple[int, int] | None = None
         trace_spans: tuple[tuple[int, int], ...] = ()
+        repeats = True  # a deadline alone repeats; an id never does
         for name, s, e, vs, ve, vh in spans:
-            try:
+            try:  # decoded: a bad Huffman string must not be forwarded (see _scan)
                 value = _text(block, vs, ve, vh)
             except HpackError:
                 return None
             list_bytes += len(name) + (ve - vs) + _ENTRY_OVERHEAD  # counted as _scan does
-            fields[name] = value
             if name == "traceparent":
+                fields[name] = value
                 trace_spans = ((s, e),)
-            else:
+                repeats = False
+            elif name == "grpc-timeout":
+                fields[name] = value
                 timeout_span = (s, e)
+            else:
+                repeats = False
         if list_bytes * _HUFFMAN_MAX_EXPANSION > self.max_list_bytes:
             return None  # near the limit: the exact size is the full scan's business
         strip = [(_shifted(a, spans, True), _shifted(b, spans, False)) for a, b in base.strip_spans]
         hb = HeaderBlock(block, fields, list_bytes, timeout_span, strip, False, trace_spans)
-        if not trace_spans and len(block) <= _CACHE_MAX_BLOCK_BYTES:
+        if repeats and len(block) <= _CACHE_MAX_BLOCK_BYTES:
             # A deadline alone repeats (a fixed timeout, or a countdown's few values): keep
             # the whole block too, so it hits the cache at once next time.
             _remember(block, self.max_list_bytes, hb)
@@ -575,12 +582,15 @@ def _other_fields(buf: bytes) -> dict[str, str]:
     return out
 
 
-_PER_CALL_NAMES = {b"traceparent": "traceparent", b"grpc-timeout": "grpc-timeout"}
+PER_CALL_FIELDS = ("traceparent", "grpc-timeout", "x-request-id", "x-b3-traceid",
+                   "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "b3")
+"""Fields whose values change on every call (W3C and B3 trace context, a deadline, the
+request id proxies such as Envoy add): read apart from the rest of a block, which repeats."""
+_PER_CALL_NAMES = {k.encode(): k for k in PER_CALL_FIELDS}
 _PER_CALL_NAMES.update({_HUFFMAN_ENCODER.encode(k): v for k, v in list(_PER_CALL_NAMES.items())})
-"""The literal names, raw and Huffman-coded (the code is canonical), of the fields whose
-values change on every call."""
+"""The literal names, raw and Huffman-coded (the code is canonical), of ``PER_CALL_FIELDS``."""
 
-_MAX_PER_CALL_BYTES = 256
+_MAX_PER_CALL_BYTES = 512
 """What the per-call fields may add to a block the scan cache would take."""
 
 PerCallSpan = tuple[str, int, int, int, int, bool]
@@ -588,7 +598,7 @@ PerCallSpan = tuple[str, int, int, int, int, bool]
 
 
 def _per_call_spans(buf: bytes) -> list[PerCallSpan] | None:
-    """The ``traceparent`` and ``grpc-timeout`` literals of a block that references only the
+    """The literals of ``PER_CALL_FIELDS`` in a block that references only the
     static table, in block order, found without decoding anything; None when there are
     none, two of a name, or anything else this light walk does not follow (a table size
     update, an index past the static table, a malformed representation). One-byte integers

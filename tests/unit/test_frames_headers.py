@@ -9,8 +9,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sidecar.http2 import frames as F
+from sidecar.http2 import headers as headers_mod
 from sidecar.http2.headers import (
     HOP_BY_HOP,
+    PER_CALL_FIELDS,
     WANTED,
     HeaderListTooLarge,
     HeaderReader,
@@ -491,10 +493,25 @@ def test_fuzz_header_lists_match_the_reference_decoder(specs, table) -> None:
 TRACEPARENTS = st.builds(lambda t, s, f: f"00-{t:032x}-{s:016x}-{f:02x}",
                          st.integers(1, 2**128 - 1), st.integers(1, 2**64 - 1), st.sampled_from([0, 1]))
 per_call_lists = st.tuples(
-    header_lists.map(lambda pairs: [p for p in pairs if p[0] not in ("traceparent", "grpc-timeout")]),
+    header_lists.map(lambda pairs: [p for p in pairs if p[0] not in PER_CALL_FIELDS]),
     st.none() | TRACEPARENTS, st.none() | st.from_regex(r"\A[0-9]{1,8}[HMSmun]\Z"),
     st.integers(0, 12), st.integers(0, 12), st.booleans(),
+    st.none() | st.tuples(st.sampled_from(PER_CALL_FIELDS[2:]), st.uuids().map(str)),
+    st.integers(0, 12),
 )
+
+
+def _with_per_call(case) -> tuple[list[tuple[str, str]], bool]:
+    """The case's header list with its per-call fields inserted, and whether it has any."""
+    pairs, traceparent, timeout, at_t, at_d, _huffman, other, at_o = case
+    pairs = list(pairs)
+    if timeout is not None:
+        pairs.insert(at_d % (len(pairs) + 1), ("grpc-timeout", timeout))
+    if traceparent is not None:
+        pairs.insert(at_t % (len(pairs) + 1), ("traceparent", traceparent))
+    if other is not None:
+        pairs.insert(at_o % (len(pairs) + 1), other)
+    return pairs, (traceparent, timeout, other) != (None, None, None)
 
 
 @FAST
@@ -502,12 +519,8 @@ per_call_lists = st.tuples(
 def test_blocks_with_a_traceparent_or_a_deadline_read_as_the_full_scan_does(case) -> None:
     """The per-call fields (read apart from the cached rest of the block) give what scanning
     the whole block gives: fields, sizes, spans, and so the same forwarded bytes."""
-    pairs, traceparent, timeout, at_t, at_d, huffman = case
-    pairs = list(pairs)
-    if timeout is not None:
-        pairs.insert(at_d % (len(pairs) + 1), ("grpc-timeout", timeout))
-    if traceparent is not None:
-        pairs.insert(at_t % (len(pairs) + 1), ("traceparent", traceparent))
+    huffman = case[5]
+    pairs, _ = _with_per_call(case)
     enc = Encoder()
     enc.header_table_size = 0
     block = _encode(enc, pairs, huffman, [False] * len(pairs))
@@ -534,19 +547,15 @@ def test_literal_blocks_take_the_light_walk_past_one_byte_integers(case, long_va
     static name indexes of 15 and more (``content-type``, ``user-agent``) and values of 127
     bytes or more (a bearer token) take multi-byte integers, and the light walk still finds
     the per-call fields, so such a block is known without the full scan, and reads as it."""
-    pairs, traceparent, timeout, at_t, at_d, _huffman = case
+    listed, any_per_call = _with_per_call(case)
     pairs = [("content-type", "application/grpc"), ("user-agent", "grpc-python/1.6"),
-             *pairs, ("authorization", "Bearer " + "t" * long_value)]
-    if timeout is not None:
-        pairs.insert(at_d % (len(pairs) + 1), ("grpc-timeout", timeout))
-    if traceparent is not None:
-        pairs.insert(at_t % (len(pairs) + 1), ("traceparent", traceparent))
+             *listed, ("authorization", "Bearer " + "t" * long_value)]
     block = encode_block(pairs)
     reader = HeaderReader(BIG)
     reader.table_size = 0
     whole = reader._scan(block)
     hb = reader.known(block)
-    if (traceparent is not None or timeout is not None) and len(block) <= 1280:
+    if any_per_call and len(block) <= 1536:
         assert hb is not None
     if hb is not None:
         assert hb.fields == whole.fields
@@ -554,6 +563,29 @@ def test_literal_blocks_take_the_light_walk_past_one_byte_integers(case, long_va
             (whole.list_bytes, whole.timeout_span, whole.trace_spans, whole.strip_spans)
         assert hb.forwardable("9S", "00-" + "ef" * 16 + "-" + "12" * 8 + "-00") == \
             whole.forwardable("9S", "00-" + "ef" * 16 + "-" + "12" * 8 + "-00")
+
+
+@pytest.mark.parametrize("name", ["traceparent", "grpc-timeout", "x-request-id", "x-b3-traceid",
+                                  "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "b3"])
+def test_a_field_new_on_every_call_adds_one_entry_to_the_scan_cache_not_one_per_call(
+        name: str) -> None:
+    """Blocks that differ only in a per-call field share one cached scan of the rest: the
+    cache neither grows per call nor loses its other entries to them."""
+    reader = HeaderReader(BIG)
+    reader.table_size = 0
+    base = [(":method", "POST"), (":path", "/a.B/C"), ("content-type", "application/grpc"),
+            ("user-agent", "grpc-go/1.6" + name)]
+    headers_mod._SCANNED.clear()
+    for i in range(50):
+        value = f"00-{i + 1:032x}-{i + 1:016x}-01" if name == "traceparent" else \
+            f"{i + 1}m" if name == "grpc-timeout" else f"{i:08x}-1111-4000-8000-{i:012x}"
+        hb = reader.read(encode_block([*base[:2], (name, value), *base[2:]]))
+        assert hb.get(":path") == "/a.B/C"
+        if name in WANTED:
+            assert hb.get(name) == value
+        assert hb.lookup(name) == value
+    # the rest once; a deadline alone also keeps its whole blocks (they repeat)
+    assert len(headers_mod._SCANNED) == (51 if name == "grpc-timeout" else 1)
 
 
 def test_two_traceparents_take_the_full_scan() -> None:

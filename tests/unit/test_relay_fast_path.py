@@ -140,12 +140,15 @@ steps = st.lists(st.tuples(st.sampled_from(PATHS),
 
 def _caller_traceparent(i: int) -> bytes:
     """A caller's own ``traceparent`` literal (not the sidecar's: it varies in length and
-    coding), new for call ``i``."""
+    coding), new for call ``i``, and on every third call a request id as a proxy adds."""
     value = f"00-{i + 1:032x}-{i + 7:016x}-{i % 2:02x}".encode()
+    rid = encode_literal(b"x-request-id", f"{i:08x}-0000-4000-8000-{i:012x}".encode()) \
+        if i % 3 == 0 else b""
     if i % 2:
         coded = _HUFFMAN_ENCODER.encode(value)
-        return b"\x00" + encode_int(11, 7, 0) + b"traceparent" + encode_int(len(coded), 7, 0x80) + coded
-    return encode_literal(b"traceparent", value)
+        return rid + b"\x00" + encode_int(11, 7, 0) + b"traceparent" + \
+            encode_int(len(coded), 7, 0x80) + coded
+    return encode_literal(b"traceparent", value) + rid
 
 
 @settings(deadline=None, max_examples=60)
@@ -170,8 +173,9 @@ def test_plain_unary_calls_take_both_fast_paths() -> None:
 
 
 def test_calls_carrying_a_callers_traceparent_and_deadline_take_the_request_fast_path() -> None:
-    """A traced caller's block (its own traceparent, new on every call, and a deadline) is
-    read as the cached rest plus those two values, so the request still takes the fast path."""
+    """A traced caller's block (its own traceparent, new on every call, a deadline, and on
+    some calls a request id) is read as the cached rest plus those values, so the request
+    still takes the fast path."""
     calls: list[Step] = [("/echo.Echo/Say", 64, "1S", True, True)] * 6
     wire_fast, taken, state = run(calls, fast=True)
     assert taken["request"] == 5 and taken["response"] == 5
