@@ -11,8 +11,7 @@ what we forward never depends on a dynamic table. ``forwardable`` splices in a n
 appends, or that carries fields new on every call (``PER_CALL_FIELDS``: a caller's
 ``traceparent``, ``grpc-timeout``, request id, B3 ids; found by a light walk that decodes
 nothing), is read as the cached scan of the rest plus those fields (``HeaderReader.known``),
-so per-call ids and deadlines cost no full scan.
-Pure code, no I/O.
+so per-call ids and deadlines cost no full scan. Pure code, no I/O.
 """
 
 from __future__ import annotations
@@ -317,11 +316,11 @@ class HeaderReader:
 
     def known(self, block: bytes) -> HeaderBlock | None:
         """What ``read`` returns for ``block`` when it is known by its bytes, under an empty
-        table: in the scan cache, or a cached block plus per-call fields (the sidecar's
-        ``traceparent``, ``PER_CALL_FIELDS``: ``_with_our_traceparent``,
-        ``_with_per_call_fields``); else None,
-        and then only the full scan can tell. Raises nothing; the reader's state is as
-        ``read`` would leave it (the scan cache may gain the block's repeating part)."""
+        table: in the scan cache, or a cached block plus per-call fields (the traceparent a
+        sidecar appends: ``_with_our_traceparent``; ``PER_CALL_FIELDS``:
+        ``_with_per_call_fields``); else None, and then only the full scan can tell. Raises
+        nothing; the reader's state is as ``read`` would leave it (the scan cache may gain
+        the block's repeating part)."""
         hit = _SCANNED.get(block)
         if hit is not None and hit[0] == self.max_list_bytes:
             return hit[1]
