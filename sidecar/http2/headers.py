@@ -321,11 +321,9 @@ class HeaderReader:
         ``_with_per_call_fields``); else None, and then only the full scan can tell. Raises
         nothing; the reader's state is as ``read`` would leave it (the scan cache may gain
         the block's repeating part)."""
-        hit = _SCANNED.get(block)
-        if hit is not None and hit[0] == self.max_list_bytes:
-            return hit[1]
-        if self.table_size != 0:
-            return None
+        hb = self.cached(block)
+        if hb is not None or self.table_size != 0:
+            return hb
         n = len(block)
         if n > _OUR_TRACEPARENT_BYTES:
             hb = self._with_our_traceparent(block)
