@@ -103,28 +103,34 @@ def direct_path(backend: Proc) -> BenchPath:
     return BenchPath(name="direct", port=int(backend.ready["port"]), procs=[backend])
 
 
-def _start_sidecar(group: ProcGroup, workdir: Path, name: str, cfg: dict) -> Proc:
+def _start_sidecar(group: ProcGroup, workdir: Path, name: str, cfg: dict,
+                   module: str = "sidecar.main") -> Proc:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "sidecar.main", "--config", str(path), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", module, "--config", str(path), "--log-level", "warning"]
     return group.start_ready_line(name, cmd, env=_repo_env(), cwd=REPO_ROOT)
 
 
-def start_mesh(group: ProcGroup, workdir: Path, pki: BenchPki, backend: Proc) -> BenchPath:
-    """Two standalone sidecars: "echo" (inbound -> backend) and "client" (outbound -> echo)."""
+def start_mesh(group: ProcGroup, workdir: Path, pki: BenchPki, backend: Proc, *,
+               bare: bool = False) -> BenchPath:
+    """Two standalone sidecars: "echo" (inbound -> backend) and "client" (outbound -> echo).
+    ``bare``: without layers (``bench.bare_sidecar``), as the path "mesh-bare"."""
     workdir.mkdir(parents=True, exist_ok=True)
+    module = "bench.bare_sidecar" if bare else "sidecar.main"
     echo = _start_sidecar(
         group, workdir, "sidecar-echo",
         sidecar_config(service="echo", tls=pki.echo, app_port=int(backend.ready["port"])),
+        module,
     )
     client = _start_sidecar(
         group, workdir, "sidecar-client",
         sidecar_config(service="client", tls=pki.client,
                        clusters={MESH_AUTHORITY: [(echo.ready["inbound"], None)]}),
+        module,
     )
     port = int(client.ready["outbound"].rpartition(":")[2])
     return BenchPath(
-        name="mesh", port=port, authority=MESH_AUTHORITY,
+        name="mesh-bare" if bare else "mesh", port=port, authority=MESH_AUTHORITY,
         proxies={"sidecar-client": client.pid, "sidecar-echo": echo.pid},
         procs=[backend, echo, client],
     )

@@ -1,19 +1,22 @@
-"""``bench.pipe`` and ``bench.floor``: the byte-pipe floor path carries gRPC through two real
-pipes with mTLS between them, and the floor bench refuses bad arguments with one line.
+"""``bench.pipe``, ``bench.bare_sidecar`` and ``bench.floor``: the byte-pipe floor path
+carries gRPC through two real pipes with mTLS between them, the bare mesh path through two
+sidecars without layers, and the floor bench refuses bad arguments with one line.
 No timing is asserted: the machine is shared."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from bench import grpc_client, h2load
 from bench.certs import make_pki
-from bench.paths import start_backend, start_pipe
-from bench.procs import ProcGroup
+from bench.paths import start_backend, start_mesh, start_pipe
+from bench.procs import Proc, ProcGroup
 from tests.support.sidecar import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,3 +49,27 @@ def test_floor_refuses_a_bad_argument_with_one_line() -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--rate" in lines[0], proc.stderr
+
+
+def _stats(proc: Proc) -> dict:
+    with urllib.request.urlopen(f"http://{proc.ready['admin']}/stats", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_the_bare_mesh_path_relays_without_layers(tmp_path: Path) -> None:
+    """``bench.bare_sidecar``: the mesh's two sidecars with no layers carry gRPC over mTLS;
+    the relay counts the calls and the stats layer, absent, counts none."""
+    group = ProcGroup(tmp_path)
+    try:
+        pki = make_pki(tmp_path / "pki")
+        backend = start_backend(group)
+        bare = start_mesh(group, tmp_path / "mesh-bare", pki, backend, bare=True)
+        assert bare.name == "mesh-bare"
+        grpc_client.verify(bare, unary_calls=20)  # unary, client-stream and bidi, answers checked
+        bare.check_alive()
+        for proc, direction in ((bare.procs[2], "outbound"), (bare.procs[1], "inbound")):
+            section = _stats(proc)[direction]
+            assert section["counters"]["calls_total"] >= 22, section
+            assert section["calls"] == {"by_route": {}, "by_status": {}}, section
+    finally:
+        group.stop_all()
