@@ -9,9 +9,9 @@ the dynamic table, typically sent before the peer saw our SETTINGS) is decoded w
 what we forward never depends on a dynamic table. ``forwardable`` splices in a new
 ``grpc-timeout`` and ``traceparent``. A block that ends with the ``traceparent`` a sidecar
 appends, or that carries fields new on every call (``PER_CALL_FIELDS``: a caller's
-``traceparent``, ``grpc-timeout``, request id, B3 ids; found by a light walk that decodes
-nothing), is read as the cached scan of the rest plus those fields (``HeaderReader.known``),
-so per-call ids and deadlines cost no full scan. Pure code, no I/O.
+``traceparent``, ``grpc-timeout``, request ids, other tracers' ids; found by a light walk
+that decodes nothing), is read as the cached scan of the rest plus those fields
+(``HeaderReader.known``), so per-call ids and deadlines cost no full scan. Pure code, no I/O.
 """
 
 from __future__ import annotations
@@ -580,9 +580,14 @@ def _other_fields(buf: bytes) -> dict[str, str]:
 
 
 PER_CALL_FIELDS = ("traceparent", "grpc-timeout", "x-request-id", "x-b3-traceid",
-                   "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "b3")
-"""Fields whose values change on every call (W3C and B3 trace context, a deadline, the
-request id proxies such as Envoy add): read apart from the rest of a block, which repeats."""
+                   "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "b3", "tracestate",
+                   "baggage", "grpc-trace-bin", "uber-trace-id", "x-datadog-trace-id",
+                   "x-datadog-parent-id", "x-amzn-trace-id", "x-cloud-trace-context",
+                   "sentry-trace", "x-correlation-id", "x-client-trace-id")
+"""Fields whose values change on every call, read apart from the rest of a block, which
+repeats: a deadline; W3C trace context and baggage; B3 (Zipkin), Jaeger, Datadog, AWS X-Ray,
+Google Cloud, OpenCensus (``grpc-trace-bin``) and Sentry trace ids; the request and
+correlation ids proxies such as Envoy add."""
 _PER_CALL_NAMES = {k.encode(): k for k in PER_CALL_FIELDS}
 _PER_CALL_NAMES.update({_HUFFMAN_ENCODER.encode(k): v for k, v in list(_PER_CALL_NAMES.items())})
 """The literal names, raw and Huffman-coded (the code is canonical), of ``PER_CALL_FIELDS``."""

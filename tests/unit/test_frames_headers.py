@@ -566,7 +566,11 @@ def test_literal_blocks_take_the_light_walk_past_one_byte_integers(case, long_va
 
 
 @pytest.mark.parametrize("name", ["traceparent", "grpc-timeout", "x-request-id", "x-b3-traceid",
-                                  "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "b3"])
+                                  "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "b3",
+                                  "tracestate", "baggage", "grpc-trace-bin", "uber-trace-id",
+                                  "x-datadog-trace-id", "x-datadog-parent-id", "x-amzn-trace-id",
+                                  "x-cloud-trace-context", "sentry-trace", "x-correlation-id",
+                                  "x-client-trace-id"])
 def test_a_field_new_on_every_call_adds_one_entry_to_the_scan_cache_not_one_per_call(
         name: str) -> None:
     """Blocks that differ only in a per-call field share one cached scan of the rest: the
