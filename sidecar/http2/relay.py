@@ -114,7 +114,7 @@ class Call:
         "local_reply", "route", "endpoint",
         "upstream_label", "cluster", "route_timeout_s", "rule", "subset", "notes",
         "upstream", "retry", "tried", "fast_fail", "try_timer", "trace_id", "span",
-        "traceparent_out", "queued",
+        "traceparent_out", "queued", "ended_s",
     )
 
     def __init__(self, down: H2Connection, sid: int, headers: HeaderBlock, peer_id: str | None,
@@ -194,6 +194,9 @@ class Call:
         self.span: Any = None
         """The tracing layer's record of this call's span when the call is sampled (None
         otherwise: unsampled calls build no span objects)."""
+        self.ended_s: float | None = None
+        """When the call ended (the relay's clock, s): its response complete toward the
+        caller (queued for the write), or its streams gone; None until then."""
         self.traceparent_out: str | None = None
         """The ``traceparent`` value to send upstream in place of the received one (None =
         forward the received header as it is), at the request headers of every attempt:
@@ -897,6 +900,8 @@ class Relay:
 
     def _response_done(self, call: Call) -> None:
         call.finished = True
+        if call.ended_s is None:
+            call.ended_s = self.clock()
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
@@ -984,6 +989,8 @@ class Relay:
         call.local_reply = LocalReply(status, message)
         call.grpc_status = status
         call.grpc_message = message
+        if call.ended_s is None:
+            call.ended_s = self.clock()
         self.stats[f"local_replies_{status}"] += 1
         if call.down_open:
             if call.response_started:
@@ -1005,6 +1012,8 @@ class Relay:
             return
         call.ended = True
         call.finished = True
+        if call.ended_s is None:
+            call.ended_s = self.clock()
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None

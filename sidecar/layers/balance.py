@@ -54,7 +54,7 @@ from sidecar.http2 import grpc as G
 from sidecar.http2.relay import Call, LocalReply
 from sidecar.upstream import EndpointState, Outcome, Upstreams
 
-from .base import ENDPOINT, Decision, Layer, Next, span_event
+from .base import ENDPOINT, Decision, Layer, Next, ended_s, span_event
 
 DECAY_S = 10.0
 """Time constant of the peak-EWMA estimate (Linkerd's default)."""
@@ -322,7 +322,7 @@ class Balance(Layer):
     def on_end(self, call: Call) -> None:
         ep = call.endpoint
         if ep is not None:
-            self._settle(call, ep, self.clock(), call.grpc_status, bool(call.tried))
+            self._settle(call, ep, ended_s(call, self.clock), call.grpc_status, bool(call.tried))
 
     def _settle(self, call: Call, ep: Endpoint, now_s: float, status: int | None,
                 retried: bool) -> None:

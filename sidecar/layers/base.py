@@ -85,3 +85,11 @@ def span_event(call: Call, kind: str, text: str, attrs: Attrs | None = None) -> 
     span = call.span
     if span is not None:
         span.add_event(kind, text, attrs)
+
+
+def ended_s(call: Call, clock: Callable[[], float]) -> float:
+    """When ``call`` ended, on the relay's clock (s): the relay's stamp (``call.ended_s``:
+    its answer queued for the caller, before the write and the end hooks that follow it), or
+    ``clock()`` for a call the relay has not ended (a layer driven by hand)."""
+    end = call.ended_s
+    return clock() if end is None else end

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 from mesh_common.spiffe import SpiffeError, SpiffeId
 from sidecar.http2.relay import Call
 
-from .base import Layer
+from .base import Layer, ended_s
 from .stats import status_name
 
 log = logging.getLogger("mesh.sidecar.calllog")
@@ -357,7 +357,7 @@ class CallLog(Layer):
 
     def record(self, call: Call) -> TapRecord:
         """The call, ended now, as a ``TapRecord``."""
-        latency_ms = (self.clock() - call.started_s) * 1e3
+        latency_ms = (ended_s(call, self.clock) - call.started_s) * 1e3
         if self.direction == OUTBOUND:
             source, destination = self.service, call.route
             ep = call.endpoint

@@ -41,7 +41,7 @@ from mesh_common.spiffe import SpiffeError, SpiffeId
 from sidecar.http2 import grpc as G
 from sidecar.http2.relay import Call
 
-from .base import Layer
+from .base import Layer, ended_s
 from .stats import LATENCY_BOUNDS_MS, status_name
 
 MAX_LEARNED_METHODS = 64
@@ -133,7 +133,7 @@ class Metrics(Layer):
         self._count(call, source, self.service)
 
     def _count(self, call: Call, source: str, destination: str) -> None:
-        latency_ms = (self.clock() - call.started_s) * 1e3
+        latency_ms = (ended_s(call, self.clock) - call.started_s) * 1e3
         code = call.grpc_status
         if code is not None and not 0 <= code <= _MAX_CODE:
             code = G.UNKNOWN

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from sidecar.http2 import grpc as G
 from sidecar.http2.relay import Call
 
-from .base import Layer
+from .base import Layer, ended_s
 
 _NAMES = G.STATUS_NAMES
 
@@ -122,7 +122,7 @@ class Stats(Layer):
         up.total += 1
         by_code = up.by_code
         by_code[code] = by_code.get(code, 0) + 1
-        up.latency[bisect_left(LATENCY_BOUNDS_MS, (self.clock() - call.started_s) * 1e3)] += 1
+        up.latency[bisect_left(LATENCY_BOUNDS_MS, (ended_s(call, self.clock) - call.started_s) * 1e3)] += 1
         ep = call.endpoint
         if ep is not None:
             counts = self._endpoints.get(id(ep))

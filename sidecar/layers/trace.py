@@ -283,8 +283,13 @@ class _TraceEnd(Layer):
         sink = trace.sink
         if sink is None:
             return
+        # The end is when the relay ended the call, not now: the end hooks run after the
+        # read's writes, and a child span must not seem to outlast its caller's.
+        end = call.ended_s
+        end_ns = trace.clock_ns() if end is None else \
+            span.start_ns + max(0, int((end - call.started_s) * 1e9))
         try:
-            sink(finish(call, span, trace.service, trace.clock_ns()))
+            sink(finish(call, span, trace.service, end_ns))
         except Exception:  # exporting must never break the data path
             trace.sink_errors += 1
             if trace.sink_errors == 1:

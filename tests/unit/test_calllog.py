@@ -72,8 +72,8 @@ def call(path: str = UNARY, *, route: str = "echo", status: int | None = G.OK,
          endpoint: Endpoint | None = None, notes: list[str] | None = None,
          trace_id: str = "") -> Any:
     return SimpleNamespace(path=path, route=route, grpc_status=status, started_s=started_s,
-                           peer_id=peer, attempts=attempts, endpoint=endpoint, notes=notes,
-                           trace_id=trace_id)
+                           ended_s=None, peer_id=peer, attempts=attempts, endpoint=endpoint,
+                           notes=notes, trace_id=trace_id)
 
 
 ECHO_1 = Endpoint("127.0.0.1", 16006, f"spiffe://{TD}/service/echo", "echo-1")

@@ -56,6 +56,7 @@ class Refuse:
     def __init__(self, transport: RecordingTransport) -> None:
         self.transport = transport
         self.writes_at_end: list[int] = []
+        self.ended_at: list[float | None] = []
         self.fail_at_end = False
 
     def on_request(self, call: Call) -> LocalReply:
@@ -66,6 +67,7 @@ class Refuse:
 
     def on_end(self, call: Call) -> None:
         self.writes_at_end.append(len(self.transport.writes))
+        self.ended_at.append(call.ended_s)
         if self.fail_at_end:
             raise RuntimeError("a faulty layer")
 
@@ -77,11 +79,12 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     lp.close()
 
 
-def _serve(loop: asyncio.AbstractEventLoop) -> tuple[H2Protocol, Refuse, RecordingTransport]:
+def _serve(loop: asyncio.AbstractEventLoop, clock: Callable[[], float] = time.monotonic
+           ) -> tuple[H2Protocol, Refuse, RecordingTransport]:
     limits = Limits()
     transport = RecordingTransport()
     hooks = Refuse(transport)
-    relay = Relay(hooks, limits, time.monotonic, loop.call_later, lambda conn: None)
+    relay = Relay(hooks, limits, clock, loop.call_later, lambda conn: None)
     proto = H2Protocol(relay, H2Connection(client=False, limits=limits), Flusher(loop), limits)
     proto.connection_made(transport)  # type: ignore[arg-type]
     return proto, hooks, transport
@@ -129,3 +132,16 @@ def test_a_layer_that_fails_at_a_calls_end_costs_nothing_else(
     assert hooks.writes_at_end == [1, 1]  # the second call's hooks ran after the first's failed
     assert not proto.conn.closed
     assert _statuses(caller, transport) == [str(G.UNAVAILABLE)] * 2
+
+
+def test_a_calls_end_is_stamped_when_its_answer_is_queued_before_the_write(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """What the layers measure a call to (``call.ended_s``, the relay's clock) is when its
+    answer was queued, not when the end hooks run after the write."""
+    writes: list[bytes] = []
+    proto, hooks, transport = _serve(loop, clock=lambda: float(len(writes)))
+    writes = transport.writes  # the relay's clock here: how many writes have gone out
+    caller, read = _caller_calls(2)
+    proto.data_received(read)
+    assert hooks.writes_at_end == [1, 1]
+    assert hooks.ended_at == [0.0, 0.0]

@@ -45,7 +45,7 @@ def ended(layer: Metrics, clock: Clock, *, path: str = UNARY, route: str = "echo
     """One call of ``path`` that started ``latency_ms`` ago ends now with ``status``
     (``local``: answered by the sidecar itself)."""
     call = SimpleNamespace(path=path, route=route, grpc_status=status, peer_id=peer,
-                           started_s=clock.now - latency_ms / 1e3,
+                           started_s=clock.now - latency_ms / 1e3, ended_s=clock.now,
                            local_reply=LocalReply(status or 0, "x") if local else None)
     layer.on_end(call)  # type: ignore[arg-type]
 
@@ -100,6 +100,22 @@ def test_latency_histogram_counts_each_call_in_its_bucket_and_sums_milliseconds(
     for i in (0, 0, 2, 2, 5, len(LATENCY_BOUNDS_MS)):  # <=1, <=1, <=5, <=5, <=50, overflow
         expected[i] += 1
     assert list(s.buckets) == expected
+
+
+def test_latency_runs_to_the_relays_end_stamp_not_to_when_the_end_hook_runs() -> None:
+    """The relay stamps a call's end (``call.ended_s``) as its answer is queued; the end
+    hooks run after the read's writes, later. Latency runs to the stamp; a call without
+    one (a layer driven by hand) ends when its hook runs."""
+    clock = Clock()
+    layer = Metrics("outbound", "web", lambda: Snapshot("1"), clock)
+    call = SimpleNamespace(path=UNARY, route="echo", grpc_status=G.OK, peer_id=None,
+                           started_s=clock.now - 0.004, ended_s=clock.now - 0.003,
+                           local_reply=None)
+    layer.on_end(call)  # type: ignore[arg-type]
+    call.ended_s = None
+    layer.on_end(call)  # type: ignore[arg-type]
+    [s] = layer.series()
+    assert s.count == 2 and s.sum_ms == pytest.approx(1.0 + 4.0)
 
 
 def test_a_method_is_known_when_a_route_rule_names_it_exactly() -> None:

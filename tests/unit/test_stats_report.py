@@ -67,7 +67,7 @@ def ended(stats: Stats, clock: Clock, *, route: str = "echo", status: int | None
           latency_ms: float = 3.0, endpoint: Endpoint | None = None) -> None:
     """One call that started ``latency_ms`` before now and ends now."""
     call = SimpleNamespace(grpc_status=status, route=route, endpoint=endpoint,
-                           started_s=clock.now - latency_ms / 1e3)
+                           started_s=clock.now - latency_ms / 1e3, ended_s=clock.now)
     stats.on_end(call)  # type: ignore[arg-type]
 
 

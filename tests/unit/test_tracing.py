@@ -172,6 +172,32 @@ def test_a_call_without_a_parent_starts_a_sampled_root_span_and_sends_a_child_tr
     assert parse_traceparent(call.traceparent_out) == (call.trace_id, span.span_id, True)
 
 
+def test_a_span_ends_when_the_relay_ended_the_call_not_when_the_end_hooks_run() -> None:
+    """The relay stamps a call's end (``call.ended_s``) as its answer is queued; the end
+    hooks run after the read's writes. The span lasts from its start for the relay's
+    measure of the call, so a server span never seems to outlast its client's."""
+    sink = Sink()
+    now_ns = [1_000_000_000]
+    trace = Trace(outbound=False, service="echo", sample_rate=1.0, sink=sink,
+                  rng=random.Random(1), clock_ns=lambda: now_ns[0])
+    stack = Stack([trace, trace.ending()], lambda c: FakePool(ep(1)))
+    call = traced_call(("traceparent", SAMPLED), peer="spiffe://mesh.local/service/web")
+    call.started_s = 50.0
+    stack.on_request(call)
+    call.grpc_status = 0
+    call.ended_s = 50.000_250  # 250 us after the call came in
+    now_ns[0] += 5_000_000  # the end hooks run 5 ms later
+    stack.on_end(call)
+    (span,) = sink
+    assert span.start_ns == 1_000_000_000
+    assert span.end_ns == 1_000_250_000
+    # A call the relay has not ended (a layer driven by hand) ends at the hook's time.
+    other = traced_call(("traceparent", SAMPLED))
+    stack.on_request(other)
+    stack.on_end(other)
+    assert sink[1].end_ns == now_ns[0]
+
+
 def test_a_sampled_parent_is_continued_and_the_next_hop_is_our_child() -> None:
     for outbound in (True, False):
         sink = Sink()
