@@ -994,3 +994,21 @@ def test_flow_control_credit_is_conserved_per_stream(case) -> None:
 @given(case=interleavings)
 def test_fuzz_flow_control_credit_is_conserved_per_stream(case) -> None:
     _run_interleaving(*case)
+
+
+def test_a_call_ends_when_its_response_is_queued_not_when_held_bookkeeping_runs() -> None:
+    """The relay stamps ``call.ended_s`` as the response's end is queued for the caller; the
+    end hooks, held over the read (as the I/O side holds them until the read's writes are
+    out), run later and measure the call to that stamp."""
+    mesh = Mesh()
+    caller = mesh.caller()
+    sid = caller.start()
+    caller.send(sid, b"\0\0\0\0\x02hi", True)
+    mesh.relay.holding = True
+    mesh.pump()
+    assert caller.status(sid) == ("0", "") and mesh.hooks.ended == []
+    answered_s = mesh.clock.now_s
+    mesh.clock.now_s += 5.0
+    mesh.relay.release()
+    (call,) = mesh.hooks.ended
+    assert call.ended_s == answered_s
