@@ -51,9 +51,11 @@ BYTECODE_DIRS := mesh_common sidecar control_plane demo_services protos bench ch
 bytecode:
 	@$(PY) -m compileall -q -j 0 $(BYTECODE_DIRS) >/dev/null
 
+# Two workers (pytest-xdist), each module's tests in one of them (--dist loadfile), so a
+# module's shared demo or control plane starts once: most tests wait on processes they start.
 test: install bytecode
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -m "not slow and not fuzz" -q --durations=15
+	$(VENV)/bin/pytest -m "not slow and not fuzz" -q --durations=15 -n 2 --dist loadfile
 
 test-all: install bytecode
 	$(VENV)/bin/ruff check .
