@@ -492,7 +492,7 @@ class H2Connection:
     def receive_request(self, data: bytes) -> tuple[int, HeaderBlock, bytes | memoryview] | None:
         """Server role: when ``data`` is exactly one new request whose HEADERS (END_HEADERS
         only, a block ``HeaderReader.known`` reads: in the scan cache, or a cached block plus
-        a caller's ``traceparent`` and deadline) and DATA (END_STREAM only) both fit every
+        per-call fields such as a deadline and trace ids) and DATA (END_STREAM only) both fit every
         limit and window, take it in and return (stream id, header block, payload), with the
         connection left exactly as ``receive`` would leave it; the caller then acts on what
         would have been its HeadersReceived and DataReceived events. Otherwise return None
@@ -520,7 +520,7 @@ class H2Connection:
         reader = self._reader
         if reader.table_size != 0:
             return None
-        hb = reader.known(data[9:end])  # a caller's traceparent or deadline: still known
+        hb = reader.known(data[9:end])  # per-call ids or a deadline: still known
         if hb is None:
             return None
         # HEADERS: a new stream (as _headers_complete)

@@ -358,8 +358,8 @@ class HeaderReader:
 
     def _with_per_call_fields(self, block: bytes) -> HeaderBlock | None:
         """What ``_scan`` gives for ``block`` when it carries fields that differ on every
-        call (``PER_CALL_FIELDS``: a ``traceparent``, a ``grpc-timeout``, a request id, B3
-        ids; one of each at most): the rest of the block, with those cut out, is one requests
+        call (``PER_CALL_FIELDS``: a ``traceparent``, a ``grpc-timeout``, request and
+        trace ids; one of each at most): the rest of the block, with those cut out, is one requests
         repeat byte for byte, found in (or added to) the scan cache; only those values are
         read per call. None when the block has none, or anything the light walk
         (``_per_call_spans``) does not follow: then the full scan judges it."""
