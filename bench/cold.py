@@ -214,11 +214,37 @@ def measure(stack: str, calls: int, evict: Callable[[], None]) -> dict[str, Any]
             down.append(t1 - t0)
             up.append(t3 - t2)
         out[mode] = {"down_received_us": _summary(down), "up_received_us": _summary(up)}
-    if ok != 2 * calls:
-        raise RuntimeError(f"bench.cold: {2 * calls - ok} of {2 * calls} calls did not end "
-                           "with grpc-status 0")
+    req = h.request()
+    out["down_received_opcodes"] = count_opcodes(lambda: relay.down_received(h.down, req))
+    resp = h.answer()
+    out["up_received_opcodes"] = count_opcodes(
+        lambda: relay.up_received(h.up, resp))  # type: ignore[arg-type]
+    if h.deliver() == "0":
+        ok += 1
+    if ok != 2 * calls + 1:
+        raise RuntimeError(f"bench.cold: {2 * calls + 1 - ok} of {2 * calls + 1} calls did not "
+                           "end with grpc-status 0")
     out["calls_ok"] = ok
     return out
+
+
+def count_opcodes(fn: Callable[[], object]) -> int:
+    """How many bytecode instructions the interpreter runs for ``fn()`` (``sys.settrace``
+    with opcode events): the size of a traversal's Python work, apart from the machine."""
+    count = 0
+
+    def trace(frame: Any, event: str, arg: object) -> Any:
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return trace
+    sys.settrace(trace)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return count - 1  # the frame of ``fn`` itself: its call
 
 
 def calibrate(samples: int, evict: Callable[[], None]) -> dict[str, float]:
@@ -290,6 +316,17 @@ class Splice:
         return b"".join(out)
 
 
+def splice_opcodes() -> int:
+    """``count_opcodes`` of the reference splice of one request (a warmed splice)."""
+    caller = H2Connection(client=True, limits=Limits())
+    caller.initiate()
+    caller.data_to_send()
+    splice = Splice()
+    splice.request(unary_request(caller, True))
+    read = unary_request(caller)
+    return count_opcodes(lambda: splice.request(read))
+
+
 def _summary(ns: list[int]) -> dict[str, float]:
     q = statistics.quantiles(ns, n=4) if len(ns) > 1 else [ns[0]] * 3
     return {"p25": round(q[0] / 1e3, 1), "p50": round(statistics.median(ns) / 1e3, 1),
@@ -297,13 +334,15 @@ def _summary(ns: list[int]) -> dict[str, float]:
 
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
-    rows = [("stack", "traversal", "cold p50 us", "cold p25-p75", "warm p50 us", "cold/warm")]
+    rows = [("stack", "traversal", "cold p50 us", "cold p25-p75", "warm p50 us", "cold/warm",
+             "opcodes")]
     for stack, r in results.items():
-        for key, name in (("down_received_us", "request (down_received)"),
-                          ("up_received_us", "response (up_received)")):
-            cold, warm = r["cold"][key], r["warm"][key]
+        for key, name in (("down_received", "request (down_received)"),
+                          ("up_received", "response (up_received)")):
+            cold, warm = r["cold"][key + "_us"], r["warm"][key + "_us"]
             rows.append((stack, name, f"{cold['p50']:.1f}", f"{cold['p25']:.1f}-{cold['p75']:.1f}",
-                         f"{warm['p50']:.1f}", f"{cold['p50'] / max(warm['p50'], 0.1):.1f}x"))
+                         f"{warm['p50']:.1f}", f"{cold['p50'] / max(warm['p50'], 0.1):.1f}x",
+                         f"{r[key + '_opcodes']:,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w)
                        in enumerate(zip(row, widths, strict=True))) for row in rows]
@@ -333,8 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     cal = calibrate(max(20, min(args.calls, 200)), evict)
     print(_table(results))
     print("cold single operations (us): " + ", ".join(f"{k} {v:.1f}" for k, v in cal.items()))
+    splice_ops = splice_opcodes()
+    print(f"opcodes of the splice of a request: {splice_ops}")
     if args.json is not None:
         args.json.write_text(json.dumps({"stacks": results, "calibration_us": cal,
+                                         "splice_opcodes": splice_ops,
                                          "calls": args.calls, "evict_mib": args.evict_mib},
                                         indent=2))
     return 0

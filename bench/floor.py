@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = start_backend(group)
         paths = [direct_path(backend), start_mesh(group, workdir / "mesh", pki, backend),
                  start_mesh(group, workdir / "mesh-bare", pki, backend, bare=True),
-                 start_nginx(group, workdir, pki, backend), start_pipe(group, pki, backend)]
+                 start_nginx(group, workdir, pki, backend), start_pipe(group, pki, backend),
+                 start_pipe(group, pki, backend, frames=True)]
         body = workdir / "body"
         response_bytes = h2load.write_unary_body(body)
         rows = run(paths, body, response_bytes, workdir, args)

@@ -199,17 +199,20 @@ def start_haproxy(group: ProcGroup, workdir: Path, pki: BenchPki, backend: Proc)
     )
 
 
-def start_pipe(group: ProcGroup, pki: BenchPki, backend: Proc) -> BenchPath:
+def start_pipe(group: ProcGroup, pki: BenchPki, backend: Proc, *,
+               frames: bool = False) -> BenchPath:
     """Two byte pipes (``bench.pipe``) in the mesh's shape: h2c in -> TLS with a client
     certificate -> TLS in -> h2c to the backend. Not a proxy anyone would run: the floor of
-    the sidecar's I/O stack, for ``bench.floor``."""
-    pipe = [sys.executable, "-m", "bench.pipe", "--listen", "0"]
-    b = group.start_ready_line("pipe-b", [*pipe, "--upstream", f"127.0.0.1:{backend.ready['port']}",
+    the sidecar's I/O stack, for ``bench.floor``. ``frames``: pipes that walk the HTTP/2
+    frames (``bench.pipe --frames``), as the path "pipe-h2"."""
+    name = "pipe-h2" if frames else "pipe"
+    pipe = [sys.executable, "-m", "bench.pipe", "--listen", "0", *(["--frames"] if frames else [])]
+    b = group.start_ready_line(f"{name}-b", [*pipe, "--upstream", f"127.0.0.1:{backend.ready['port']}",
                                           "--tls-in", str(pki.echo.cert), str(pki.echo.key), str(pki.ca)],
                                env=_repo_env(), cwd=REPO_ROOT)
-    a = group.start_ready_line("pipe-a", [*pipe, "--upstream", f"127.0.0.1:{b.ready['port']}",
+    a = group.start_ready_line(f"{name}-a", [*pipe, "--upstream", f"127.0.0.1:{b.ready['port']}",
                                           "--tls-out", str(pki.client.cert), str(pki.client.key),
                                           str(pki.ca)],
                                env=_repo_env(), cwd=REPO_ROOT)
-    return BenchPath(name="pipe", port=int(a.ready["port"]),
-                     proxies={"pipe-a": a.pid, "pipe-b": b.pid}, procs=[backend, b, a])
+    return BenchPath(name=name, port=int(a.ready["port"]),
+                     proxies={f"{name}-a": a.pid, f"{name}-b": b.pid}, procs=[backend, b, a])

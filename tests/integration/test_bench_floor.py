@@ -1,5 +1,5 @@
-"""``bench.pipe``, ``bench.bare_sidecar`` and ``bench.floor``: the byte-pipe floor path
-carries gRPC through two real pipes with mTLS between them, the bare mesh path through two
+"""``bench.pipe``, ``bench.bare_sidecar`` and ``bench.floor``: the byte-pipe floor paths
+(plain, and walking the HTTP/2 frames) carry gRPC through two real pipes with mTLS between them, the bare mesh path through two
 sidecars without layers, and the floor bench refuses bad arguments with one line.
 No timing is asserted: the machine is shared."""
 
@@ -22,12 +22,14 @@ from tests.support.sidecar import REPO_ROOT
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_the_pipe_path_carries_grpc_over_mtls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("frames", [False, True], ids=["pipe", "pipe-h2"])
+def test_the_pipe_path_carries_grpc_over_mtls(tmp_path: Path, frames: bool) -> None:
     group = ProcGroup(tmp_path)
     try:
         pki = make_pki(tmp_path / "pki")
         backend = start_backend(group)
-        pipe = start_pipe(group, pki, backend)
+        pipe = start_pipe(group, pki, backend, frames=frames)
+        assert pipe.name == ("pipe-h2" if frames else "pipe")
         grpc_client.verify(pipe, unary_calls=20)  # unary, client-stream and bidi, answers checked
         body = tmp_path / "body"
         response_bytes = h2load.write_unary_body(body)

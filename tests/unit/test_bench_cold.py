@@ -24,7 +24,9 @@ def test_every_stack_relays_the_timed_calls_and_reports_both_traversals(tmp_path
     doc = json.loads(out.read_text())
     assert set(doc["stacks"]) == {"bare", "outbound", "inbound"}
     for figures in doc["stacks"].values():
-        assert figures["calls_ok"] == 8  # 4 cold + 4 warm, every one OK at the caller
+        assert figures["calls_ok"] == 9  # 4 cold, 4 warm, 1 counted; every one OK at the caller
+        for key in ("down_received_opcodes", "up_received_opcodes"):
+            assert figures[key] > doc["splice_opcodes"] > 0  # a relay does more than a splice
         for mode in ("cold", "warm"):
             for key in ("down_received_us", "up_received_us"):
                 q = figures[mode][key]
@@ -33,6 +35,19 @@ def test_every_stack_relays_the_timed_calls_and_reports_both_traversals(tmp_path
                                           "splice of a request"}
     table = capsys.readouterr().out
     assert "request (down_received)" in table and "response (up_received)" in table
+    assert "opcodes" in table
+
+
+def test_count_opcodes_counts_the_instructions_a_call_runs() -> None:
+    def loop(n: int) -> int:
+        total = 0
+        for i in range(n):
+            total += i
+        return total
+    one, hundred = cold.count_opcodes(lambda: loop(1)), cold.count_opcodes(lambda: loop(100))
+    assert 0 < one < hundred
+    assert hundred - one >= 99 * 3  # each more pass runs at least FOR_ITER, STORE, the add
+    assert cold.count_opcodes(lambda: None) <= 2
 
 
 def test_the_harness_counts_a_call_that_does_not_end_ok() -> None:
