@@ -53,13 +53,14 @@ bytecode:
 
 # Two workers (pytest-xdist), each module's tests in one of them (--dist loadfile), so a
 # module's shared demo or control plane starts once: most tests wait on processes they start.
+# test-all (with the slow and fuzz marks) the same way.
 test: install bytecode
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -m "not slow and not fuzz" -q --durations=15 -n 2 --dist loadfile
 
 test-all: install bytecode
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15 -n 2 --dist loadfile
 
 # The benchmarks (see bench/README.md and ../shared/BENCH.md): about 10 minutes.
 .PHONY: bench
