@@ -229,14 +229,20 @@ def measure(stack: str, calls: int, evict: Callable[[], None]) -> dict[str, Any]
 
 
 def count_opcodes(fn: Callable[[], object]) -> int:
-    """How many bytecode instructions the interpreter runs for ``fn()`` (``sys.settrace``
-    with opcode events): the size of a traversal's Python work, apart from the machine."""
+    """How many bytecode instructions the interpreter runs in the functions ``fn()`` calls,
+    ``fn``'s own frame (a wrapper such as a lambda) left out (``sys.settrace`` with opcode
+    events): the size of a traversal's Python work, apart from the machine."""
     count = 0
+    outer: list[Any] = []
 
     def trace(frame: Any, event: str, arg: object) -> Any:
         nonlocal count
-        frame.f_trace_opcodes = True
-        if event == "opcode":
+        if event == "call":
+            if not outer:  # fn's own frame: traced for its calls, its opcodes not counted
+                outer.append(frame)
+                return trace
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
             count += 1
         return trace
     sys.settrace(trace)
@@ -244,7 +250,7 @@ def count_opcodes(fn: Callable[[], object]) -> int:
         fn()
     finally:
         sys.settrace(None)
-    return count - 1  # the frame of ``fn`` itself: its call
+    return count
 
 
 def calibrate(samples: int, evict: Callable[[], None]) -> dict[str, float]:

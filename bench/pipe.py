@@ -62,9 +62,11 @@ class FramePipe(Pipe):
     """A pipe that walks the HTTP/2 frames it carries (one upstream connection per downstream
     one, so stream ids, HPACK state and settings pass through unchanged) and does the least a
     relay does with a call: each HEADERS block looked up in a cache of blocks (what routing
-    reads), a record per stream (made at its first HEADERS, dropped when the response ends),
-    DATA counted against the stream and the connection. Only whole frames are written on; a
-    frame split across reads waits for its rest."""
+    reads), a record per stream (made at its request's first HEADERS, dropped at its
+    response's trailers, the HEADERS with END_STREAM that end every gRPC response; a reset
+    stream's record stays, which a diagnostic run of minutes can afford), DATA counted
+    against the stream and the connection. Only whole frames are written on; a frame split
+    across reads waits for its rest."""
 
     def __init__(self, streams: dict[int, list[int]], blocks: dict[bytes, int],
                  response: bool) -> None:

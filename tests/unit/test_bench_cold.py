@@ -47,7 +47,8 @@ def test_count_opcodes_counts_the_instructions_a_call_runs() -> None:
     one, hundred = cold.count_opcodes(lambda: loop(1)), cold.count_opcodes(lambda: loop(100))
     assert 0 < one < hundred
     assert hundred - one >= 99 * 3  # each more pass runs at least FOR_ITER, STORE, the add
-    assert cold.count_opcodes(lambda: None) <= 2
+    assert cold.count_opcodes(lambda: None) == 0  # the wrapper's own opcodes are not counted
+    assert cold.count_opcodes(lambda: loop(0)) > 0
 
 
 def test_the_harness_counts_a_call_that_does_not_end_ok() -> None:
